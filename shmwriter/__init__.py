@@ -1,0 +1,47 @@
+"""shmwriter: many producer processes, one HDF5 (.rtdc) file, no array bytes through a pipe.
+
+The data flow, module by module::
+
+    _spec      Schema/Feature -> SlotLayout: where each feature sits in a slot
+    _segment   the named shared-memory segment, reserved up front
+    _ring      SlotRing: header + per-frame flags + slots in that segment
+    _channel   per-producer pipes: descriptors in, slot grants out
+    producer   Producer.put / .frame: copy into slots, send a descriptor
+    _reorder   ReorderBuffer: frames back into frame order
+    _gather    ChunkGatherer: write_threshold frames -> one chunk of arrays
+    _h5sink    H5Sink: chunks -> /events datasets of the .rtdc file
+    _loop      WriterLoop: the writer's thread (or process) tying it together
+    writer     Writer: owns the run, hands out producers
+"""
+
+from __future__ import annotations
+
+from ._spec import Feature as Feature
+from ._spec import Schema as Schema
+from ._stats import RunStatistics as RunStatistics
+from .errors import BrokenError as BrokenError
+from .errors import ClosedError as ClosedError
+from .errors import FrameError as FrameError
+from .errors import MissingFramesError as MissingFramesError
+from .errors import RingFullError as RingFullError
+from .errors import ShmSpaceError as ShmSpaceError
+from .errors import ShmWriterError as ShmWriterError
+from .producer import Producer as Producer
+from .writer import Writer as Writer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BrokenError",
+    "ClosedError",
+    "Feature",
+    "FrameError",
+    "MissingFramesError",
+    "Producer",
+    "RingFullError",
+    "RunStatistics",
+    "Schema",
+    "ShmSpaceError",
+    "ShmWriterError",
+    "Writer",
+]

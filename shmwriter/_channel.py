@@ -1,0 +1,133 @@
+"""The descriptor channel between one producer and the writer: two pipes.
+
+``desc`` carries fixed-format records from the producer to the writer (a
+16-byte header plus 4 bytes per slot); ``grant`` carries int32 slot indices
+from the writer to the producer. Every record is written with one ``write`` of
+at most ``PIPE_BUF`` bytes, which POSIX makes atomic, so no lock is needed
+between processes and a killed producer cannot leave a torn record or a held
+lock behind. End of file on a pipe means the other side is gone.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import select
+import struct
+import time
+from array import array
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from .errors import BrokenError
+
+__all__ = ["MAX_SLOTS_PER_RECORD", "Kind", "Record", "decode_records", "encode_record",
+           "open_pipe_pair", "read_grants", "write_record"]
+
+_HEADER = struct.Struct("<BxHIq")
+#: Most slots a single frame record can list (the record must fit PIPE_BUF).
+MAX_SLOTS_PER_RECORD = (select.PIPE_BUF - _HEADER.size) // 4
+#: Grant value telling a producer the writer refuses it (see the header's error text).
+GRANT_REFUSED = -1
+
+
+class Kind(enum.IntEnum):
+    """What a record from a producer says."""
+
+    HELLO = 1     # value = pid of the process using the producer
+    REQUEST = 2   # nslots = slots wanted for the next frame
+    FRAME = 3     # value = frame index, nevents, slots listed
+    RELEASE = 4   # slots listed are given back unused
+    CLOSE = 5     # the producer is done
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One decoded record from a producer."""
+
+    kind: int
+    """A :class:`Kind` value (unchecked: the writer validates it)."""
+    value: int
+    """Frame index (FRAME), pid (HELLO), or 0."""
+    nevents: int
+    """Events of the frame (FRAME), slots wanted (REQUEST), or 0."""
+    slots: tuple[int, ...]
+    """Slot indices (FRAME, RELEASE)."""
+
+
+def encode_record(kind: Kind, value: int = 0, nevents: int = 0,
+                  slots: Sequence[int] = ()) -> bytes:
+    """Bytes of one record; ``slots`` must fit :data:`MAX_SLOTS_PER_RECORD`."""
+    if len(slots) > MAX_SLOTS_PER_RECORD:
+        raise ValueError(f"a record lists at most {MAX_SLOTS_PER_RECORD} slots; got {len(slots)}")
+    return _HEADER.pack(kind, len(slots), nevents, value) + array("i", slots).tobytes()
+
+
+def decode_records(buffer: bytearray) -> Iterator[Record]:
+    """Yield the complete records at the start of ``buffer`` and remove them from it."""
+    pos, end = 0, len(buffer)
+    view = memoryview(buffer)
+    try:
+        while end - pos >= _HEADER.size:
+            kind, nslots, nevents, value = _HEADER.unpack_from(view, pos)
+            stop = pos + _HEADER.size + 4 * nslots
+            if stop > end:
+                break
+            slots = tuple(array("i", bytes(view[pos + _HEADER.size:stop]))) if nslots else ()
+            pos = stop
+            yield Record(kind, value, nevents, slots)
+    finally:
+        view.release()
+        del buffer[:pos]
+
+
+def open_pipe_pair() -> tuple[tuple[int, int], tuple[int, int]]:
+    """Make the two pipes; return ``(producer_fds, writer_fds)``.
+
+    ``producer_fds`` is ``(desc_write, grant_read)`` and ``writer_fds`` is
+    ``(desc_read, grant_write)``; all are non-blocking and close-on-exec.
+    """
+    desc_read, desc_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    grant_read, grant_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    return (desc_write, grant_read), (desc_read, grant_write)
+
+
+def write_record(fd: int, record: bytes, timeout_s: float) -> None:
+    """Write one record, waiting at most ``timeout_s`` for room in the pipe.
+
+    Raises
+    ------
+    BrokenError
+        If the writer closed its end (it died or finished).
+    TimeoutError
+        If the writer did not read for ``timeout_s`` seconds.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            os.write(fd, record)  # <= PIPE_BUF: all or nothing
+            return
+        except BlockingIOError:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"the writer read no descriptor for {timeout_s:.1f} s; "
+                    f"its descriptor pipe is full") from None
+            select.select([], [fd], [], remaining)
+        except BrokenPipeError as exc:
+            raise BrokenError("the writer closed the descriptor channel") from exc
+
+
+def read_grants(fd: int, timeout_s: float) -> list[int] | None:
+    """Wait up to ``timeout_s`` for grants; return them, [] on timeout, None at EOF."""
+    ready, _, _ = select.select([fd], [], [], max(timeout_s, 0.0))
+    if not ready:
+        return []
+    try:
+        raw = os.read(fd, 65536)
+    except BlockingIOError:
+        return []
+    if not raw:
+        return None
+    # grants are written as whole int32 values by one writer, never split
+    return list(array("i", raw[:len(raw) - len(raw) % 4]))

@@ -1,0 +1,117 @@
+"""Gather: copy frames, in frame order, into the arrays of the next chunk.
+
+A chunk holds the events of up to ``write_threshold`` consecutive frames, one
+contiguous array per feature in the file's dtype (booleans become 0/255), plus
+the per-event features the writer derives: the frame index (``frame`` or
+``index_unmapped``) and ``nevents``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._spec import Schema
+
+__all__ = ["DERIVED_DTYPES", "Chunk", "ChunkGatherer"]
+
+#: Per-event features the writer can derive, and their dtypes.
+DERIVED_DTYPES: dict[str, np.dtype[Any]] = {
+    "frame": np.dtype(np.uint32),
+    "index_unmapped": np.dtype(np.uint32),
+    "nevents": np.dtype(np.uint32),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Events of consecutive frames, ready for the file."""
+
+    first_frame: int
+    """Index of the first frame covered."""
+    nframes: int
+    """Frames covered (missing ones included)."""
+    nmissing: int
+    """Frames covered that never arrived."""
+    nevents: int
+    """Events, the length of every array."""
+    arrays: dict[str, np.ndarray[Any, Any]]
+    """Feature name to (nevents, *shape) array, derived features included."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all arrays."""
+        return sum(a.nbytes for a in self.arrays.values())
+
+
+class ChunkGatherer:
+    """Builds chunks from frames appended in frame order.
+
+    Parameters
+    ----------
+    schema
+        Features of the events.
+    derived
+        Names from :data:`DERIVED_DTYPES` to add to every event.
+    """
+
+    def __init__(self, schema: Schema, derived: tuple[str, ...]) -> None:
+        self._schema, self._derived = schema, derived
+        self._capacity = 0
+        self._capacity_hint = 64  # events of the largest chunk so far
+        self._arrays: dict[str, np.ndarray[Any, Any]] = {}
+        self.first_frame = 0
+        #: Frames (missing ones included) and events gathered so far.
+        self.nframes = self.nevents = self.nmissing = 0
+
+    def append(self, frame: int, nevents: int,
+               parts: list[tuple[Mapping[str, np.ndarray[Any, Any]], int]]) -> None:
+        """Append frame ``frame``: ``parts`` are (feature arrays, events) pieces in order."""
+        if nevents:
+            self._reserve(self.nevents + nevents)
+            start = self.nevents
+            for source, count in parts:
+                for name, feature in self._schema.items():
+                    dest = self._arrays[name][start:start + count]
+                    src = source[name][:count]
+                    if feature.dtype.kind == "b":
+                        np.multiply(src.view(np.uint8), np.uint8(255), out=dest)
+                    else:
+                        np.copyto(dest, src)
+                start += count
+            for name in self._derived:
+                value = nevents if name == "nevents" else frame
+                self._arrays[name][self.nevents:self.nevents + nevents] = value
+            self.nevents += nevents
+        self.nframes += 1
+
+    def skip(self, nframes: int) -> None:
+        """Count ``nframes`` missing frames as covered by this chunk (no events)."""
+        self.nframes += nframes
+        self.nmissing += nframes
+
+    def take(self) -> Chunk:
+        """Hand out the gathered chunk and start the next one after it."""
+        arrays = {name: a[:self.nevents] for name, a in self._arrays.items()}
+        chunk = Chunk(self.first_frame, self.nframes, self.nmissing, self.nevents, arrays)
+        self.first_frame += self.nframes
+        self._capacity_hint = max(self._capacity_hint, self.nevents)
+        self.nframes = self.nevents = self.nmissing = 0
+        self._arrays, self._capacity = {}, 0  # the sink owns the old arrays now
+        return chunk
+
+    def _reserve(self, nevents: int) -> None:
+        if nevents <= self._capacity:
+            return
+        capacity = max(nevents, 2 * self._capacity, self._capacity_hint)
+        grown = {}
+        for name, feature in self._schema.items():
+            grown[name] = np.empty((capacity, *feature.shape), feature.file_dtype)
+        for name in self._derived:
+            grown[name] = np.empty(capacity, DERIVED_DTYPES[name])
+        for name, old in self._arrays.items():
+            grown[name][:self.nevents] = old[:self.nevents]
+        self._arrays, self._capacity = grown, capacity

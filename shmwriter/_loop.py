@@ -1,0 +1,577 @@
+"""The writer loop: receive descriptors, grant slots, reorder, gather, hand chunks to HDF5.
+
+One thread runs :class:`WriterLoop` (in the caller's process or in a writer
+process of its own) and a second thread writes chunks to the file, so copying
+out of the ring never waits for the disk longer than the bounded chunk queue
+allows. The loop talks to the :class:`~shmwriter.Writer` over a control
+socket: it receives each new producer's pipe ends there, and sends back a
+start notice and, at the end, the :class:`RunResult`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import queue
+import selectors
+import socket
+import struct
+import threading
+import time
+import zlib
+from array import array
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import psutil
+
+from ._channel import GRANT_REFUSED, Kind, Record, decode_records
+from ._gather import Chunk, ChunkGatherer
+from ._h5sink import H5Sink
+from ._reorder import Arrival, ReorderBuffer
+from ._ring import Field, RingSpec, SlotRing, State
+
+__all__ = ["RunConfig", "RunResult", "WriterLoop", "run_in_process"]
+
+logger = logging.getLogger(__name__)
+
+_FREE, _HELD = -1, -2  # slot owner values besides producer ids
+_LIVENESS_INTERVAL_S = 0.5
+_CHUNK_QUEUE_SIZE = 2
+# control messages, main -> loop: new producer (fds attached), hand-out over, abort
+MSG_PRODUCER, MSG_HANDOUT_OVER, MSG_ABORT = b"P", b"H", b"A"
+# loop -> main: started, result (a pickled RunResult follows)
+MSG_STARTED, MSG_RESULT = b"S", b"R"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunConfig:
+    """Everything the writer loop needs; it pickles into a writer process."""
+
+    path: str
+    """The .rtdc file to write."""
+    ring: RingSpec
+    """The ring to attach to."""
+    write_threshold: int
+    """Frames per chunk."""
+    flush_interval_s: float
+    """Longest time gathered frames wait before they are written."""
+    hdf5_dataset_kwargs: Mapping[str, Any] | None
+    """Overrides of the dataset creation keywords."""
+    metadata: Mapping[str, Any]
+    """Root attributes."""
+    derived: tuple[str, ...]
+    """Per-event features the writer adds."""
+    reorder_budget_nbytes: int
+    """Most bytes of out-of-order frames copied out of the ring."""
+    prefetch: int
+    """Extra slots granted ahead to a producer while the ring is less than half full."""
+    logs: Mapping[str, list[str]] = field(default_factory=dict)
+    """Logs to add to the file at the end."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunResult:
+    """How a run ended, sent from the loop to the Writer."""
+
+    state: State
+    """DONE, FAILED or ABORTED."""
+    written_events: int
+    """Events in the file."""
+    written_frames: int
+    """Frames whose events are in the file (missing frames not counted)."""
+    missing_frames: tuple[int, ...]
+    """Frames that never arrived."""
+    rejected_frames: int
+    """Descriptors the writer refused (duplicates, forged or malformed)."""
+    error: str | None = None
+    """What went wrong, for FAILED."""
+
+
+class _Channel:
+    """The writer's view of one producer."""
+
+    __slots__ = ("buffer", "desc_fd", "done", "grant_fd", "granted", "id", "pid")
+
+    def __init__(self, producer_id: int, desc_fd: int, grant_fd: int) -> None:
+        self.id, self.desc_fd, self.grant_fd = producer_id, desc_fd, grant_fd
+        self.pid = 0
+        self.buffer = bytearray()
+        self.granted: set[int] = set()
+        self.done = False
+
+
+class WriterLoop:
+    """Runs one run from start to end. Call :meth:`run` once.
+
+    Parameters
+    ----------
+    config
+        The run.
+    control
+        This end of the control socket (SOCK_SEQPACKET).
+    """
+
+    def __init__(self, config: RunConfig, control: socket.socket) -> None:
+        self.config, self.control = config, control
+        spec = config.ring
+        self.ring: SlotRing | None = None
+        self.owner = np.full(spec.slots, _FREE, dtype=np.int64)
+        self.free: deque[int] = deque(range(spec.slots))
+        self.pending: deque[tuple[_Channel, int]] = deque()
+        self.channels: dict[int, _Channel] = {}
+        self.reorder = ReorderBuffer(spec.total_frames, config.reorder_budget_nbytes)
+        self.gatherer = ChunkGatherer(spec.layout.schema, config.derived)
+        self.chunks: queue.Queue[Chunk | None] = queue.Queue(_CHUNK_QUEUE_SIZE)
+        self.selector = selectors.DefaultSelector()
+        self.handout_over = self.aborted = self.producer_died = False
+        self.rejected = self.written_frames = 0
+        self.sink: H5Sink | None = None
+        self.sink_error: BaseException | None = None
+        self._slot_views: list[dict[str, np.ndarray[Any, Any]]] = []
+        self._last_emit = time.monotonic()
+        self._warned_budget = False
+
+    # -- lifecycle --------------------------------------------------------------
+    def run(self) -> RunResult:
+        """Serve the run to its end and return how it ended (never raises)."""
+        state, error = State.DONE, None
+        writer_thread = None
+        try:
+            self.ring = SlotRing.attach(self.config.ring)
+            self.ring.set(Field.WRITER_PID, os.getpid())
+            self.ring.set(Field.START_TIME_NS, time.time_ns())
+            layout = self.config.ring.layout
+            self._slot_views = [self.ring.slot_views(s, layout.slot_events)
+                                for s in range(self.config.ring.slots)]
+            self.sink = H5Sink(self.config.path, layout.schema, self.config.derived,
+                               self.config.hdf5_dataset_kwargs, self.config.metadata)
+            writer_thread = threading.Thread(target=self._write_chunks, name="shmwriter-sink",
+                                             daemon=True)
+            writer_thread.start()
+            self.ring.set(Field.STATE, State.RUNNING)
+            self.control.send(MSG_STARTED)
+            self._serve()
+            self._finish_frames()
+            state = State.ABORTED if self.aborted else State.DONE
+        except BaseException as exc:
+            logger.exception("the writer failed")
+            state, error = State.FAILED, f"{type(exc).__name__}: {exc}"
+        finally:
+            state, error = self._shut_down(writer_thread, state, error)
+        return RunResult(state=state, written_events=self.sink.nevents if self.sink else 0,
+                         written_frames=self.written_frames,
+                         missing_frames=tuple(self.reorder.missing),
+                         rejected_frames=self.rejected, error=error)
+
+    def _serve(self) -> None:
+        self.selector.register(self.control, selectors.EVENT_READ, None)
+        next_liveness = time.monotonic() + _LIVENESS_INTERVAL_S
+        while not self._run_complete():
+            timeout = min(next_liveness, self._last_emit + self.config.flush_interval_s)
+            for key, _ in self.selector.select(max(0.0, timeout - time.monotonic())):
+                if key.data is None:
+                    self._on_control()
+                else:
+                    self._on_readable(key.data)
+            self._raise_if_sink_failed()
+            now = time.monotonic()
+            if now >= next_liveness:
+                self._check_liveness()
+                next_liveness = now + _LIVENESS_INTERVAL_S
+            if now - self._last_emit >= self.config.flush_interval_s:
+                self._emit()
+            self._publish()
+
+    def _run_complete(self) -> bool:
+        if self.aborted:
+            return True
+        total = self.config.ring.total_frames
+        if total is not None and self.reorder.frontier >= total:
+            return True
+        return self.handout_over and not any(not c.done for c in self.channels.values())
+
+    def _finish_frames(self) -> None:
+        """After the last producer: declare what never came missing, write the rest."""
+        if not self.aborted:
+            while (lowest := self.reorder.lowest_waiting()) is not None:
+                self._skip_missing(lowest)
+                self._drain()
+            self._skip_missing(self.reorder.end())
+        self._emit()
+
+    def _shut_down(self, writer_thread: threading.Thread | None, state: State,
+                   error: str | None) -> tuple[State, str | None]:
+        for channel in list(self.channels.values()):
+            self._retire(channel, "the run ended")
+        if writer_thread is not None:
+            self._put_chunk(None, wait_for_sink=False)
+            writer_thread.join()
+        if self.sink_error is not None and state is not State.FAILED:
+            state = State.FAILED
+            error = f"writing {self.config.path} failed: {self.sink_error}"
+        if self.sink is not None:
+            if state is State.FAILED:
+                self.sink.abandon()
+            else:
+                try:
+                    self.sink.close(missing_frames=self.reorder.missing, logs=self.config.logs)
+                except Exception as exc:
+                    logger.exception("closing %s failed", self.config.path)
+                    state, error = State.FAILED, f"closing {self.config.path} failed: {exc}"
+        if self.ring is not None:
+            if error:
+                self.ring.set_error_text(error)
+            self._publish()
+            self.written_frames = self.ring.get(Field.WRITTEN_FRAMES)
+            self.ring.set(Field.STATE, state)
+            self._slot_views = []
+            self.ring.close()
+        self.selector.close()
+        return state, error
+
+    # -- control socket -----------------------------------------------------------
+    def _on_control(self) -> None:
+        try:
+            message, fds, _, _ = socket.recv_fds(self.control, 64, 2)
+        except (ConnectionError, OSError):
+            message, fds = b"", []
+        if not message:  # the Writer (the main process) is gone
+            logger.warning("the controlling process went away; aborting the run")
+            self.aborted = True
+            self.selector.unregister(self.control)
+            return
+        kind = message[:1]
+        if kind == MSG_PRODUCER:
+            (producer_id,) = struct.unpack("<q", message[1:9])
+            channel = _Channel(producer_id, fds[0], fds[1])
+            self.channels[producer_id] = channel
+            self.selector.register(channel.desc_fd, selectors.EVENT_READ, channel)
+        elif kind == MSG_HANDOUT_OVER:
+            self.handout_over = True
+        elif kind == MSG_ABORT:
+            self.aborted = True
+
+    # -- producers ----------------------------------------------------------------
+    def _on_readable(self, channel: _Channel) -> bool:
+        """Read and handle what the producer sent; False once nothing more is waiting."""
+        try:
+            raw = os.read(channel.desc_fd, 65536)
+        except BlockingIOError:
+            return False
+        if not raw:
+            self._retire(channel, "closed its end")
+            return False
+        self.ring.header[Field.DESCRIPTOR_NBYTES] += len(raw)  # type: ignore[union-attr]
+        channel.buffer += raw
+        for record in decode_records(channel.buffer):
+            if channel.done:
+                break
+            self._on_record(channel, record)
+        self._grant_pending()
+        self._relieve_ring()
+        return not channel.done
+
+    def _on_record(self, channel: _Channel, record: Record) -> None:
+        kind = record.kind
+        if kind == Kind.FRAME:
+            self._on_frame(channel, record)
+        elif kind == Kind.REQUEST:
+            if not 1 <= record.nevents <= self.config.ring.slots:
+                self._refuse(channel, f"asked for {record.nevents} slots")
+            else:
+                self.pending.append((channel, record.nevents))
+        elif kind == Kind.RELEASE:
+            mine = [s for s in record.slots if s in channel.granted]
+            self._free_slots(mine, channel)
+        elif kind == Kind.HELLO:
+            self._on_hello(channel, record.value)
+        elif kind == Kind.CLOSE:
+            self._retire(channel, "closed")
+        else:
+            self._refuse(channel, f"sent a record of unknown kind {kind}")
+
+    def _on_hello(self, channel: _Channel, pid: int) -> None:
+        if channel.pid and channel.pid != pid and _is_alive(channel.pid):
+            self._refuse(channel, f"is used by two processes at once (pids {channel.pid} and "
+                                  f"{pid}); give each process its own Writer.producer()")
+            return
+        channel.pid = pid
+        self.ring.header[Field.PRODUCERS_SEEN] += 1  # type: ignore[union-attr]
+
+    def _on_frame(self, channel: _Channel, record: Record) -> None:
+        frame, nevents, slots = record.value, record.nevents, list(record.slots)
+        problem = self._check_frame(channel, frame, nevents, slots)
+        if problem:
+            self.rejected += 1
+            logger.error("producer %d: rejected frame %d: %s", channel.id, frame, problem)
+            self._free_slots([s for s in set(slots) if s in channel.granted], channel)
+            return
+        channel.granted.difference_update(slots)
+        self.owner[slots] = _HELD
+        self.reorder.newest = max(self.reorder.newest, frame)
+        arrival = Arrival(frame, nevents, slots)
+        if frame == self.reorder.frontier:
+            self.reorder.frontier += 1
+            self._gather(arrival)
+            self._drain()
+        elif self.reorder.has_room(self._nbytes(nevents)):
+            self._copy_out(arrival)
+            self.reorder.hold(arrival)
+        else:
+            self.reorder.hold(arrival)  # stays in its slots: the ring throttles producers
+
+    def _check_frame(self, channel: _Channel, frame: int, nevents: int,
+                     slots: list[int]) -> str | None:
+        total = self.config.ring.total_frames
+        if frame < 0 or (total is not None and frame >= total):
+            return f"frame index out of range (total_frames={total})"
+        if len(slots) != self.config.ring.layout.slots_for(nevents):
+            return f"{nevents} events do not match {len(slots)} slots"
+        if len(set(slots)) != len(slots) or not channel.granted.issuperset(slots):
+            return f"slots {slots} were not granted to this producer"
+        if self.reorder.is_known(frame):
+            return "duplicate frame index: this frame was received already"
+        return None
+
+    def _refuse(self, channel: _Channel, why: str) -> None:
+        logger.error("producer %d %s; refusing it", channel.id, why)
+        self.ring.set_error_text(f"producer {channel.id} {why}")  # type: ignore[union-attr]
+        self._send_grants(channel, [GRANT_REFUSED])
+        self._retire(channel, "was refused")
+
+    def _retire(self, channel: _Channel, why: str) -> None:
+        """Forget a producer: take back its slots and close its pipes."""
+        if channel.done:
+            return
+        channel.done = True
+        logger.debug("producer %d %s", channel.id, why)
+        self._free_slots(list(channel.granted), channel)
+        self.pending = deque((c, k) for c, k in self.pending if c is not channel)
+        self.selector.unregister(channel.desc_fd)
+        os.close(channel.desc_fd)
+        os.close(channel.grant_fd)
+        self._grant_pending()
+
+    def _check_liveness(self) -> None:
+        for channel in list(self.channels.values()):
+            if not channel.done and channel.pid and not _is_alive(channel.pid):
+                while self._on_readable(channel):
+                    pass  # what it sent before it died is valid: take all of it
+                if channel.done:
+                    continue
+                logger.warning("producer %d (pid %d) died; taking back its %d slot(s)",
+                               channel.id, channel.pid, len(channel.granted))
+                self.producer_died = True
+                self._retire(channel, "died")
+        if self.producer_died and not self.reorder.has_room(0):
+            # a dead producer's frames will never come: stop waiting for them
+            lowest = self.reorder.lowest_waiting()
+            if lowest is not None and lowest > self.reorder.frontier:
+                self._skip_missing(lowest)
+                self._drain()
+
+    # -- slots ----------------------------------------------------------------------
+    def _grant_pending(self) -> None:
+        half = self.config.ring.slots // 2
+        while self.pending:
+            channel, wanted = self.pending[0]
+            if len(self.free) < wanted:
+                return
+            self.pending.popleft()
+            extra = min(self.config.prefetch, max(0, len(self.free) - wanted - half))
+            grant = [self.free.popleft() for _ in range(wanted + extra)]
+            self.owner[grant] = channel.id
+            channel.granted.update(grant)
+            self._send_grants(channel, grant)
+
+    def _send_grants(self, channel: _Channel, grant: list[int]) -> None:
+        try:
+            os.write(channel.grant_fd, array("i", grant).tobytes())
+        except OSError:  # the producer is gone: its slots come back on retire
+            pass
+
+    def _free_slots(self, slots: list[int], channel: _Channel | None = None) -> None:
+        if channel is not None:
+            channel.granted.difference_update(slots)
+        self.owner[slots] = _FREE
+        self.free.extend(slots)
+
+    def _relieve_ring(self) -> None:
+        """If producers wait and every slot holds a waiting frame, copy frames out anyway."""
+        if self.free or not self.pending:
+            return
+        held = self.reorder.held_in_slots()
+        if not held:
+            return
+        if not self._warned_budget:
+            logger.warning("frames arrive far out of order: the reorder budget of %d bytes is "
+                           "exceeded to keep the ring moving", self.config.reorder_budget_nbytes)
+            self._warned_budget = True
+        for arrival in held:
+            self._copy_out(arrival)
+            self.reorder.stash_nbytes += arrival.nbytes
+        self.reorder.peak_stash_nbytes = max(self.reorder.peak_stash_nbytes,
+                                             self.reorder.stash_nbytes)
+        self._grant_pending()
+
+    # -- frames -----------------------------------------------------------------------
+    def _nbytes(self, nevents: int) -> int:
+        return nevents * self.config.ring.layout.schema.event_nbytes
+
+    def _parts(self, arrival: Arrival) -> list[tuple[Mapping[str, np.ndarray[Any, Any]], int]]:
+        if arrival.arrays is not None:
+            return [(arrival.arrays, arrival.nevents)]
+        per_slot = self.config.ring.layout.slot_events
+        return [(self._slot_views[slot], min(per_slot, arrival.nevents - j * per_slot))
+                for j, slot in enumerate(arrival.slots)]
+
+    def _copy_out(self, arrival: Arrival) -> None:
+        """Copy a frame's events out of its slots into private memory; free the slots."""
+        arrays = {}
+        for name, feature in self.config.ring.layout.schema.items():
+            arrays[name] = np.empty((arrival.nevents, *feature.shape), feature.dtype)
+            start = 0
+            for source, count in self._parts(arrival):
+                arrays[name][start:start + count] = source[name][:count]
+                start += count
+        self._free_slots(arrival.slots)
+        arrival.slots, arrival.arrays = [], arrays
+        arrival.nbytes = self._nbytes(arrival.nevents)
+
+    def _gather(self, arrival: Arrival) -> None:
+        self.gatherer.append(arrival.frame, arrival.nevents, self._parts(arrival))
+        if arrival.slots:
+            self._free_slots(arrival.slots)
+        if self.gatherer.nframes >= self.config.write_threshold:
+            self._emit()
+
+    def _drain(self) -> None:
+        while (arrival := self.reorder.pop_next()) is not None:
+            self._gather(arrival)
+
+    def _skip_missing(self, frame: int) -> None:
+        skipped = self.reorder.skip_to(frame)
+        if skipped:
+            logger.warning("%d frame(s) never arrived, from %d to %d", len(skipped),
+                           skipped[0], skipped[-1])
+        room = self.config.write_threshold
+        while skipped:
+            take = min(room - self.gatherer.nframes, len(skipped))
+            self.gatherer.skip(take)
+            del skipped[:take]
+            if self.gatherer.nframes >= room:
+                self._emit()
+
+    # -- chunks and the sink thread ------------------------------------------------------
+    def _emit(self) -> None:
+        self._last_emit = time.monotonic()
+        if self.gatherer.nframes:
+            self._put_chunk(self.gatherer.take(), wait_for_sink=True)
+
+    def _put_chunk(self, chunk: Chunk | None, *, wait_for_sink: bool) -> None:
+        while True:
+            if wait_for_sink:
+                self._raise_if_sink_failed()
+            try:
+                self.chunks.put(chunk, timeout=0.25)
+                break
+            except queue.Full:
+                if self.sink_error is not None and not wait_for_sink:
+                    self._discard_chunks()
+        if self.ring is not None:
+            self.ring.set(Field.WRITE_QUEUE_SIZE, self.chunks.qsize())
+
+    def _discard_chunks(self) -> None:
+        while True:
+            try:
+                self.chunks.get_nowait()
+            except queue.Empty:
+                return
+
+    def _write_chunks(self) -> None:
+        """Sink thread: write chunks in order until None arrives or writing fails."""
+        ring, sink = self.ring, self.sink
+        assert ring is not None and sink is not None
+        while (chunk := self.chunks.get()) is not None:
+            if self.sink_error is not None:
+                continue  # keep taking chunks so the loop never blocks on a dead sink
+            try:
+                sink.write(chunk)
+            except BaseException as exc:
+                logger.error("writing %s failed: %s", sink.path, exc)
+                self.sink_error = exc
+                continue
+            ring.header[Field.WRITTEN_EVENTS] += chunk.nevents
+            ring.header[Field.WRITTEN_FRAMES] += chunk.nframes - chunk.nmissing
+            ring.header[Field.WRITTEN_NBYTES] += chunk.nbytes
+            ring.set(Field.WRITE_QUEUE_SIZE, self.chunks.qsize())
+
+    def _raise_if_sink_failed(self) -> None:
+        if self.sink_error is not None:
+            raise OSError(f"writing {self.config.path} failed: {self.sink_error}") \
+                from self.sink_error
+
+    def _publish(self) -> None:
+        """Refresh the header figures that ``statistics()`` and ``shmwriter top`` read."""
+        ring = self.ring
+        if ring is None or ring.closed:
+            return
+        in_use = self.config.ring.slots - len(self.free)
+        header = ring.header
+        header[Field.SLOTS_IN_USE] = in_use
+        header[Field.PEAK_SLOTS_IN_USE] = max(in_use, int(header[Field.PEAK_SLOTS_IN_USE]))
+        header[Field.FRAMES_DONE] = self.reorder.frontier
+        header[Field.NEWEST_FRAME] = self.reorder.newest
+        header[Field.MISSING_FRAMES] = len(self.reorder.missing)
+        header[Field.STASH_NBYTES] = self.reorder.stash_nbytes
+        header[Field.PEAK_STASH_NBYTES] = self.reorder.peak_stash_nbytes
+        header[Field.REJECTED_FRAMES] = self.rejected
+        header[Field.PRODUCERS_ALIVE] = sum(not c.done for c in self.channels.values())
+        header[Field.UPDATE_TIME_NS] = time.time_ns()
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
+
+
+def serve(config: RunConfig, control: socket.socket) -> None:
+    """Run a whole run on ``control`` and send its result back over it."""
+    result = WriterLoop(config, control).run()
+    try:
+        _drain_control(control)
+        control.send(MSG_RESULT + zlib.compress(pickle.dumps(result)))
+    except OSError:
+        logger.error("the controlling process is gone; the run ended %s", result.state.name)
+    finally:
+        control.close()
+
+
+def _drain_control(control: socket.socket) -> None:
+    """Read what the Writer sent and the loop did not need.
+
+    Closing a unix socket with unread data makes the peer's next read fail
+    with ECONNRESET, which would hide the result sent after it.
+    """
+    control.setblocking(False)
+    while True:
+        try:
+            message, fds, _, _ = socket.recv_fds(control, 64, 2)
+        except BlockingIOError:
+            return
+        for fd in fds:
+            os.close(fd)
+        if not message:
+            return
+
+
+def run_in_process(config: RunConfig, control: socket.socket) -> None:
+    """Entry point of a writer process (started with the ``spawn`` context)."""
+    serve(config, control)

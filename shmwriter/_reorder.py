@@ -1,0 +1,107 @@
+"""Reorder: put frames arriving in any order back into frame order.
+
+Frames at the frontier (the next index the file needs) go straight on; frames
+ahead of it wait here. A waiting frame is copied out of the ring into private
+memory so its slots are freed at once, while the copies stay within a byte
+budget; beyond it, frames stay in their slots (the ring then throttles the
+producers) until the frontier reaches them.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Arrival", "ReorderBuffer"]
+
+
+@dataclass(slots=True, order=True)
+class Arrival:
+    """A frame received by the writer, in slots or copied out."""
+
+    frame: int
+    nevents: int = field(compare=False)
+    slots: list[int] = field(compare=False, default_factory=list)
+    """Slots still holding the events (empty once copied out)."""
+    arrays: dict[str, np.ndarray[Any, Any]] | None = field(compare=False, default=None)
+    """Private copies of the events, or None while they are in slots."""
+    nbytes: int = field(compare=False, default=0)
+    """Bytes of the private copies."""
+
+
+class ReorderBuffer:
+    """Frames ahead of the frontier, and the frames known to be missing.
+
+    Parameters
+    ----------
+    total_frames
+        Frames of the run, or None when open-ended.
+    budget_nbytes
+        Most bytes of private copies held at once.
+    """
+
+    def __init__(self, total_frames: int | None, budget_nbytes: int) -> None:
+        self.total_frames = total_frames
+        self.budget_nbytes = budget_nbytes
+        #: The next frame index the file needs.
+        self.frontier = 0
+        #: Highest frame index received, -1 before any.
+        self.newest = -1
+        #: Bytes of private copies held now, and their peak.
+        self.stash_nbytes = self.peak_stash_nbytes = 0
+        #: Frames declared missing, in order.
+        self.missing: list[int] = []
+        self._waiting: dict[int, Arrival] = {}
+        self._heap: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def is_known(self, frame: int) -> bool:
+        """Whether ``frame`` was received, written or declared missing already."""
+        return frame < self.frontier or frame in self._waiting
+
+    def has_room(self, nbytes: int) -> bool:
+        """Whether a copy of ``nbytes`` fits the budget."""
+        return self.stash_nbytes + nbytes <= self.budget_nbytes
+
+    def hold(self, arrival: Arrival) -> None:
+        """Keep a frame that is ahead of the frontier."""
+        self._waiting[arrival.frame] = arrival
+        heapq.heappush(self._heap, arrival.frame)
+        self.stash_nbytes += arrival.nbytes
+        self.peak_stash_nbytes = max(self.peak_stash_nbytes, self.stash_nbytes)
+
+    def held_in_slots(self) -> list[Arrival]:
+        """Waiting frames whose events are still in ring slots."""
+        return [a for a in self._waiting.values() if a.slots]
+
+    def pop_next(self) -> Arrival | None:
+        """The waiting frame at the frontier, if it has arrived; advances the frontier."""
+        arrival = self._waiting.pop(self.frontier, None)
+        if arrival is None:
+            return None
+        heapq.heappop(self._heap)
+        self.stash_nbytes -= arrival.nbytes
+        self.frontier += 1
+        return arrival
+
+    def lowest_waiting(self) -> int | None:
+        """The smallest frame index waiting, or None."""
+        return self._heap[0] if self._heap else None
+
+    def skip_to(self, frame: int) -> list[int]:
+        """Declare every frame from the frontier up to ``frame`` missing; return them."""
+        skipped = list(range(self.frontier, frame))
+        self.missing.extend(skipped)
+        self.frontier = max(self.frontier, frame)
+        return skipped
+
+    def end(self) -> int:
+        """Index one past the last frame the run has, as far as is known now."""
+        if self.total_frames is not None:
+            return self.total_frames
+        return self.newest + 1

@@ -1,0 +1,234 @@
+"""The slot ring: one shared-memory segment of equal slots plus a header.
+
+Layout of the segment::
+
+    [header: 4 KiB]  int64 counters of the run, its state, error text, path
+    [claimed: one byte per frame, page aligned]   only with total_frames
+    [slot 0][slot 1] ... [slot slots-1]           SlotLayout.slot_nbytes each
+
+The header is written by the writer only and read by anyone (producers for
+the writer's state, ``shmwriter top`` for figures), so it needs no lock.
+``claimed`` is set by producers to catch a frame index put twice.
+
+The creator (the :class:`~shmwriter.Writer`) calls :meth:`SlotRing.unlink`
+once, after the run; every process calls :meth:`SlotRing.close` for itself.
+"""
+
+from __future__ import annotations
+
+import enum
+import mmap
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._segment import attach_segment, create_segment, new_run_name, unlink_segment
+from ._spec import SlotLayout, _check_positive_int
+
+__all__ = ["Field", "RingSpec", "SlotRing", "State"]
+
+_HEADER_NBYTES = 4096
+_ERROR_OFFSET, _ERROR_NBYTES = 1024, 1024
+_PATH_OFFSET, _PATH_NBYTES = 2048, 2048
+_MAGIC = 0x73686D7772697431  # "shmwrit1"
+
+
+class Field(enum.IntEnum):
+    """Index of each int64 counter in the header."""
+
+    MAGIC = 0
+    OWNER_PID = 1
+    WRITER_PID = 2
+    STATE = 3
+    SLOTS = 4
+    TOTAL_FRAMES = 5          # -1 for an open-ended run
+    WRITTEN_EVENTS = 6
+    WRITTEN_FRAMES = 7
+    FRAMES_DONE = 8           # frames before this index are written or missing
+    WRITE_QUEUE_SIZE = 9
+    SLOTS_IN_USE = 10
+    PEAK_SLOTS_IN_USE = 11
+    NEWEST_FRAME = 12         # highest frame index received, -1 before any
+    MISSING_FRAMES = 13
+    WRITTEN_NBYTES = 14
+    PRODUCERS_ALIVE = 15
+    START_TIME_NS = 16
+    UPDATE_TIME_NS = 17
+    STASH_NBYTES = 18
+    PEAK_STASH_NBYTES = 19
+    DESCRIPTOR_NBYTES = 20
+    REJECTED_FRAMES = 21
+    PRODUCERS_SEEN = 22
+
+
+class State(enum.IntEnum):
+    """Life stage of a run, as stored in the header."""
+
+    STARTING = 0
+    RUNNING = 1
+    DONE = 2
+    FAILED = 3
+    ABORTED = 4
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RingSpec:
+    """Everything a process needs to attach to a ring: it pickles as a few ints."""
+
+    name: str
+    """Segment name (without the leading slash)."""
+    layout: SlotLayout
+    """Byte layout of one slot."""
+    slots: int
+    """Number of slots."""
+    total_frames: int | None
+    """Frames of the run, or None when open-ended."""
+
+    def __post_init__(self) -> None:
+        _check_positive_int("slots", self.slots)
+        if self.total_frames is not None:
+            _check_positive_int("total_frames", self.total_frames)
+
+    @property
+    def claimed_nbytes(self) -> int:
+        """Bytes of the per-frame 'claimed' flags, page aligned."""
+        return -(-(self.total_frames or 0) // 4096) * 4096
+
+    @property
+    def slots_offset(self) -> int:
+        """Byte offset of slot 0 in the segment."""
+        return _HEADER_NBYTES + self.claimed_nbytes
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole segment."""
+        return self.slots_offset + self.slots * self.layout.slot_nbytes
+
+    @property
+    def ring_nbytes(self) -> int:
+        """Bytes of the slots alone."""
+        return self.slots * self.layout.slot_nbytes
+
+
+class SlotRing:
+    """A mapped ring: numpy views on the header, the claimed flags and the slots.
+
+    Use :meth:`create` (the owner) or :meth:`attach` (everyone else).
+    ``close()`` unmaps it in this process and is idempotent; ``unlink()``
+    removes the segment and is called once, by the creator.
+    """
+
+    _mmap: mmap.mmap | None = None
+    _owner = False
+
+    def __init__(self, spec: RingSpec, mapping: mmap.mmap, *, owner: bool) -> None:
+        self.spec = spec
+        self._mmap, self._owner = mapping, owner
+        self._base: np.ndarray[Any, np.dtype[np.uint8]] = np.frombuffer(mapping, dtype=np.uint8)
+        self.header = self._base[:_HEADER_NBYTES].view(np.int64)
+        self.claimed = self._base[_HEADER_NBYTES:spec.slots_offset]
+        self._slots = self._base[spec.slots_offset:spec.nbytes].reshape(
+            spec.slots, spec.layout.slot_nbytes)
+
+    @classmethod
+    def create(cls, layout: SlotLayout, slots: int, total_frames: int | None) -> SlotRing:
+        """Create a new ring segment with a fresh unique name."""
+        spec = RingSpec(name=new_run_name(), layout=layout, slots=slots,
+                        total_frames=total_frames)
+        ring = cls(spec, create_segment(spec.name, spec.nbytes), owner=True)
+        ring.header[Field.MAGIC] = _MAGIC
+        ring.header[Field.SLOTS] = slots
+        ring.header[Field.TOTAL_FRAMES] = -1 if total_frames is None else total_frames
+        ring.header[Field.NEWEST_FRAME] = -1
+        return ring
+
+    @classmethod
+    def attach(cls, spec: RingSpec) -> SlotRing:
+        """Map the ring described by ``spec``, created by another process."""
+        return cls(spec, attach_segment(spec.name, spec.nbytes), owner=False)
+
+    @property
+    def closed(self) -> bool:
+        """Whether this process has unmapped the ring."""
+        return self._mmap is None
+
+    def slot_views(self, slot: int, nevents: int) -> dict[str, np.ndarray[Any, Any]]:
+        """Writable views of the first ``nevents`` events of every feature in ``slot``."""
+        row = self._slots[slot]
+        layout = self.spec.layout
+        views = {}
+        for (name, feature), offset in zip(layout.schema.items(), layout.offsets, strict=True):
+            nbytes = feature.event_nbytes * nevents
+            views[name] = row[offset:offset + nbytes].view(feature.dtype).reshape(
+                nevents, *feature.shape)
+        return views
+
+    def get(self, field: Field) -> int:
+        """One header counter."""
+        return int(self.header[field])
+
+    def set(self, field: Field, value: int) -> None:
+        """Set one header counter (only the writer does)."""
+        self.header[field] = value
+
+    @property
+    def state(self) -> State:
+        """The run's life stage."""
+        return State(int(self.header[Field.STATE]))
+
+    @property
+    def error_text(self) -> str:
+        """The writer's error message, if it failed."""
+        raw = self._base[_ERROR_OFFSET:_ERROR_OFFSET + _ERROR_NBYTES].tobytes()
+        return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+    def set_error_text(self, text: str) -> None:
+        """Store the writer's error message (truncated to 1 KiB)."""
+        self._put_text(_ERROR_OFFSET, _ERROR_NBYTES, text)
+
+    @property
+    def path_text(self) -> str:
+        """Path of the file the run writes."""
+        raw = self._base[_PATH_OFFSET:_PATH_OFFSET + _PATH_NBYTES].tobytes()
+        return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+    def set_path_text(self, text: str) -> None:
+        """Store the path of the file the run writes."""
+        self._put_text(_PATH_OFFSET, _PATH_NBYTES, text)
+
+    def _put_text(self, offset: int, nbytes: int, text: str) -> None:
+        raw = text.encode("utf-8")[:nbytes - 1] + b"\0"
+        self._base[offset:offset + len(raw)] = np.frombuffer(raw, np.uint8)
+
+    def close(self) -> None:
+        """Unmap the ring in this process. Views handed out keep it mapped until freed."""
+        if self._mmap is None:
+            return
+        mapping, self._mmap = self._mmap, None
+        self._base = self.header = self.claimed = self._slots = None  # type: ignore[assignment]
+        try:
+            mapping.close()
+        except BufferError:
+            pass  # a caller still holds a view; the mapping goes when it is freed
+
+    def unlink(self) -> None:
+        """Remove the segment (creator only, once); attached processes keep their mapping."""
+        if self._owner:
+            self._owner = False
+            unlink_segment(self.spec.name)
+
+    def __enter__(self) -> SlotRing:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (SlotRing.attach, (self.spec,))
+
+    def __repr__(self) -> str:
+        if self.closed:
+            return f"<closed SlotRing {self.spec.name!r}>"
+        return (f"<SlotRing {self.spec.name!r}: {self.spec.slots} slots × "
+                f"{self.spec.layout.slot_nbytes} B, {self.get(Field.SLOTS_IN_USE)} in use>")

@@ -1,0 +1,211 @@
+"""Schema of the events (features) and the byte layout of one ring slot."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["Feature", "Schema", "SlotLayout"]
+
+#: Byte alignment of every feature block inside a slot (a cache line).
+_FEATURE_ALIGN = 64
+#: Byte alignment of whole slots (a page), so slots never share a page.
+_SLOT_ALIGN = 4096
+#: Numpy dtype kinds a feature may have: bool, signed, unsigned, float.
+_ALLOWED_KINDS = "biuf"
+#: Feature names the writer adds itself for every event.
+RESERVED_NAMES = frozenset({"nevents"})
+
+
+def _align(nbytes: int, alignment: int) -> int:
+    return -(-nbytes // alignment) * alignment
+
+
+def _parse_dtype(dtype: npt.DTypeLike) -> np.dtype[Any]:
+    try:
+        parsed = np.dtype(dtype)
+    except TypeError as exc:
+        raise TypeError(f"dtype must be a numpy dtype or its name; got {dtype!r}") from exc
+    if parsed.kind not in _ALLOWED_KINDS or parsed.itemsize > 8:
+        raise ValueError(
+            f"dtype must be bool, an integer or a float of at most 8 bytes; got {parsed.str!r}")
+    return parsed.newbyteorder("=")
+
+
+def _parse_shape(shape: object) -> tuple[int, ...]:
+    if isinstance(shape, (int, np.integer)):
+        shape = (shape,)
+    if not isinstance(shape, tuple | list):
+        raise TypeError(f"shape must be a tuple of ints; got {shape!r}")
+    parsed = tuple(int(n) for n in shape)
+    if any(n <= 0 for n in parsed) or len(parsed) > 3:
+        raise ValueError(f"shape must have at most 3 positive dimensions; got {shape!r}")
+    return parsed
+
+
+@dataclass(frozen=True, slots=True)
+class Feature:
+    """One per-event array: its dtype and the shape of one event's value.
+
+    Parameters
+    ----------
+    dtype
+        bool, an integer or a float type. Booleans (masks) are stored in the
+        file as uint8 0/255, as .rtdc files do.
+    shape
+        Shape of one event's value; ``()`` (the default) is one scalar per
+        event, ``(80, 250)`` an image.
+    """
+
+    dtype: np.dtype[Any]
+    """Numpy dtype of the values producers hand in."""
+    shape: tuple[int, ...] = ()
+    """Shape of one event's value."""
+
+    def __init__(self, dtype: npt.DTypeLike, shape: tuple[int, ...] = ()) -> None:
+        object.__setattr__(self, "dtype", _parse_dtype(dtype))
+        object.__setattr__(self, "shape", _parse_shape(shape))
+
+    @property
+    def event_nbytes(self) -> int:
+        """Bytes one event of this feature takes."""
+        return self.dtype.itemsize * math.prod(self.shape)
+
+    @property
+    def file_dtype(self) -> np.dtype[Any]:
+        """The dtype stored in the HDF5 file (uint8 for booleans)."""
+        return np.dtype(np.uint8) if self.dtype.kind == "b" else self.dtype
+
+    @property
+    def is_image(self) -> bool:
+        """Whether the feature is 2-D and gets the HDF5 image attributes."""
+        return len(self.shape) == 2
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-type form, for HDF5 attributes and JSON."""
+        return {"dtype": self.dtype.str, "shape": list(self.shape)}
+
+
+class Schema(Mapping[str, Feature]):
+    """The features every event has, by name, in a fixed order.
+
+    Parameters
+    ----------
+    features
+        Mapping of feature name to :class:`Feature`. Names are used as HDF5
+        dataset names under ``/events``.
+
+    Raises
+    ------
+    TypeError
+        If a value is not a :class:`Feature` or a name not a string.
+    ValueError
+        If there is no feature, or a name is empty, has a ``/`` or is
+        reserved for the writer (``nevents``).
+    """
+
+    __slots__ = ("_features",)
+
+    def __init__(self, features: Mapping[str, Feature]) -> None:
+        if not isinstance(features, Mapping):
+            raise TypeError(f"features must be a mapping of name to Feature; got {features!r}")
+        if not features:
+            raise ValueError("a Schema needs at least one feature; got none")
+        for name, feature in features.items():
+            _check_feature_name(name)
+            if not isinstance(feature, Feature):
+                raise TypeError(f"feature {name!r} must be a shmwriter.Feature; got {feature!r}")
+        self._features: dict[str, Feature] = dict(features)
+
+    def __getitem__(self, name: str) -> Feature:
+        return self._features[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._features)
+
+    def __len__(self) -> int:
+        return len(self._features)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Schema):
+            return NotImplemented
+        return list(self._features.items()) == list(other._features.items())
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._features.items()))
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{n!r}: {f!r}" for n, f in self._features.items())
+        return f"Schema({{{inner}}})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Schema, (self._features,))
+
+    @property
+    def event_nbytes(self) -> int:
+        """Bytes one event takes over all features."""
+        return sum(f.event_nbytes for f in self._features.values())
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain-type form, for HDF5 attributes and JSON."""
+        return {name: f.to_dict() for name, f in self._features.items()}
+
+
+def _check_feature_name(name: object) -> None:
+    if not isinstance(name, str):
+        raise TypeError(f"feature names must be strings; got {name!r}")
+    if not name or "/" in name:
+        raise ValueError(f"feature name must be non-empty and have no '/'; got {name!r}")
+    if name in RESERVED_NAMES:
+        raise ValueError(f"feature name {name!r} is reserved: the writer adds it to every event")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SlotLayout:
+    """Where each feature of each event lives inside one slot of the ring.
+
+    A slot holds up to ``slot_events`` events of every feature: one block per
+    feature, each aligned to 64 bytes, the slot itself rounded up to a page.
+    """
+
+    schema: Schema
+    """The features laid out."""
+    slot_events: int
+    """Events one slot holds."""
+    offsets: tuple[int, ...] = field(init=False)
+    """Byte offset of each feature's block inside a slot, in schema order."""
+    slot_nbytes: int = field(init=False)
+    """Bytes of one slot, a multiple of the page size."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.schema, Schema):
+            raise TypeError(f"schema must be a shmwriter.Schema; got {self.schema!r}")
+        _check_positive_int("slot_events", self.slot_events)
+        offsets, end = [], 0
+        for feature in self.schema.values():
+            offsets.append(end)
+            end = _align(end + feature.event_nbytes * self.slot_events, _FEATURE_ALIGN)
+        object.__setattr__(self, "offsets", tuple(offsets))
+        object.__setattr__(self, "slot_nbytes", _align(end, _SLOT_ALIGN))
+
+    def slots_for(self, nevents: int) -> int:
+        """Number of slots a frame of ``nevents`` events takes."""
+        return -(-nevents // self.slot_events)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-type form, for HDF5 attributes and JSON."""
+        return {"schema": self.schema.to_dict(), "slot_events": self.slot_events,
+                "slot_nbytes": self.slot_nbytes}
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int; got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    return int(value)

@@ -1,0 +1,75 @@
+"""Exceptions of shmwriter, each saying whose fault it was.
+
+``ClosedError`` means *you* closed the object; ``BrokenError`` means the peer
+(the writer or a producer) went away or failed; ``RingFullError`` means a wait
+for a free slot ran out of time and may be retried; ``FrameError`` means the
+data handed to a producer was rejected and nothing of that frame was accepted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "BrokenError",
+    "ClosedError",
+    "FrameError",
+    "MissingFramesError",
+    "RingFullError",
+    "ShmSpaceError",
+    "ShmWriterError",
+]
+
+
+class ShmWriterError(Exception):
+    """Base class of every exception raised by shmwriter."""
+
+
+class ClosedError(ShmWriterError, RuntimeError):
+    """The object was closed by its own side and cannot be used any more."""
+
+
+class BrokenError(ShmWriterError, RuntimeError):
+    """The other side (writer or producer) died or failed; ``__cause__`` says why."""
+
+
+class RingFullError(ShmWriterError, TimeoutError):
+    """No slot became free within the timeout: the writer is behind or stuck."""
+
+
+class FrameError(ShmWriterError, ValueError):
+    """A frame handed to a producer was rejected; it names the frame and feature.
+
+    Nothing of the rejected frame was accepted and the run goes on.
+    """
+
+    def __init__(self, message: str, *, frame_index: object = None,
+                 feature: str | None = None) -> None:
+        super().__init__(message)
+        #: The frame index the caller passed.
+        self.frame_index = frame_index
+        #: The feature at fault, or None when the frame as a whole was wrong.
+        self.feature = feature
+
+
+class MissingFramesError(ShmWriterError):
+    """The run ended but some frames were never delivered.
+
+    The file is complete and valid for every other frame; the missing indices
+    are recorded in it (log ``shmwriter-missing-frames``) and listed here.
+    """
+
+    def __init__(self, missing_frames: Sequence[int]) -> None:
+        #: Sorted indices of the frames that never arrived.
+        self.missing_frames = list(missing_frames)
+        shown = ", ".join(map(str, self.missing_frames[:20]))
+        more = len(self.missing_frames) - 20
+        if more > 0:
+            shown += f", … ({more} more)"
+        super().__init__(
+            f"{len(self.missing_frames)} frame(s) were never delivered: {shown}; "
+            f"pass allow_gaps=True to Writer to accept gaps")
+
+
+class ShmSpaceError(ShmWriterError, MemoryError):
+    """/dev/shm or memory cannot hold the slot ring that was asked for."""

@@ -1,0 +1,387 @@
+"""The producer endpoint: copies a frame's events into ring slots, sends a descriptor.
+
+A :class:`Producer` is made by :meth:`shmwriter.Writer.producer` and handed to
+one worker process (it pickles into ``spawn``-ed processes). Each frame is
+checked completely before anything is sent, so a rejected frame raises a
+:class:`~shmwriter.FrameError` here, in the worker, and the writer never sees it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from multiprocessing import reduction
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ._channel import (
+    GRANT_REFUSED,
+    MAX_SLOTS_PER_RECORD,
+    Kind,
+    encode_record,
+    read_grants,
+    write_record,
+)
+from ._ring import Field, RingSpec, SlotRing, State
+from ._spec import Schema
+from .errors import BrokenError, ClosedError, FrameError, RingFullError
+
+__all__ = ["Producer"]
+
+EventArrays = Mapping[str, npt.ArrayLike]
+
+
+class Producer:
+    """Puts frames into the writer's ring. Use it in one process; close it when done.
+
+    Parameters are internal: get producers from :meth:`shmwriter.Writer.producer`.
+
+    A producer pickles as its ring's name and two pipe file descriptors, so it
+    can be passed as an argument to a ``spawn``-ed process. Give every worker
+    process its own producer: the writer refuses a producer used by two
+    processes at once. Threads of one process may share one.
+
+    ``close()`` tells the writer this producer is done; it is idempotent and
+    also called by ``__exit__``. A producer whose process dies is noticed by
+    the writer, which takes back its slots.
+    """
+
+    _desc_fd = -1
+    _grant_fd = -1
+    _ring: SlotRing | None = None
+    _closed = False
+
+    def __init__(self, spec: RingSpec, producer_id: int, desc_fd: int, grant_fd: int,
+                 timeout_s: float) -> None:
+        self._spec, self._id, self._timeout_s = spec, producer_id, timeout_s
+        self._desc_fd, self._grant_fd = desc_fd, grant_fd
+        self._lock = threading.RLock()
+        self._pid = 0  # the process that said HELLO
+        self._cache: list[int] = []  # granted slots not used yet
+        self._owed = 0  # slots requested but not granted yet
+        self._slot_views: list[dict[str, np.ndarray[Any, Any]]] = []
+        #: Frames this producer has put (in this process).
+        self.frames_put = 0
+        #: Events this producer has put (in this process).
+        self.events_put = 0
+
+    # -- public API -------------------------------------------------------------
+    @property
+    def schema(self) -> Schema:
+        """The features every frame must have."""
+        return self._spec.layout.schema
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def put(self, frame_index: int, events: EventArrays | None, *,
+            timeout_s: float | None = None) -> None:
+        """Put one frame: ``events`` maps every feature to ``nevents`` rows, or is None.
+
+        Parameters
+        ----------
+        frame_index
+            Index of the frame, ``0 <= frame_index < total_frames``, each put once.
+        events
+            ``{feature: array of shape (nevents, *feature.shape)}`` with the
+            same ``nevents`` for every feature, or None for a frame without events.
+        timeout_s
+            How long to wait for free slots; defaults to the writer's ``timeout_s``.
+
+        Raises
+        ------
+        FrameError
+            If the frame index or any feature is invalid; nothing was sent.
+        RingFullError
+            If no slot became free within the timeout.
+        BrokenError, ClosedError
+            If the writer is gone, or this producer is closed.
+        """
+        with self._lock:
+            self._check_open()
+            index = self._check_frame_index(frame_index)
+            nevents, arrays = _check_events(self.schema, index, events)
+            slots = self._acquire(index, nevents, timeout_s)
+            try:
+                self._copy_into_slots(slots, arrays, nevents)
+            except BaseException:
+                self._cache.extend(slots)
+                raise
+            self._send_frame(index, nevents, slots)
+
+    def put_nowait(self, frame_index: int, events: EventArrays | None) -> None:
+        """Like :meth:`put`, but raise :class:`RingFullError` at once if no slot is free."""
+        self.put(frame_index, events, timeout_s=0.0)
+
+    @contextlib.contextmanager
+    def frame(self, frame_index: int, nevents: int, *,
+              timeout_s: float | None = None) -> Iterator[dict[str, np.ndarray[Any, Any]]]:
+        """Fill a frame in place: yields ``{feature: writable (nevents, *shape) array}``.
+
+        When the frame fits one slot (``nevents <= slot_events``) the arrays
+        are views into shared memory and nothing is copied. A larger frame
+        gets private arrays that are copied into its slots on exit. The frame
+        is sent when the block ends without an exception; on an exception its
+        slots are kept for the next frame and nothing is sent.
+
+        BEWARE: the arrays start with whatever bytes the slot held before;
+        write every element of every feature. They become read-only on exit.
+        """
+        with self._lock:
+            self._check_open()
+            index = self._check_frame_index(frame_index)
+            if isinstance(nevents, bool) or not isinstance(nevents, int | np.integer) \
+                    or nevents < 0:
+                raise FrameError(f"frame {index}: nevents must be an int >= 0; got {nevents!r}",
+                                 frame_index=index)
+            nevents = int(nevents)
+            slots = self._acquire(index, nevents, timeout_s)
+            zero_copy = len(slots) == 1
+            if zero_copy:
+                arrays = {name: view[:nevents] for name, view in self._views(slots[0]).items()}
+            else:
+                arrays = {name: np.empty((nevents, *f.shape), f.dtype)
+                          for name, f in self.schema.items()}
+            try:
+                yield arrays
+                if not zero_copy:
+                    self._copy_into_slots(slots, arrays, nevents)
+            except BaseException:
+                self._cache.extend(slots)
+                raise
+            finally:
+                for array in arrays.values():
+                    array.flags.writeable = False
+            self._send_frame(index, nevents, slots)
+
+    def close(self) -> None:
+        """Tell the writer this producer is done and release its pipes. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                if self._pid == os.getpid():
+                    self._send(encode_record(Kind.RELEASE, slots=self._cache[:MAX_SLOTS_PER_RECORD])
+                               + encode_record(Kind.CLOSE))
+            except (BrokenError, TimeoutError, OSError):
+                pass  # the writer is gone or stuck: closing our ends is all that is left
+            finally:
+                self._release_os_resources()
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self._release_os_resources()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if self._closed:
+            raise ClosedError("a closed Producer cannot be pickled; get a new one from "
+                              "Writer.producer()")
+        return (_rebuild_producer, (self._spec, self._id, reduction.DupFd(self._desc_fd),
+                                    reduction.DupFd(self._grant_fd), self._timeout_s))
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return (f"<Producer {self._id} of {self._spec.name!r} ({state}): "
+                f"{self.frames_put} frames, {self.events_put} events put>")
+
+    # -- slots ------------------------------------------------------------------
+    def _acquire(self, frame_index: int, nevents: int, timeout_s: float | None) -> list[int]:
+        nslots = self._spec.layout.slots_for(nevents)
+        if nslots == 0:
+            return []
+        self._check_fits(frame_index, nevents, nslots)
+        if len(self._cache) < nslots and self._owed == 0:
+            # give back what we hold and ask for all at once: a waiting
+            # producer then holds no slot, so producers cannot deadlock
+            message = encode_record(Kind.REQUEST, nevents=nslots)
+            if self._cache:
+                message = encode_record(Kind.RELEASE, slots=self._cache) + message
+                self._cache.clear()
+            self._send(message)
+            self._owed = nslots
+        elif len(self._cache) + self._owed < nslots:
+            more = nslots - len(self._cache) - self._owed
+            self._send(encode_record(Kind.REQUEST, nevents=more))
+            self._owed += more
+        self._wait_for_grants(frame_index, nslots,
+                              self._timeout_s if timeout_s is None else timeout_s)
+        slots, self._cache = self._cache[:nslots], self._cache[nslots:]
+        return slots
+
+    def _wait_for_grants(self, frame_index: int, nslots: int, timeout_s: float) -> None:
+        deadline = _now() + timeout_s
+        while len(self._cache) < nslots:
+            grants = read_grants(self._grant_fd, deadline - _now())
+            if grants is None:
+                raise self._writer_gone_error()
+            if GRANT_REFUSED in grants:
+                raise BrokenError(f"the writer refused this producer: {self._ring_error()}")
+            self._cache.extend(grants)
+            self._owed = max(0, self._owed - len(grants))
+            if len(self._cache) < nslots and _now() >= deadline:
+                raise RingFullError(self._ring_full_message(frame_index, nslots, timeout_s))
+
+    def _check_fits(self, frame_index: int, nevents: int, nslots: int) -> None:
+        limit = min(self._spec.slots, MAX_SLOTS_PER_RECORD)
+        if nslots > limit:
+            most = limit * self._spec.layout.slot_events
+            raise FrameError(
+                f"frame {frame_index} has {nevents} events but one frame can hold at most "
+                f"{most} (slots × slot_events); raise slot_events", frame_index=frame_index)
+
+    def _views(self, slot: int) -> dict[str, np.ndarray[Any, Any]]:
+        if not self._slot_views:
+            ring = self._attached_ring()
+            self._slot_views = [ring.slot_views(s, self._spec.layout.slot_events)
+                                for s in range(self._spec.slots)]
+        return self._slot_views[slot]
+
+    def _copy_into_slots(self, slots: list[int], arrays: Mapping[str, np.ndarray[Any, Any]],
+                         nevents: int) -> None:
+        per_slot = self._spec.layout.slot_events
+        for j, slot in enumerate(slots):
+            start, stop = j * per_slot, min((j + 1) * per_slot, nevents)
+            views = self._views(slot)
+            for name, array in arrays.items():
+                np.copyto(views[name][:stop - start], array[start:stop], casting="unsafe")
+
+    # -- descriptors ------------------------------------------------------------
+    def _send_frame(self, frame_index: int, nevents: int, slots: list[int]) -> None:
+        claimed = self._attached_ring().claimed
+        if self._spec.total_frames is not None:
+            if claimed[frame_index]:  # another producer put it meanwhile
+                self._cache.extend(slots)
+                raise FrameError(f"frame {frame_index} was already put", frame_index=frame_index)
+            claimed[frame_index] = 1
+        try:
+            self._send(encode_record(Kind.FRAME, frame_index, nevents, slots))
+        except BaseException:
+            if self._spec.total_frames is not None:
+                claimed[frame_index] = 0
+            self._cache.extend(slots)
+            raise
+        self.frames_put += 1
+        self.events_put += nevents
+
+    def _send(self, message: bytes) -> None:
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            message = encode_record(Kind.HELLO, self._pid) + message
+        write_record(self._desc_fd, message, self._timeout_s)
+
+    # -- checks and errors ------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("this Producer was closed; get a new one from Writer.producer()")
+
+    def _check_frame_index(self, frame_index: object) -> int:
+        if isinstance(frame_index, bool) or not isinstance(frame_index, int | np.integer):
+            raise TypeError(f"frame_index must be an int; got {frame_index!r}")
+        index, total = int(frame_index), self._spec.total_frames
+        if index < 0:
+            raise FrameError(f"frame index must be >= 0; got {index}", frame_index=index)
+        if total is not None and index >= total:
+            raise FrameError(f"frame index {index} is out of range: the run has "
+                             f"total_frames={total} (valid 0..{total - 1})", frame_index=index)
+        ring = self._attached_ring()
+        if total is not None and ring.claimed[index]:
+            raise FrameError(f"frame {index} was already put", frame_index=index)
+        if index < ring.get(Field.FRAMES_DONE):
+            raise FrameError(f"frame {index} was already put: the writer is past it",
+                             frame_index=index)
+        return index
+
+    def _attached_ring(self) -> SlotRing:
+        if self._ring is None:
+            self._ring = SlotRing.attach(self._spec)
+        return self._ring
+
+    def _ring_error(self) -> str:
+        return self._attached_ring().error_text or "no reason given"
+
+    def _writer_gone_error(self) -> Exception:
+        ring = self._attached_ring()
+        state = ring.state
+        if state is State.DONE:
+            return ClosedError("the writer has finished the run; no more frames are taken")
+        if state in (State.FAILED, State.ABORTED):
+            return BrokenError(f"the writer stopped ({state.name.lower()}): {ring.error_text}")
+        return BrokenError("the writer died: its end of the channel closed")
+
+    def _ring_full_message(self, frame_index: int, nslots: int, timeout_s: float) -> str:
+        ring = self._attached_ring()
+        return (f"frame {frame_index}: waited {timeout_s:.1f} s for {nslots} free slot(s); "
+                f"{ring.get(Field.SLOTS_IN_USE)} of {self._spec.slots} slots are in use and "
+                f"the writer is at frame {ring.get(Field.FRAMES_DONE)} "
+                f"(newest received {ring.get(Field.NEWEST_FRAME)})")
+
+    def _release_os_resources(self) -> None:
+        for attr in ("_desc_fd", "_grant_fd"):
+            fd = getattr(self, attr)
+            if fd >= 0:
+                setattr(self, attr, -1)
+                os.close(fd)
+        if self._ring is not None:
+            self._slot_views = []
+            self._ring.close()
+            self._ring = None
+
+
+def _check_events(schema: Schema, frame_index: int,
+                  events: EventArrays | None) -> tuple[int, dict[str, np.ndarray[Any, Any]]]:
+    """Validate one frame's events; return its event count and the arrays."""
+    if events is None:
+        return 0, {}
+    if not isinstance(events, Mapping):
+        raise TypeError(f"frame {frame_index}: events must be a mapping of feature name to "
+                        f"array, or None; got {type(events).__name__}")
+    unknown = [name for name in events if name not in schema]
+    if unknown:
+        raise FrameError(f"frame {frame_index}: unknown feature {unknown[0]!r}; the schema has "
+                         f"{list(schema)}", frame_index=frame_index, feature=str(unknown[0]))
+    arrays: dict[str, np.ndarray[Any, Any]] = {}
+    nevents: int | None = None
+    for name, feature in schema.items():
+        if name not in events:
+            raise FrameError(f"frame {frame_index}: feature {name!r} is missing",
+                             frame_index=frame_index, feature=name)
+        array = np.asarray(events[name])
+        if array.ndim != 1 + len(feature.shape) or array.shape[1:] != feature.shape:
+            raise FrameError(
+                f"frame {frame_index}: feature {name!r} has shape {array.shape}; expected "
+                f"(nevents, {', '.join(map(str, feature.shape))})".replace(", )", ")"),
+                frame_index=frame_index, feature=name)
+        if not np.can_cast(array.dtype, feature.dtype, casting="safe"):
+            raise FrameError(
+                f"frame {frame_index}: feature {name!r} has dtype {array.dtype}, which cannot "
+                f"be cast safely to {feature.dtype}; convert it or change the schema",
+                frame_index=frame_index, feature=name)
+        if nevents is None:
+            nevents = len(array)
+        elif len(array) != nevents:
+            raise FrameError(
+                f"frame {frame_index}: feature {name!r} has {len(array)} events but "
+                f"{next(iter(arrays))!r} has {nevents}", frame_index=frame_index, feature=name)
+        arrays[name] = array
+    return nevents or 0, arrays
+
+
+def _rebuild_producer(spec: RingSpec, producer_id: int, desc: Any, grant: Any,
+                      timeout_s: float) -> Producer:
+    return Producer(spec, producer_id, desc.detach(), grant.detach(), timeout_s)
+
+
+_now = time.monotonic

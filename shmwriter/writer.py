@@ -1,0 +1,425 @@
+"""The Writer: owns a run's ring, starts the writer loop, hands out producers."""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import os
+import pickle
+import select
+import socket
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from ._channel import open_pipe_pair
+from ._loop import (
+    MSG_ABORT,
+    MSG_HANDOUT_OVER,
+    MSG_PRODUCER,
+    MSG_RESULT,
+    MSG_STARTED,
+    RunConfig,
+    RunResult,
+    run_in_process,
+    serve,
+)
+from ._ring import Field, SlotRing, State
+from ._spec import Schema, SlotLayout, _check_positive_int
+from ._stats import RunStatistics, read_statistics
+from .errors import BrokenError, ClosedError, MissingFramesError
+from .producer import Producer
+
+__all__ = ["Writer"]
+
+logger = logging.getLogger(__name__)
+
+#: Most slots a ring may have (grants of all slots must fit one pipe buffer).
+MAX_SLOTS = 16000
+_START_TIMEOUT_S = 120.0
+_ABORT_TIMEOUT_S = 60.0
+_CONTROL_BUFFER_NBYTES = 8 * 2**20
+
+
+class Writer:
+    """Writes frames from many producer processes into one .rtdc (HDF5) file.
+
+    Producers copy each frame's events into slots of a shared-memory ring and
+    send a small descriptor; the writer puts frames into frame order, gathers
+    ``write_threshold`` frames into a chunk and appends it to the file.
+
+    Parameters
+    ----------
+    path
+        The .rtdc file to create (replaced if it exists).
+    schema
+        The features of every event.
+    total_frames
+        Frames of the run (indices ``0 .. total_frames - 1``). None for an
+        open-ended run, which ends when every producer handed out has closed
+        or died.
+    slots, slot_events
+        The ring has ``slots`` slots of ``slot_events`` events each; a frame
+        with more events spans several slots.
+    memory_budget_nbytes
+        Size the ring by bytes instead: as many slots as fit (overrides ``slots``).
+    write_threshold
+        Frames gathered into one chunk before it is written.
+    hdf5_dataset_kwargs
+        Overrides of the dataset keywords (default Zstd level 5 and
+        fletcher32), e.g. ``{"compression": None}``.
+    metadata
+        ``{"section:key": value}`` root attributes; ``experiment:event count``
+        is set when the run closes.
+    flush_interval_s
+        Longest time a gathered frame waits before it reaches the file.
+    mode
+        ``"thread"`` runs the writer in a thread of this process,
+        ``"process"`` in a spawned process of its own.
+    timeout_s
+        How long a producer waits for a free slot before it raises
+        :class:`~shmwriter.RingFullError`.
+    allow_gaps
+        If False, :meth:`close` raises :class:`~shmwriter.MissingFramesError`
+        when frames never arrived (they are recorded in the file either way).
+    index_feature
+        Name of the per-event frame index the writer adds: ``"frame"``
+        (skipped if the schema has its own), ``"index_unmapped"`` as dcnum
+        names it, or None.
+    reorder_budget_nbytes
+        Most bytes of out-of-order frames the writer copies out of the ring
+        (default: the ring's size, at least 64 MiB).
+    logs
+        ``{name: lines}`` added under ``/logs`` when the run closes.
+
+    Raises
+    ------
+    ShmSpaceError
+        If /dev/shm or memory cannot hold the ring.
+    BrokenError
+        If the writer could not start (for example the file cannot be created).
+
+    Notes
+    -----
+    The Writer owns the ring: :meth:`close` (or leaving the ``with`` block)
+    waits for the run to end, closes the file and unlinks the ring. If the
+    block raises, the run is aborted: what was gathered is written and the
+    file is closed valid. If the owner dies, the ring is unlinked by
+    ``multiprocessing``'s resource tracker; ``shmwriter clean`` removes what
+    is left of runs whose owner is dead.
+    """
+
+    _ring: SlotRing | None = None
+    _control: socket.socket | None = None
+    _result: RunResult | None = None
+    _closed = False
+
+    def __init__(self, path: str | os.PathLike[str], schema: Schema, *,
+                 total_frames: int | None = None, slots: int = 64, slot_events: int = 4,
+                 memory_budget_nbytes: int | None = None, write_threshold: int = 500,
+                 hdf5_dataset_kwargs: Mapping[str, Any] | None = None,
+                 metadata: Mapping[str, Any] | None = None, flush_interval_s: float = 1.0,
+                 mode: Literal["thread", "process"] = "thread", timeout_s: float = 30.0,
+                 allow_gaps: bool = False, index_feature: str | None = "frame",
+                 reorder_budget_nbytes: int | None = None,
+                 logs: Mapping[str, list[str]] | None = None) -> None:
+        layout = SlotLayout(schema=schema, slot_events=slot_events)
+        slots = _parse_slots(slots, memory_budget_nbytes, layout)
+        _check_run_args(total_frames, write_threshold, flush_interval_s, mode, timeout_s)
+        self.path = os.fspath(path)
+        self.schema, self.mode, self.allow_gaps = schema, mode, allow_gaps
+        self._timeout_s = float(timeout_s)
+        self._producers: list[Producer] = []
+        self._worker: threading.Thread | multiprocessing.process.BaseProcess | None = None
+        self._ring = SlotRing.create(layout, slots, total_frames)
+        try:
+            self._ring.set(Field.OWNER_PID, os.getpid())
+            self._ring.set_path_text(os.path.abspath(self.path))
+            config = RunConfig(
+                path=self.path, ring=self._ring.spec, write_threshold=int(write_threshold),
+                flush_interval_s=float(flush_interval_s),
+                hdf5_dataset_kwargs=dict(hdf5_dataset_kwargs or {}) or None,
+                metadata=dict(metadata or {}), derived=_derived(schema, index_feature),
+                reorder_budget_nbytes=reorder_budget_nbytes or max(
+                    self._ring.spec.ring_nbytes, 64 * 2**20),
+                prefetch=max(0, min(4, slots // 8)), logs=dict(logs or {}))
+            self._start(config)
+        except BaseException:
+            self._clean_up()
+            raise
+
+    # -- start ----------------------------------------------------------------------
+    def _start(self, config: RunConfig) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for sock in (ours, theirs):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _CONTROL_BUFFER_NBYTES)
+        self._control = ours
+        if self.mode == "process":
+            ctx = multiprocessing.get_context("spawn")
+            self._worker = ctx.Process(target=run_in_process, args=(config, theirs),
+                                       name="shmwriter-writer", daemon=True)
+            self._worker.start()
+            theirs.close()
+        else:
+            self._worker = threading.Thread(target=serve, args=(config, theirs),
+                                            name="shmwriter-writer", daemon=True)
+            self._worker.start()
+        message = self._receive(_START_TIMEOUT_S)
+        if message != MSG_STARTED:
+            result = self._parse_result(message)
+            raise BrokenError(f"the writer could not start: {result.error}")
+
+    # -- public API -------------------------------------------------------------------
+    def producer(self) -> Producer:
+        """A new producer endpoint; give each worker process its own.
+
+        Raises
+        ------
+        ClosedError
+            If the writer was closed.
+        """
+        self._check_open()
+        assert self._control is not None and self._ring is not None
+        producer_id = len(self._producers)
+        producer_fds, writer_fds = open_pipe_pair()
+        try:
+            socket.send_fds(self._control, [MSG_PRODUCER + struct.pack("<q", producer_id)],
+                            list(writer_fds))
+        except OSError as exc:
+            for fd in producer_fds:
+                os.close(fd)
+            raise BrokenError("the writer is gone; no producer can be added") from exc
+        finally:
+            for fd in writer_fds:
+                os.close(fd)
+        producer = Producer(self._ring.spec, producer_id, *producer_fds, self._timeout_s)
+        self._producers.append(producer)
+        return producer
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """End the run: wait until every frame is written (or every producer is done).
+
+        Parameters
+        ----------
+        timeout_s
+            Longest wait; None waits as long as producers are alive.
+
+        Raises
+        ------
+        MissingFramesError
+            If frames never arrived and ``allow_gaps`` is False (the file is
+            complete otherwise).
+        BrokenError
+            If the writer failed (for example the disk is full); what was
+            flushed before stays readable.
+        TimeoutError
+            If ``timeout_s`` passed; the run was aborted.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._send(MSG_HANDOUT_OVER)
+            self._close_producers()
+            try:
+                self._result = self._wait_for_result(timeout_s)
+            except TimeoutError:
+                self._send(MSG_ABORT)
+                self._result = self._wait_for_result(_ABORT_TIMEOUT_S)
+                raise TimeoutError(f"the run did not end within {timeout_s} s; it was "
+                                   f"aborted after {self._result.written_frames} frames") from None
+        finally:
+            self._clean_up()
+        self._raise_for_result(self._result)
+
+    def abort(self) -> None:
+        """Stop the run now: write what was gathered, close the file, free the ring."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._send(MSG_ABORT)
+            self._close_producers()
+            self._result = self._wait_for_result(_ABORT_TIMEOUT_S)
+        finally:
+            self._clean_up()
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            try:
+                self.abort()
+            except Exception:  # the caller's exception matters more
+                logger.exception("aborting the run after an error failed")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise TypeError("a Writer owns its run and cannot be pickled; pass "
+                        "writer.producer() to worker processes instead")
+
+    def __repr__(self) -> str:
+        if self._closed:
+            state = self._result.state.name if self._result else "CLOSED"
+            return f"<Writer {self.path!r} ({state.lower()}, {self.written_events} events)>"
+        return (f"<Writer {self.path!r} ({self.mode}, {self.written_frames} frames, "
+                f"{self.written_events} events written)>")
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` or :meth:`abort` was called."""
+        return self._closed
+
+    @property
+    def written_events(self) -> int:
+        """Events written to the file so far."""
+        return self._figure(Field.WRITTEN_EVENTS, "written_events")
+
+    @property
+    def written_frames(self) -> int:
+        """Frames whose events are written to the file so far."""
+        return self._figure(Field.WRITTEN_FRAMES, "written_frames")
+
+    @property
+    def write_queue_size(self) -> int:
+        """Chunks gathered and waiting to be written."""
+        return 0 if self._ring is None else self._ring.get(Field.WRITE_QUEUE_SIZE)
+
+    @property
+    def missing_frames(self) -> list[int]:
+        """Frames that never arrived; known once the run has ended."""
+        return list(self._result.missing_frames) if self._result else []
+
+    def statistics(self) -> RunStatistics:
+        """A snapshot of the run's figures (ring occupancy, progress, backlog, peaks)."""
+        self._check_open()
+        assert self._ring is not None
+        return read_statistics(self._ring)
+
+    # -- internals -----------------------------------------------------------------------
+    def _figure(self, field: Field, name: str) -> int:
+        if self._result is not None:
+            return int(getattr(self._result, name))
+        return 0 if self._ring is None else self._ring.get(field)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("this Writer was closed; start a new run with a new Writer")
+
+    def _send(self, message: bytes) -> None:
+        try:
+            assert self._control is not None
+            self._control.send(message)
+        except OSError:
+            pass  # the writer is gone already; waiting for its result tells how
+
+    def _close_producers(self) -> None:
+        # our copies of the producers' pipe ends: once they are closed, the
+        # writer sees end-of-file when the last worker holding one is gone
+        for producer in self._producers:
+            producer.close()
+
+    def _receive(self, timeout_s: float | None) -> bytes:
+        """Next message from the writer; b"" if it is gone; TimeoutError after timeout_s."""
+        assert self._control is not None
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+            if wait <= 0:
+                raise TimeoutError(f"the writer sent nothing for {timeout_s} s")
+            ready, _, _ = select.select([self._control], [], [], wait)
+            if ready:
+                return self._recv_now()
+            if self._worker is not None and not self._worker.is_alive():
+                return self._recv_now()  # its last words, if it sent them
+
+    def _recv_now(self) -> bytes:
+        assert self._control is not None
+        for _ in range(2):  # a reset is reported once, before the messages still queued
+            try:
+                return self._control.recv(_CONTROL_BUFFER_NBYTES, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return b""
+            except ConnectionResetError:
+                continue
+            except OSError:
+                return b""
+        return b""
+
+    def _wait_for_result(self, timeout_s: float | None) -> RunResult:
+        return self._parse_result(self._receive(timeout_s))
+
+    def _parse_result(self, message: bytes) -> RunResult:
+        if message.startswith(MSG_RESULT):
+            result: RunResult = pickle.loads(zlib.decompress(message[1:]))
+            return result
+        error = "the writer died"
+        if isinstance(self._worker, multiprocessing.process.BaseProcess):
+            self._worker.join(5.0)
+            error = f"the writer process died (exit code {self._worker.exitcode})"
+        if self._ring is not None:
+            self._ring.set_error_text(error)
+            self._ring.set(Field.STATE, State.FAILED)
+        return RunResult(state=State.FAILED, written_events=self.written_events,
+                         written_frames=self.written_frames, missing_frames=(),
+                         rejected_frames=0, error=error)
+
+    def _raise_for_result(self, result: RunResult) -> None:
+        if result.state is State.FAILED:
+            raise BrokenError(f"the run failed: {result.error}")
+        if result.missing_frames and not self.allow_gaps:
+            raise MissingFramesError(result.missing_frames)
+
+    def _clean_up(self) -> None:
+        self._closed = True
+        self._close_producers()
+        if self._worker is not None:
+            self._worker.join(_ABORT_TIMEOUT_S)
+        if self._control is not None:
+            self._control.close()
+        if self._ring is not None:
+            ring, self._ring = self._ring, None
+            ring.close()
+            ring.unlink()
+
+
+def _parse_slots(slots: int, memory_budget_nbytes: int | None, layout: SlotLayout) -> int:
+    if memory_budget_nbytes is not None:
+        budget = _check_positive_int("memory_budget_nbytes", memory_budget_nbytes)
+        slots = budget // layout.slot_nbytes
+        if slots < 1:
+            raise ValueError(f"memory_budget_nbytes={budget} cannot hold one slot of "
+                             f"{layout.slot_nbytes} bytes; raise it or lower slot_events")
+    slots = _check_positive_int("slots", slots)
+    if slots > MAX_SLOTS:
+        raise ValueError(f"slots must be at most {MAX_SLOTS}; got {slots}")
+    return slots
+
+
+def _check_run_args(total_frames: int | None, write_threshold: int, flush_interval_s: float,
+                    mode: str, timeout_s: float) -> None:
+    if total_frames is not None:
+        _check_positive_int("total_frames", total_frames)
+    _check_positive_int("write_threshold", write_threshold)
+    for name, value in (("flush_interval_s", flush_interval_s), ("timeout_s", timeout_s)):
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise TypeError(f"{name} must be a number of seconds; got {value!r}")
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be a positive number of seconds; got {value!r}")
+    if mode not in ("thread", "process"):
+        raise ValueError(f"mode must be 'thread' or 'process'; got {mode!r}")
+
+
+def _derived(schema: Schema, index_feature: str | None) -> tuple[str, ...]:
+    if index_feature not in (None, "frame", "index_unmapped"):
+        raise ValueError(f"index_feature must be 'frame', 'index_unmapped' or None; "
+                         f"got {index_feature!r}")
+    if index_feature is None or index_feature in schema:
+        return ("nevents",)
+    return (index_feature, "nevents")
