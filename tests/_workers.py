@@ -1,0 +1,72 @@
+"""Worker functions for spawned test processes, and the data they put.
+
+Every frame's events are derived from the frame index, so a test can
+recompute what any frame must look like in the file.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import shmwriter
+
+SCHEMA = shmwriter.Schema({
+    "image": shmwriter.Feature("uint8", (8, 10)),
+    "mask": shmwriter.Feature("bool", (8, 10)),
+    "deform": shmwriter.Feature("float32"),
+    "area": shmwriter.Feature("int64"),
+})
+
+
+def nevents_of(frame: int, most: int = 3) -> int:
+    """Events of a frame: 0 to ``most``, with some frames larger than one slot."""
+    if most > 3 and frame % 7 == 3:
+        return most
+    return (frame * 7919) % (min(most, 3) + 1)
+
+
+def events_of(frame: int, most: int = 3) -> dict[str, np.ndarray] | None:
+    """The events of ``frame`` (None when it has none)."""
+    n = nevents_of(frame, most)
+    if n == 0:
+        return None
+    rng = np.random.default_rng(frame)
+    return {
+        "image": rng.integers(0, 256, (n, 8, 10), dtype=np.uint8),
+        "mask": rng.random((n, 8, 10)) > 0.5,
+        "deform": rng.random(n).astype(np.float32),
+        "area": np.arange(n, dtype=np.int64) + 1000 * frame,
+    }
+
+
+def put_frames(producer: shmwriter.Producer, frames: list[int], most: int = 3) -> None:
+    """Put ``frames`` in the given order, then close."""
+    with producer:
+        for frame in frames:
+            producer.put(frame, events_of(frame, most))
+
+
+def put_frames_in_place(producer: shmwriter.Producer, frames: list[int], most: int = 3) -> None:
+    """Like put_frames, but through the zero-copy ``frame()`` context."""
+    with producer:
+        for frame in frames:
+            events = events_of(frame, most)
+            n = 0 if events is None else len(events["area"])
+            with producer.frame(frame, n) as ev:
+                for name, array in (events or {}).items():
+                    ev[name][:] = array
+
+
+def expected_arrays(frames: range | list[int], most: int = 3) -> dict[str, np.ndarray]:
+    """Concatenated events of ``frames`` in order, as the file must hold them."""
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in [*SCHEMA, "frame", "nevents"]}
+    for frame in frames:
+        events = events_of(frame, most)
+        if events is None:
+            continue
+        n = len(events["area"])
+        for name, array in events.items():
+            parts[name].append(array.astype(np.uint8) * 255 if name == "mask" else array)
+        parts["frame"].append(np.full(n, frame))
+        parts["nevents"].append(np.full(n, n))
+    return {name: np.concatenate(p) if p else np.zeros(0) for name, p in parts.items()}

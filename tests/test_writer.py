@@ -1,0 +1,231 @@
+"""End to end: spawned producers, any order, real files read back and compared exactly."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+
+import dclab
+import h5py
+import numpy as np
+import pytest
+from _workers import SCHEMA, events_of, expected_arrays, put_frames, put_frames_in_place
+from dclab.rtdc_dataset import check_dataset
+
+import shmwriter
+from shmwriter._h5sink import MISSING_FRAMES_LOG
+from shmwriter.demo import DEMO_METADATA, DEMO_SCHEMA, demo_events, produce_frames
+
+CTX = multiprocessing.get_context("spawn")
+
+
+def run_workers(writer: shmwriter.Writer, shares: list[list[int]], target=put_frames,
+                most: int = 3) -> None:
+    workers = [CTX.Process(target=target, args=(writer.producer(), share, most))
+               for share in shares]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+        assert worker.exitcode == 0
+
+
+def deal(frames: int, producers: int, seed: int = 0) -> list[list[int]]:
+    order = np.random.default_rng(seed).permutation(frames)
+    return [order[k::producers].tolist() for k in range(producers)]
+
+
+def assert_file_holds(path, frames, most: int = 3) -> None:
+    expected = expected_arrays(frames, most)
+    with h5py.File(path, "r") as h5:
+        events = h5["events"]
+        assert set(events) == set(expected)
+        for name, array in expected.items():
+            np.testing.assert_array_equal(events[name][:], array, err_msg=name)
+        assert h5.attrs["experiment:event count"] == len(expected["area"])
+
+
+@pytest.mark.parametrize(("producers", "mode"), [(1, "thread"), (2, "process"), (4, "thread"),
+                                                 (6, "process")])
+def test_spawned_producers_any_order(tmp_path, producers, mode):
+    path, frames = tmp_path / "out.rtdc", 400
+    with shmwriter.Writer(path, SCHEMA, total_frames=frames, slots=8, slot_events=2,
+                          write_threshold=50, mode=mode) as writer:
+        run_workers(writer, deal(frames, producers, seed=producers), most=5)
+    assert_file_holds(path, range(frames), most=5)
+    expected = expected_arrays(range(frames), most=5)
+    assert writer.written_events == len(expected["area"])
+    assert writer.written_frames == frames
+    assert writer.missing_frames == []
+
+
+def test_zero_copy_frames_spanning_slots(tmp_path):
+    path, frames = tmp_path / "out.rtdc", 200
+    with shmwriter.Writer(path, SCHEMA, total_frames=frames, slots=6, slot_events=2,
+                          write_threshold=17) as writer:
+        run_workers(writer, deal(frames, 3), target=put_frames_in_place, most=5)
+    assert_file_holds(path, range(frames), most=5)
+
+
+def test_file_passes_dclab_check(tmp_path):
+    path = tmp_path / "out.rtdc"
+    with shmwriter.Writer(path, DEMO_SCHEMA, total_frames=40, metadata=DEMO_METADATA) as writer:
+        workers = [CTX.Process(target=produce_frames, args=(writer.producer(), share, 7))
+                   for share in deal(40, 2)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(60)
+    violations, alerts, _info = check_dataset(str(path))
+    assert violations == []
+    assert alerts == []
+    with dclab.new_dataset(str(path)) as ds:
+        expected = [demo_events(i, 7) for i in range(40)]
+        deform = np.concatenate([e["deform"] for e in expected if e is not None])
+        np.testing.assert_array_equal(ds["deform"], deform)
+    with h5py.File(path) as h5:
+        for name in ("image", "mask"):
+            attrs = h5["events"][name].attrs
+            assert attrs["CLASS"] == b"IMAGE"
+            assert attrs["IMAGE_SUBCLASS"] == b"IMAGE_GRAYSCALE"
+            assert attrs["IMAGE_VERSION"] == b"1.2"
+            assert attrs["CLASS"].dtype.kind == "S"  # fixed-length ASCII
+        assert h5["events"]["mask"].dtype == np.uint8
+        assert set(np.unique(h5["events"]["mask"][:])) <= {0, 255}
+        assert h5["events"]["image"].chunks[0] >= 10
+
+
+def test_default_filters_and_override(tmp_path):
+    for kwargs, compressed in ((None, True), ({"compression": None}, False)):
+        path = tmp_path / f"{compressed}.rtdc"
+        with shmwriter.Writer(path, SCHEMA, total_frames=20, hdf5_dataset_kwargs=kwargs) as w:
+            run_workers(w, deal(20, 1))
+        with h5py.File(path) as h5:
+            dataset = h5["events"]["image"]
+            assert dataset.fletcher32
+            assert (dataset.compression is not None or "32015" in str(dataset._filters)) \
+                == compressed
+        assert_file_holds(path, range(20))
+
+
+def test_descriptors_carry_no_array_bytes(tmp_path):
+    """Only descriptors cross the pipes: their bytes are tiny next to the event data."""
+    path, frames = tmp_path / "out.rtdc", 120
+    with shmwriter.Writer(path, DEMO_SCHEMA, total_frames=frames,
+                          hdf5_dataset_kwargs={"compression": None}) as writer:
+        workers = [CTX.Process(target=produce_frames, args=(writer.producer(), share, 3))
+                   for share in deal(frames, 2)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(60)
+        stats = writer.statistics()
+    data_nbytes = writer.written_events * DEMO_SCHEMA.event_nbytes
+    assert writer.written_events > 100
+    # per frame: a 16-byte header and 4 bytes per slot, plus slot requests and hellos
+    assert stats.descriptor_nbytes <= 48 * frames + 200
+    assert stats.descriptor_nbytes < data_nbytes / 1000
+
+
+def test_missing_frames_are_recorded_and_raised(tmp_path):
+    path, frames = tmp_path / "out.rtdc", 60
+    present = [i for i in range(frames) if i not in (5, 6, 40)]
+    with pytest.raises(shmwriter.MissingFramesError, match=r"3 frame\(s\).*5, 6, 40"):
+        with shmwriter.Writer(path, SCHEMA, total_frames=frames, write_threshold=10) as writer:
+            run_workers(writer, [present[::-1]])
+    assert writer.missing_frames == [5, 6, 40]
+    with h5py.File(path) as h5:
+        assert [int(x) for x in h5["logs"][MISSING_FRAMES_LOG][:]] == [5, 6, 40]
+    assert_file_holds(path, present)
+
+
+def test_allow_gaps_does_not_raise(tmp_path):
+    path = tmp_path / "out.rtdc"
+    with shmwriter.Writer(path, SCHEMA, total_frames=10, allow_gaps=True) as writer:
+        run_workers(writer, [[0, 1, 2, 9]])
+    assert writer.missing_frames == [3, 4, 5, 6, 7, 8]
+    assert_file_holds(path, [0, 1, 2, 9])
+
+
+def test_open_ended_run_ends_when_producers_close(tmp_path):
+    path = tmp_path / "out.rtdc"
+    with shmwriter.Writer(path, SCHEMA, write_threshold=7) as writer:
+        run_workers(writer, [list(range(0, 90, 2)), list(range(1, 90, 2))])
+    assert_file_holds(path, range(90))
+    assert writer.written_frames == 90
+
+
+def test_open_ended_run_flushes_partial_chunks(tmp_path):
+    """A partial chunk reaches the file within flush_interval_s, readable live (SWMR)."""
+    path = tmp_path / "out.rtdc"
+    with shmwriter.Writer(path, SCHEMA, write_threshold=1000, flush_interval_s=0.2) as writer:
+        producer = writer.producer()
+        for frame in range(5):
+            producer.put(frame, events_of(frame))
+        expected = len(expected_arrays(range(5))["area"])
+        deadline = time.monotonic() + 10
+        while writer.written_events < expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with h5py.File(path, "r", libver="latest", swmr=True) as h5:
+            np.testing.assert_array_equal(h5["events"]["area"][:],
+                                          expected_arrays(range(5))["area"])
+        producer.close()
+
+
+def test_exception_in_block_aborts_cleanly(tmp_path):
+    path = tmp_path / "out.rtdc"
+    with pytest.raises(KeyError, match="boom"):
+        with shmwriter.Writer(path, SCHEMA, total_frames=100, write_threshold=10) as writer:
+            producer = writer.producer()
+            for frame in range(30):
+                producer.put(frame, events_of(frame))
+            raise KeyError("boom")
+    with h5py.File(path) as h5:  # closed and valid, holding what was gathered
+        np.testing.assert_array_equal(h5["events"]["area"][:],
+                                      expected_arrays(range(30))["area"])
+    assert writer.closed
+
+
+def test_thread_producers_in_the_main_process(tmp_path):
+    import threading
+    path = tmp_path / "out.rtdc"
+    with shmwriter.Writer(path, SCHEMA, total_frames=120, slots=4) as writer:
+        producer = writer.producer()
+        threads = [threading.Thread(target=lambda k=k: [producer.put(i, events_of(i))
+                                                        for i in range(k, 120, 3)])
+                   for k in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert_file_holds(path, range(120))
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    path = tmp_path / "out.rtdc"
+    with pytest.raises(ValueError, match="slots must be a positive integer; got 0"):
+        shmwriter.Writer(path, SCHEMA, slots=0)
+    with pytest.raises(ValueError, match="mode must be 'thread' or 'process'; got 'fork'"):
+        shmwriter.Writer(path, SCHEMA, mode="fork")
+    with pytest.raises(TypeError, match="write_threshold must be an int"):
+        shmwriter.Writer(path, SCHEMA, write_threshold=1.5)
+    with pytest.raises(ValueError, match="flush_interval_s must be a positive number"):
+        shmwriter.Writer(path, SCHEMA, flush_interval_s=0)
+    with pytest.raises(shmwriter.BrokenError, match="could not start"):
+        shmwriter.Writer(tmp_path / "no" / "such" / "dir.rtdc", SCHEMA)
+
+
+def test_closed_writer_and_pickling(tmp_path):
+    import pickle
+    writer = shmwriter.Writer(tmp_path / "out.rtdc", SCHEMA, total_frames=1)
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(writer)
+    producer = writer.producer()
+    producer.put(0, None)
+    writer.close()
+    writer.close()  # idempotent
+    with pytest.raises(shmwriter.ClosedError, match="was closed"):
+        writer.producer()
+    assert "done" in repr(writer)
+    assert os.path.exists(tmp_path / "out.rtdc")
