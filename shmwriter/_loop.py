@@ -27,11 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import psutil
-
 from ._channel import GRANT_REFUSED, Kind, Record, decode_records
 from ._gather import Chunk, ChunkGatherer
 from ._h5sink import H5Sink
+from ._liveness import is_alive
 from ._reorder import Arrival, ReorderBuffer
 from ._ring import Field, RingSpec, SlotRing, State
 
@@ -296,7 +295,7 @@ class WriterLoop:
             self._refuse(channel, f"sent a record of unknown kind {kind}")
 
     def _on_hello(self, channel: _Channel, pid: int) -> None:
-        if channel.pid and channel.pid != pid and _is_alive(channel.pid):
+        if channel.pid and channel.pid != pid and is_alive(channel.pid):
             self._refuse(channel, f"is used by two processes at once (pids {channel.pid} and "
                                   f"{pid}); give each process its own Writer.producer()")
             return
@@ -359,7 +358,7 @@ class WriterLoop:
 
     def _check_liveness(self) -> None:
         for channel in list(self.channels.values()):
-            if not channel.done and channel.pid and not _is_alive(channel.pid):
+            if not channel.done and channel.pid and not is_alive(channel.pid):
                 while self._on_readable(channel):
                     pass  # what it sent before it died is valid: take all of it
                 if channel.done:
@@ -533,13 +532,6 @@ class WriterLoop:
         header[Field.REJECTED_FRAMES] = self.rejected
         header[Field.PRODUCERS_ALIVE] = sum(not c.done for c in self.channels.values())
         header[Field.UPDATE_TIME_NS] = time.time_ns()
-
-
-def _is_alive(pid: int) -> bool:
-    try:
-        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
-    except psutil.Error:
-        return False
 
 
 def serve(config: RunConfig, control: socket.socket) -> None:

@@ -280,7 +280,10 @@ class Producer:
         if self._pid != os.getpid():
             self._pid = os.getpid()
             message = encode_record(Kind.HELLO, self._pid) + message
-        write_record(self._desc_fd, message, self._timeout_s)
+        try:
+            write_record(self._desc_fd, message, self._timeout_s)
+        except BrokenError as exc:
+            raise self._writer_gone_error() from exc
 
     # -- checks and errors ------------------------------------------------------
     def _check_open(self) -> None:
@@ -319,7 +322,16 @@ class Producer:
             return ClosedError("the writer has finished the run; no more frames are taken")
         if state in (State.FAILED, State.ABORTED):
             return BrokenError(f"the writer stopped ({state.name.lower()}): {ring.error_text}")
+        if self._refused_by_writer():
+            return BrokenError(f"the writer refused this producer: {self._ring_error()}")
         return BrokenError("the writer died: its end of the channel closed")
+
+    def _refused_by_writer(self) -> bool:
+        """Whether the writer sent a refusal (it does so before closing the channel)."""
+        while (grants := read_grants(self._grant_fd, 0.0)):
+            if GRANT_REFUSED in grants:
+                return True
+        return False
 
     def _ring_full_message(self, frame_index: int, nslots: int, timeout_s: float) -> str:
         ring = self._attached_ring()

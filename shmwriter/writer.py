@@ -28,6 +28,7 @@ from ._loop import (
     run_in_process,
     serve,
 )
+from ._recover import make_readable
 from ._ring import Field, SlotRing, State
 from ._spec import Schema, SlotLayout, _check_positive_int
 from ._stats import RunStatistics, read_statistics
@@ -363,6 +364,8 @@ class Writer:
         if isinstance(self._worker, multiprocessing.process.BaseProcess):
             self._worker.join(5.0)
             error = f"the writer process died (exit code {self._worker.exitcode})"
+            if not self._worker.is_alive():
+                self._release_file()
         if self._ring is not None:
             self._ring.set_error_text(error)
             self._ring.set(Field.STATE, State.FAILED)
@@ -370,8 +373,16 @@ class Writer:
                          written_frames=self.written_frames, missing_frames=(),
                          rejected_frames=0, error=error)
 
+    def _release_file(self) -> None:
+        """Let plain (non-SWMR) readers open the file the dead writer left behind."""
+        try:
+            make_readable(self.path)
+        except (OSError, ValueError) as exc:
+            logger.warning("could not clear the write flags of %s: %s", self.path, exc)
+
     def _raise_for_result(self, result: RunResult) -> None:
         if result.state is State.FAILED:
+            self._release_file()
             raise BrokenError(f"the run failed: {result.error}")
         if result.missing_frames and not self.allow_gaps:
             raise MissingFramesError(result.missing_frames)

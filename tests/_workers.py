@@ -70,3 +70,52 @@ def expected_arrays(frames: range | list[int], most: int = 3) -> dict[str, np.nd
         parts["frame"].append(np.full(n, frame))
         parts["nevents"].append(np.full(n, n))
     return {name: np.concatenate(p) if p else np.zeros(0) for name, p in parts.items()}
+
+
+def put_then_die(producer: shmwriter.Producer, frames: list[int], most: int = 3,
+                 die_after: int = 10, hold_events: int = 6) -> None:
+    """Put ``die_after`` frames, then SIGKILL itself while holding a half-filled frame."""
+    import os
+    import signal
+    for frame in frames[:die_after]:
+        producer.put(frame, events_of(frame, most))
+    with producer.frame(frames[die_after], hold_events) as ev:
+        ev["area"][:hold_events // 2] = -1  # half filled
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def put_until_broken(producer: shmwriter.Producer, frames: list[int], most: int = 3) -> None:
+    """Put frames until the writer goes away; exit code 42 if it did so as BrokenError."""
+    import sys
+    try:
+        for frame in frames:
+            producer.put(frame, events_of(frame, most), timeout_s=20)
+    except shmwriter.BrokenError:
+        sys.exit(42)
+    sys.exit(0)
+
+
+def write_until_disk_full(path: str, limit_nbytes: int, frames: int, report) -> None:
+    """Run a writer process whose files may not grow past ``limit_nbytes`` until it fails."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit_nbytes, hard))
+    outcome = {"put": None, "close": None, "written_frames": 0}
+    try:  # the writer process inherits the limit (Python ignores SIGXFSZ: writes get EFBIG)
+        writer = shmwriter.Writer(path, SCHEMA, total_frames=frames, slots=4, write_threshold=20,
+                                  hdf5_dataset_kwargs={"compression": None}, timeout_s=20,
+                                  mode="process")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    producer = writer.producer()
+    try:
+        for frame in range(frames):
+            producer.put(frame, events_of(frame, 3))
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        outcome["put"] = f"{type(exc).__name__}: {exc}"
+    try:
+        writer.close()
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        outcome["close"] = f"{type(exc).__name__}: {exc}"
+    outcome["written_frames"] = writer.written_frames
+    report.put(outcome)
