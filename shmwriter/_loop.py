@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from ._channel import GRANT_REFUSED, Kind, Record, decode_records
 from ._gather import Chunk, ChunkGatherer
 from ._h5sink import H5Sink
@@ -158,7 +159,8 @@ class WriterLoop:
             self._finish_frames()
             state = State.ABORTED if self.aborted else State.DONE
         except BaseException as exc:
-            logger.exception("the writer failed")
+            logger.error("the writer failed: %s", exc)
+            logger.debug("where the writer failed", exc_info=True)
             state, error = State.FAILED, f"{type(exc).__name__}: {exc}"
         finally:
             state, error = self._shut_down(writer_thread, state, error)

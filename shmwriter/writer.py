@@ -132,6 +132,7 @@ class Writer:
         slots = _parse_slots(slots, memory_budget_nbytes, layout)
         _check_run_args(total_frames, write_threshold, flush_interval_s, mode, timeout_s)
         self.path = os.fspath(path)
+        _check_directory(self.path)
         self.schema, self.mode, self.allow_gaps = schema, mode, allow_gaps
         self._timeout_s = float(timeout_s)
         self._producers: list[Producer] = []
@@ -425,6 +426,12 @@ def _check_run_args(total_frames: int | None, write_threshold: int, flush_interv
             raise ValueError(f"{name} must be a positive number of seconds; got {value!r}")
     if mode not in ("thread", "process"):
         raise ValueError(f"mode must be 'thread' or 'process'; got {mode!r}")
+
+
+def _check_directory(path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"cannot write {path!r}: directory {directory!r} does not exist")
 
 
 def _derived(schema: Schema, index_feature: str | None) -> tuple[str, ...]:

@@ -212,8 +212,12 @@ def test_bad_arguments_are_refused(tmp_path):
         shmwriter.Writer(path, SCHEMA, write_threshold=1.5)
     with pytest.raises(ValueError, match="flush_interval_s must be a positive number"):
         shmwriter.Writer(path, SCHEMA, flush_interval_s=0)
-    with pytest.raises(shmwriter.BrokenError, match="could not start"):
+    with pytest.raises(FileNotFoundError, match=r"directory .*/no/such' does not exist"):
         shmwriter.Writer(tmp_path / "no" / "such" / "dir.rtdc", SCHEMA)
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(shmwriter.BrokenError,
+                       match=r"(?i)could not start: .*unable to .*create file"):
+        shmwriter.Writer(tmp_path / "taken", SCHEMA)  # a directory, not a file
 
 
 def test_closed_writer_and_pickling(tmp_path):
