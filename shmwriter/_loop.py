@@ -44,8 +44,8 @@ _LIVENESS_INTERVAL_S = 0.5
 _CHUNK_QUEUE_SIZE = 2
 # control messages, main -> loop: new producer (fds attached), hand-out over, abort
 MSG_PRODUCER, MSG_HANDOUT_OVER, MSG_ABORT = b"P", b"H", b"A"
-# loop -> main: started, result (a pickled RunResult follows)
-MSG_STARTED, MSG_RESULT = b"S", b"R"
+# loop -> main: started, result (a pickled RunResult follows), log record (pickled dict)
+MSG_STARTED, MSG_RESULT, MSG_LOG = b"S", b"R", b"L"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -72,6 +72,8 @@ class RunConfig:
     """Extra slots granted ahead to a producer while the ring is less than half full."""
     logs: Mapping[str, list[str]] = field(default_factory=dict)
     """Logs to add to the file at the end."""
+    log_level: int = logging.WARNING
+    """Level of the ``shmwriter`` logger in the process that made the Writer."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -567,5 +569,32 @@ def _drain_control(control: socket.socket) -> None:
 
 
 def run_in_process(config: RunConfig, control: socket.socket) -> None:
-    """Entry point of a writer process (started with the ``spawn`` context)."""
+    """Entry point of a writer process (started with the ``spawn`` context).
+
+    Its log records go to the Writer's process, which hands them to its own
+    ``logging`` handlers.
+    """
+    package_logger = logging.getLogger("shmwriter")
+    package_logger.setLevel(config.log_level)
+    package_logger.addHandler(_ForwardingHandler(control))
+    package_logger.propagate = False
     serve(config, control)
+
+
+class _ForwardingHandler(logging.Handler):
+    """Sends log records over the control socket; never blocks the writer."""
+
+    def __init__(self, control: socket.socket) -> None:
+        super().__init__()
+        self._control = control
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = dict(record.__dict__)
+        fields["msg"], fields["args"] = record.getMessage(), None
+        if record.exc_info:
+            fields["exc_text"] = logging.Formatter().formatException(record.exc_info)
+        fields["exc_info"] = None
+        try:
+            self._control.send(MSG_LOG + pickle.dumps(fields), socket.MSG_DONTWAIT)
+        except (OSError, pickle.PicklingError):
+            pass  # the Writer's process is gone or not reading: drop, never block

@@ -7,7 +7,7 @@ import math
 import multiprocessing
 import os
 import pickle
-import select
+import queue
 import socket
 import struct
 import threading
@@ -20,6 +20,7 @@ from ._channel import open_pipe_pair
 from ._loop import (
     MSG_ABORT,
     MSG_HANDOUT_OVER,
+    MSG_LOG,
     MSG_PRODUCER,
     MSG_RESULT,
     MSG_STARTED,
@@ -148,7 +149,8 @@ class Writer:
                 metadata=dict(metadata or {}), derived=_derived(schema, index_feature),
                 reorder_budget_nbytes=reorder_budget_nbytes or max(
                     self._ring.spec.ring_nbytes, 64 * 2**20),
-                prefetch=max(0, min(4, slots // 8)), logs=dict(logs or {}))
+                prefetch=max(0, min(4, slots // 8)), logs=dict(logs or {}),
+                log_level=logging.getLogger("shmwriter").getEffectiveLevel())
             self._start(config)
         except BaseException:
             self._clean_up()
@@ -160,6 +162,9 @@ class Writer:
         for sock in (ours, theirs):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _CONTROL_BUFFER_NBYTES)
         self._control = ours
+        self._messages: queue.Queue[bytes] = queue.Queue()
+        threading.Thread(target=_read_control, args=(ours, self._messages),
+                         name="shmwriter-control", daemon=True).start()
         if self.mode == "process":
             ctx = multiprocessing.get_context("spawn")
             self._worker = ctx.Process(target=run_in_process, args=(config, theirs),
@@ -329,30 +334,19 @@ class Writer:
 
     def _receive(self, timeout_s: float | None) -> bytes:
         """Next message from the writer; b"" if it is gone; TimeoutError after timeout_s."""
-        assert self._control is not None
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
             if wait <= 0:
                 raise TimeoutError(f"the writer sent nothing for {timeout_s} s")
-            ready, _, _ = select.select([self._control], [], [], wait)
-            if ready:
-                return self._recv_now()
-            if self._worker is not None and not self._worker.is_alive():
-                return self._recv_now()  # its last words, if it sent them
-
-    def _recv_now(self) -> bytes:
-        assert self._control is not None
-        for _ in range(2):  # a reset is reported once, before the messages still queued
             try:
-                return self._control.recv(_CONTROL_BUFFER_NBYTES, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return b""
-            except ConnectionResetError:
-                continue
-            except OSError:
-                return b""
-        return b""
+                return self._messages.get(timeout=wait)
+            except queue.Empty:
+                if self._worker is not None and not self._worker.is_alive():
+                    try:  # its last words, if the reader has not passed them on yet
+                        return self._messages.get(timeout=1.0)
+                    except queue.Empty:
+                        return b""
 
     def _wait_for_result(self, timeout_s: float | None) -> RunResult:
         return self._parse_result(self._receive(timeout_s))
@@ -394,11 +388,33 @@ class Writer:
         if self._worker is not None:
             self._worker.join(_ABORT_TIMEOUT_S)
         if self._control is not None:
+            try:
+                self._control.shutdown(socket.SHUT_RDWR)  # wakes the control reader
+            except OSError:
+                pass
             self._control.close()
         if self._ring is not None:
             ring, self._ring = self._ring, None
             ring.close()
             ring.unlink()
+
+
+def _read_control(control: socket.socket, messages: queue.Queue[bytes]) -> None:
+    """Control reader thread: pass log records to logging, queue everything else."""
+    while True:
+        try:
+            message = control.recv(_CONTROL_BUFFER_NBYTES)
+        except ConnectionResetError:
+            continue  # reported once, before the messages still queued
+        except OSError:
+            message = b""
+        if message.startswith(MSG_LOG):
+            record = logging.makeLogRecord(pickle.loads(message[1:]))
+            logging.getLogger(record.name).handle(record)
+            continue
+        messages.put(message)
+        if not message or message.startswith(MSG_RESULT):
+            return
 
 
 def _parse_slots(slots: int, memory_budget_nbytes: int | None, layout: SlotLayout) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import time
@@ -233,3 +234,15 @@ def test_closed_writer_and_pickling(tmp_path):
         writer.producer()
     assert "done" in repr(writer)
     assert os.path.exists(tmp_path / "out.rtdc")
+
+
+def test_writer_process_forwards_its_log_records(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="shmwriter")
+    path = tmp_path / "out.rtdc"
+    with shmwriter.Writer(path, SCHEMA, total_frames=10, allow_gaps=True, mode="process") as w:
+        run_workers(w, [[0, 1, 2, 7, 8, 9]])
+        writer_pid = w.statistics().writer_pid
+    records = [r for r in caplog.records if r.name == "shmwriter._loop"]
+    assert any("4 frame(s) never arrived, from 3 to 6" in r.getMessage() for r in records)
+    assert all(r.process == writer_pid for r in records)
+    assert writer_pid != os.getpid()
