@@ -119,3 +119,34 @@ def write_until_disk_full(path: str, limit_nbytes: int, frames: int, report) -> 
         outcome["close"] = f"{type(exc).__name__}: {exc}"
     outcome["written_frames"] = writer.written_frames
     report.put(outcome)
+
+
+def random_events(schema: shmwriter.Schema, frame: int, nevents: int) -> dict[str, np.ndarray] | None:
+    """Reproducible events of any schema: values depend on the frame only."""
+    if nevents == 0:
+        return None
+    rng = np.random.default_rng(frame)
+    events = {}
+    for name, feature in schema.items():
+        shape = (nevents, *feature.shape)
+        if feature.dtype.kind == "b":
+            events[name] = rng.random(shape) > 0.5
+        elif feature.dtype.kind == "f":
+            events[name] = rng.standard_normal(shape).astype(feature.dtype)
+        else:
+            info = np.iinfo(feature.dtype)
+            events[name] = rng.integers(info.min, info.max, shape, dtype=feature.dtype,
+                                        endpoint=True)
+    return events
+
+
+def put_plan(producer: shmwriter.Producer, schema: shmwriter.Schema,
+             plan: list[tuple[int, int]], die_after: int | None) -> None:
+    """Put (frame, nevents) pairs in order; SIGKILL itself after ``die_after`` of them."""
+    import os
+    import signal
+    for done, (frame, nevents) in enumerate(plan):
+        if done == die_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        producer.put(frame, random_events(schema, frame, nevents))
+    producer.close()
