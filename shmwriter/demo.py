@@ -140,7 +140,7 @@ class DemoSummary:
 
 
 def run_demo(path: str | os.PathLike[str], *, frames: int = 3000, producers: int = 3,
-             seed: int = 42, mode: str = "thread",
+             seed: int = 42, mode: str = "process",
              hdf5_dataset_kwargs: dict[str, Any] | None = None,
              progress: Callable[[int, int], None] | None = None) -> DemoSummary:
     """Write the demo measurement with ``producers`` spawned processes.

@@ -80,8 +80,13 @@ class Writer:
     flush_interval_s
         Longest time a gathered frame waits before it reaches the file.
     mode
-        ``"thread"`` runs the writer in a thread of this process,
-        ``"process"`` in a spawned process of its own.
+        ``"process"`` (the default) runs the writer in a spawned process of
+        its own: it has a core and a GIL to itself, and if either this
+        process or the writer process is killed, the other one leaves the
+        file closed and readable by any HDF5 reader. ``"thread"`` runs it in a
+        thread of this process: quicker to start, but if this process is
+        killed the file is left marked open for writing (its data is intact;
+        readers open it with ``h5py.File(path, "r", swmr=True)``, as dclab does).
     timeout_s
         How long a producer waits for a free slot before it raises
         :class:`~shmwriter.RingFullError`.
@@ -125,7 +130,7 @@ class Writer:
                  memory_budget_nbytes: int | None = None, write_threshold: int = 500,
                  hdf5_dataset_kwargs: Mapping[str, Any] | None = None,
                  metadata: Mapping[str, Any] | None = None, flush_interval_s: float = 1.0,
-                 mode: Literal["thread", "process"] = "thread", timeout_s: float = 30.0,
+                 mode: Literal["thread", "process"] = "process", timeout_s: float = 30.0,
                  allow_gaps: bool = False, index_feature: str | None = "frame",
                  reorder_budget_nbytes: int | None = None,
                  logs: Mapping[str, list[str]] | None = None) -> None:

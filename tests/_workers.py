@@ -111,17 +111,18 @@ def write_until_disk_full(path: str, limit_nbytes: int, frames: int, report) -> 
     try:
         for frame in range(frames):
             producer.put(frame, events_of(frame, 3))
-    except Exception as exc:  # noqa: BLE001 - reported to the test
+    except Exception as exc:
         outcome["put"] = f"{type(exc).__name__}: {exc}"
     try:
         writer.close()
-    except Exception as exc:  # noqa: BLE001 - reported to the test
+    except Exception as exc:
         outcome["close"] = f"{type(exc).__name__}: {exc}"
     outcome["written_frames"] = writer.written_frames
     report.put(outcome)
 
 
-def random_events(schema: shmwriter.Schema, frame: int, nevents: int) -> dict[str, np.ndarray] | None:
+def random_events(schema: shmwriter.Schema, frame: int,
+                  nevents: int) -> dict[str, np.ndarray] | None:
     """Reproducible events of any schema: values depend on the frame only."""
     if nevents == 0:
         return None
@@ -150,3 +151,21 @@ def put_plan(producer: shmwriter.Producer, schema: shmwriter.Schema,
             os.kill(os.getpid(), signal.SIGKILL)
         producer.put(frame, random_events(schema, frame, nevents))
     producer.close()
+
+
+def own_a_run_then_wait(path: str, frames: int) -> None:
+    """Own a Writer (writer in its own process) with one producer child, print their pids
+    and wait to be killed. Run it as a script, so it has a resource tracker of its own."""
+    import multiprocessing
+    import sys
+    ctx = multiprocessing.get_context("spawn")
+    writer = shmwriter.Writer(path, SCHEMA, total_frames=frames, slots=4, write_threshold=10,
+                              mode="process")
+    producer = writer.producer()
+    for frame in range(100):  # the owner puts the first frames itself
+        producer.put(frame, events_of(frame))
+    child = ctx.Process(target=put_until_broken, args=(writer.producer(),
+                                                       list(range(100, frames))))
+    child.start()
+    print(writer.statistics().writer_pid, child.pid, flush=True)
+    sys.stdin.read()  # until killed

@@ -6,11 +6,14 @@ import logging
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import dclab
 import h5py
 import numpy as np
+import psutil
 import pytest
 from _workers import (
     SCHEMA,
@@ -149,3 +152,34 @@ def test_forged_descriptors_are_refused(tmp_path, caplog):
     assert "duplicate frame index" in messages
     with h5py.File(path) as h5:
         np.testing.assert_array_equal(h5["events"]["area"][:], expected_arrays(range(21))["area"])
+
+
+def test_killed_owner(tmp_path):
+    """The process that owns the Writer dies: the writer process closes the file, producers
+    get BrokenError, and the segment goes once every process of the run is gone."""
+    path = tmp_path / "out.rtdc"
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import _workers; "
+              "_workers.own_a_run_then_wait(sys.argv[2], 100000)")
+    owner = subprocess.Popen([sys.executable, "-c", script, os.path.dirname(__file__), str(path)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    writer_pid, child_pid = map(int, owner.stdout.readline().split())
+    os.kill(owner.pid, signal.SIGKILL)
+    owner.wait(10)
+    for pid in (writer_pid, child_pid):
+        assert wait_until(lambda pid=pid: not psutil.pid_exists(pid)), f"pid {pid} still runs"
+    with h5py.File(path, "r") as h5:  # closed by the writer process: a plain open works
+        frames = np.unique(h5["events"]["frame"][:])
+        assert frames[-1] >= 99  # at least what the owner put itself
+        np.testing.assert_array_equal(h5["events"]["area"][:],
+                                      expected_arrays(range(frames[-1] + 1))["area"])
+    prefix = f"shmw_{owner.pid}_"
+    assert wait_until(lambda: not any(n.startswith(prefix) for n in os.listdir("/dev/shm")))
+
+
+def wait_until(condition, timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
