@@ -107,6 +107,9 @@ class Producer:
         with self._lock:
             self._check_open()
             index = self._check_frame_index(frame_index)
+            if events is None:  # the common empty frame: no slot, just a descriptor
+                self._send_frame(index, 0, [])
+                return
             nevents, arrays = _check_events(self.schema, index, events)
             slots = self._acquire(index, nevents, timeout_s)
             try:
@@ -277,7 +280,7 @@ class Producer:
         self.events_put += nevents
 
     def _send(self, message: bytes) -> None:
-        if self._pid != os.getpid():
+        if not self._pid:  # the first record from this process says who we are
             self._pid = os.getpid()
             message = encode_record(Kind.HELLO, self._pid) + message
         try:
@@ -291,7 +294,8 @@ class Producer:
             raise ClosedError("this Producer was closed; get a new one from Writer.producer()")
 
     def _check_frame_index(self, frame_index: object) -> int:
-        if isinstance(frame_index, bool) or not isinstance(frame_index, int | np.integer):
+        if type(frame_index) is not int and (
+                isinstance(frame_index, bool) or not isinstance(frame_index, int | np.integer)):
             raise TypeError(f"frame_index must be an int; got {frame_index!r}")
         index, total = int(frame_index), self._spec.total_frames
         if index < 0:
@@ -300,9 +304,10 @@ class Producer:
             raise FrameError(f"frame index {index} is out of range: the run has "
                              f"total_frames={total} (valid 0..{total - 1})", frame_index=index)
         ring = self._attached_ring()
-        if total is not None and ring.claimed[index]:
-            raise FrameError(f"frame {index} was already put", frame_index=index)
-        if index < ring.get(Field.FRAMES_DONE):
+        if total is not None:
+            if ring.claimed[index]:
+                raise FrameError(f"frame {index} was already put", frame_index=index)
+        elif index < ring.get(Field.FRAMES_DONE):
             raise FrameError(f"frame {index} was already put: the writer is past it",
                              frame_index=index)
         return index

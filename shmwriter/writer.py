@@ -390,7 +390,7 @@ class Writer:
     def _clean_up(self) -> None:
         self._closed = True
         self._close_producers()
-        if self._worker is not None:
+        if self._worker is not None and _started(self._worker):
             self._worker.join(_ABORT_TIMEOUT_S)
         if self._control is not None:
             try:
@@ -402,6 +402,12 @@ class Writer:
             ring, self._ring = self._ring, None
             ring.close()
             ring.unlink()
+
+
+def _started(worker: threading.Thread | multiprocessing.process.BaseProcess) -> bool:
+    if isinstance(worker, threading.Thread):
+        return worker.ident is not None
+    return worker.pid is not None
 
 
 def _read_control(control: socket.socket, messages: queue.Queue[bytes]) -> None:
