@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from ._ring import Field, SlotRing, State
+import numpy as np
 
-__all__ = ["RunStatistics", "read_statistics"]
+from ._ring import _HEADER_NBYTES, _PATH_NBYTES, _PATH_OFFSET, Field, SlotRing, State
+
+__all__ = ["RunStatistics", "header_statistics", "read_statistics"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -65,11 +67,29 @@ class RunStatistics:
 
 def read_statistics(ring: SlotRing) -> RunStatistics:
     """Snapshot the header of ``ring`` (any process may call this)."""
-    h = ring.header.copy()
+    return header_statistics(ring.header.tobytes())
+
+
+def header_statistics(header: bytes) -> RunStatistics:
+    """The figures in ``header``, a copy of a ring's first 4096 bytes.
+
+    ``shmwriter top`` uses it on headers it copied from segments it mapped
+    read-only, without attaching a :class:`SlotRing`.
+
+    Raises
+    ------
+    ValueError
+        If ``header`` is shorter than a ring header or holds no valid state.
+    """
+    if len(header) < _HEADER_NBYTES:
+        raise ValueError(f"a ring header has {_HEADER_NBYTES} bytes; got {len(header)}")
+    h = np.frombuffer(header, dtype=np.int64, count=_HEADER_NBYTES // 8)
     total = int(h[Field.TOTAL_FRAMES])
     start = int(h[Field.START_TIME_NS])
+    raw_path = header[_PATH_OFFSET:_PATH_OFFSET + _PATH_NBYTES]
     return RunStatistics(
-        state=State(int(h[Field.STATE])).name, path=ring.path_text,
+        state=State(int(h[Field.STATE])).name,
+        path=raw_path.split(b"\0", 1)[0].decode("utf-8", "replace"),
         owner_pid=int(h[Field.OWNER_PID]), writer_pid=int(h[Field.WRITER_PID]),
         slots=int(h[Field.SLOTS]), slots_in_use=int(h[Field.SLOTS_IN_USE]),
         peak_slots_in_use=int(h[Field.PEAK_SLOTS_IN_USE]),
