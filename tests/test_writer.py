@@ -246,3 +246,31 @@ def test_writer_process_forwards_its_log_records(tmp_path, caplog):
     assert any("4 frame(s) never arrived, from 3 to 6" in r.getMessage() for r in records)
     assert all(r.process == writer_pid for r in records)
     assert writer_pid != os.getpid()
+
+
+def test_live_reading_with_h5py_and_dclab(tmp_path):
+    """The README recipe: open the file while the run is still writing."""
+    path = tmp_path / "live.rtdc"
+    with shmwriter.Writer(path, DEMO_SCHEMA, metadata=DEMO_METADATA, flush_interval_s=0.1,
+                          write_threshold=1000) as writer:
+        producer = writer.producer()
+        for frame in range(60):
+            producer.put(frame, demo_events(frame))
+        deadline = time.monotonic() + 20
+        while writer.written_frames < 60 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        expected = np.concatenate([e["deform"] for e in map(demo_events, range(60))
+                                   if e is not None])
+        with h5py.File(path, "r", libver="latest", swmr=True) as h5:  # the recipe
+            deform = h5["events"]["deform"]
+            np.testing.assert_array_equal(deform[:], expected)
+            producer.put(60, demo_events(60))
+            while len(expected) + len(demo_events(60)["deform"]) > deform.shape[0] and \
+                    time.monotonic() < deadline:
+                time.sleep(0.02)
+                deform.refresh()  # SWMR readers see new rows after refresh()
+            assert deform.shape[0] == len(expected) + len(demo_events(60)["deform"])
+        with dclab.new_dataset(str(path)) as ds:  # dclab falls back to SWMR by itself
+            assert len(ds) >= len(expected)
+            np.testing.assert_array_equal(ds["deform"][:len(expected)], expected)
+        producer.close()
