@@ -40,6 +40,8 @@ __all__ = ["RunConfig", "RunResult", "WriterLoop", "run_in_process"]
 logger = logging.getLogger(__name__)
 
 _FREE, _HELD = -1, -2  # slot owner values besides producer ids
+#: Name of the log (under ``/logs``) that says how the run ended, one ``key=value`` a line.
+RUN_LOG = "shmwriter-run"
 _LIVENESS_INTERVAL_S = 0.5
 _CHUNK_QUEUE_SIZE = 2
 # control messages, main -> loop: new producer (fds attached), hand-out over, abort
@@ -222,7 +224,8 @@ class WriterLoop:
                 self.sink.abandon()
             else:
                 try:
-                    self.sink.close(missing_frames=self.reorder.missing, logs=self.config.logs)
+                    logs = {**self.config.logs, RUN_LOG: self._run_summary(state)}
+                    self.sink.close(missing_frames=self.reorder.missing, logs=logs)
                 except Exception as exc:
                     logger.exception("closing %s failed", self.config.path)
                     state, error = State.FAILED, f"closing {self.config.path} failed: {exc}"
@@ -236,6 +239,14 @@ class WriterLoop:
             self.ring.close()
         self.selector.close()
         return state, error
+
+    def _run_summary(self, state: State) -> list[str]:
+        """The lines of the run log: how the run ended, for readers of the file."""
+        total = self.config.ring.total_frames
+        written = self.ring.get(Field.WRITTEN_FRAMES) if self.ring is not None else 0
+        return [f"state={state.name}", f"total_frames={'open-ended' if total is None else total}",
+                f"frames_done={self.reorder.frontier}", f"written_frames={written}",
+                f"missing_frames={len(self.reorder.missing)}", f"rejected_frames={self.rejected}"]
 
     # -- control socket -----------------------------------------------------------
     def _on_control(self) -> None:

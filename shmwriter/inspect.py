@@ -19,6 +19,7 @@ import hdf5plugin
 import numpy as np
 
 from ._h5sink import MISSING_FRAMES_LOG
+from ._loop import RUN_LOG
 
 __all__ = ["DatasetReport", "FileReport", "GroupReport", "inspect_file"]
 
@@ -203,7 +204,7 @@ def _report(h5: h5py.File, path: str, file_nbytes: int) -> FileReport:
         data_nbytes=data_nbytes,
         compression_ratio=data_nbytes / file_nbytes if file_nbytes else None,
         metadata=metadata, missing_frames=_missing_frames(h5), logs=log_names,
-        event_count=event_count, problems=_problems(lengths, event_count))
+        event_count=event_count, problems=_problems(lengths, event_count, _run_log(h5)))
 
 
 def _count_frames(datasets: Mapping[str, h5py.Dataset], nevents: int,
@@ -262,8 +263,21 @@ def _missing_frames(h5: h5py.File) -> tuple[int, ...]:
     return tuple(int(line) for line in lines if str(line).strip())
 
 
-def _problems(lengths: Mapping[str, int], event_count: int | None) -> tuple[str, ...]:
+def _run_log(h5: h5py.File) -> dict[str, str]:
+    """The writer's ``key=value`` lines on how the run ended (absent in older files)."""
+    log = h5.get(f"logs/{RUN_LOG}")
+    if not isinstance(log, h5py.Dataset):
+        return {}
+    lines = (str(_plain(line)) for line in log[()].ravel())
+    return dict(line.split("=", 1) for line in lines if "=" in line)
+
+
+def _problems(lengths: Mapping[str, int], event_count: int | None,
+              run: Mapping[str, str]) -> tuple[str, ...]:
     problems = []
+    if run.get("state", "DONE") != "DONE":
+        problems.append(f"the run was {run['state'].lower()} after {run.get('frames_done')} of "
+                        f"{run.get('total_frames')} frames")
     if len(set(lengths.values())) > 1:
         problems.append(f"the /events datasets differ in length "
                         f"({min(lengths.values())} to {max(lengths.values())} events)")

@@ -54,7 +54,7 @@ def test_inspect_a_complete_file(tmp_path):
     assert doc["events"] == nevents == doc["event_count"]
     assert (doc["frames"], doc["frames_from"], doc["frame_range"]) == (30, "frame", [0, 29])
     assert doc["complete"] is True and doc["problems"] == []
-    assert doc["missing_frames"] == [] and doc["logs"] == []
+    assert doc["missing_frames"] == [] and doc["logs"] == ["shmwriter-run"]
     assert doc["metadata"]["experiment:sample"] == "inspect test"
     assert doc["metadata"]["experiment:event count"] == nevents
     datasets = {d["name"]: d for d in doc["datasets"]}
@@ -89,7 +89,7 @@ def test_inspect_shows_the_missing_frames_of_a_run_with_gaps(tmp_path):
 
     doc = cli_json("inspect", str(path))
     assert doc["missing_frames"] == lost
-    assert doc["logs"] == ["shmwriter-missing-frames"]
+    assert doc["logs"] == ["shmwriter-missing-frames", "shmwriter-run"]
     assert doc["complete"] is True  # the run closed cleanly; the gaps are recorded
     assert doc["events"] == sum(nevents_of(f) for f in delivered)
     assert (doc["frames"], doc["frames_from"], doc["frame_range"]) == (
@@ -187,3 +187,20 @@ def test_inspect_help_has_an_example():
     result = cli("inspect", "--help")
     assert result.returncode == 0
     assert "shmwriter inspect measurement.rtdc --json" in result.stdout
+
+
+def test_inspect_an_aborted_run_is_incomplete(tmp_path):
+    """A run aborted by an exception closes a valid file, which says it was aborted."""
+    path = tmp_path / "aborted.rtdc"
+    with pytest.raises(RuntimeError, match="stop"):
+        with shmwriter.Writer(path, SCHEMA, total_frames=50, write_threshold=5) as writer:
+            producer = writer.producer()
+            for frame in range(10):
+                producer.put(frame, events_of(frame))
+            raise RuntimeError("stop")
+    result = cli("inspect", str(path))
+    assert result.returncode == 1
+    report = cli_json("inspect", str(path))
+    assert report["complete"] is False
+    assert any("the run was aborted after 10 of 50 frames" in p for p in report["problems"])
+    assert report["events"] == sum(nevents_of(f) for f in range(10))
