@@ -1,0 +1,582 @@
+"""Side-by-side benchmark: shmwriter against dcnum's writer and plain h5py (``shmwriter bench``).
+
+Every writer gets the same events (see :mod:`shmwriter._benchwork`): about
+40 KB per event, 0-3 events per frame, from real images when the dcnum test
+data are there. For each writer and filter setting it measures, from the
+start signal to the closed file:
+
+- events/s and MB/s (uncompressed event bytes per wall second);
+- CPU seconds of every process involved, and of the writer alone;
+- peak memory: the summed PSS of the process tree, sampled at 10 Hz
+  (PSS counts shared memory once).
+
+The writers are
+
+``shmwriter-thread``, ``shmwriter-process``
+    :class:`shmwriter.Writer` end to end, with spawned producers.
+``dcnum``
+    dcnum's ``QueueWriterThread`` fed by spawned producers through an
+    ``mp.Queue``, as dcnum's pipeline feeds it (or, without dcnum, an
+    equivalent pickling writer; the report then says so).
+``h5py``
+    plain h5py writing the same arrays from memory in one process, with the
+    same chunks and filters: the limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import logging
+import multiprocessing
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import h5py
+import psutil
+
+from . import _benchrun as runner
+from . import _benchwork as work
+
+__all__ = ["DEFAULT_DATA_DIR", "FILTERS", "BenchConfig", "BenchResult", "OverheadFigures",
+           "RunFigures", "WriterSummary", "dcnum_warning", "median_runs", "run_bench",
+           "write_json", "write_plot"]
+
+logger = logging.getLogger(__name__)
+
+#: Where the dcnum test data sit next to a checkout (``../shared/data/dcnum-testdata``).
+DEFAULT_DATA_DIR = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "dcnum-testdata")
+#: Filter settings: name -> label. Both add fletcher32; ``zstd5`` is shmwriter's default.
+FILTERS: dict[str, str] = {
+    "uncompressed": "uncompressed + fletcher32",
+    "zstd5": "Zstd-5 + fletcher32",
+}
+ProgressFn = Callable[[int, int], None]
+_CTX = multiprocessing.get_context("spawn")
+_T = TypeVar("_T")
+
+
+def dcnum_warning() -> str | None:
+    """None if dcnum's ``QueueWriterThread`` can be imported, else the warning to show."""
+    try:
+        from dcnum.write import QueueWriterThread  # noqa: F401
+    except ImportError as exc:
+        return (f"dcnum is not installed ({exc}); the 'dcnum' rows use shmwriter.bench's own "
+                "pickling writer instead (pip install 'shmwriter[bench]' for the real one)")
+    return None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BenchConfig:
+    """What to run. Every field has a default that fits a 2-core machine in a few minutes."""
+
+    frames: int = 6000
+    """Frames per run (each has 0-3 events: about 9,200 events, 370 MB)."""
+    producers: int = 2
+    """Spawned producer processes for shmwriter and dcnum."""
+    repeat: int = 3
+    """Repetitions; the figures are their medians."""
+    modes: tuple[Literal["thread", "process"], ...] = ("process", "thread")
+    """shmwriter writer modes to run; the first also runs the descriptor-path and
+    memory-scaling measurements (default: the Writer's default first)."""
+    filters: tuple[str, ...] = ("uncompressed", "zstd5")
+    """Filter settings to run (keys of :data:`FILTERS`)."""
+    seed: int = 42
+    """Seed of the workload."""
+    data_dir: str | None = DEFAULT_DATA_DIR
+    """Folder of the dcnum test data zip files; synthetic events if absent."""
+    workdir: str | None = None
+    """Folder for the files written (default: a temporary folder)."""
+    keep_files: bool = False
+    """Keep the files written (one per writer, filter setting and repetition)."""
+    overhead_frames: int = 20000
+    """Empty frames of the descriptor-path micro-benchmark (0 skips it)."""
+    memory_scaling: bool = False
+    """Also run shmwriter and dcnum once for each of :attr:`scaling_frames` (Zstd-5)."""
+    scaling_frames: tuple[int, ...] = (6000, 60000)
+    """Frame counts of the memory-scaling runs."""
+    write_threshold: int = 500
+    """Frames per block, for every writer."""
+
+    def __post_init__(self) -> None:
+        for name in ("frames", "producers", "repeat", "write_threshold"):
+            _check_count(name, getattr(self, name), minimum=1)
+        _check_count("overhead_frames", self.overhead_frames, minimum=0)
+        for frames in self.scaling_frames:
+            _check_count("scaling_frames", frames, minimum=1)
+        bad_modes = [m for m in self.modes if m not in ("thread", "process")]
+        if bad_modes or not self.modes:
+            raise ValueError(f"modes must be a non-empty tuple of 'thread' and 'process'; "
+                             f"got {self.modes!r}")
+        bad_filters = [f for f in self.filters if f not in FILTERS]
+        if bad_filters or not self.filters:
+            raise ValueError(f"filters must be a non-empty tuple of {sorted(FILTERS)}; "
+                             f"got {self.filters!r}")
+
+    @property
+    def writers(self) -> tuple[str, ...]:
+        """Writer names of the comparison, in the order they run."""
+        return (*(f"shmwriter-{mode}" for mode in self.modes), "dcnum", "h5py")
+
+    @property
+    def runs_total(self) -> int:
+        """Runs (and micro-benchmarks) this configuration makes."""
+        return (self.repeat * len(self.filters) * len(self.writers) + bool(self.overhead_frames)
+                + (2 * len(self.scaling_frames) if self.memory_scaling else 0))
+
+
+def _check_count(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int; got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}; got {value!r}")
+
+
+# -- figures ---------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunFigures:
+    """What one run of one writer measured."""
+
+    writer: str
+    """``shmwriter-thread``, ``shmwriter-process``, ``dcnum`` or ``h5py``."""
+    filters: str
+    """Key of :data:`FILTERS`."""
+    repetition: int
+    """0-based repetition (-1 for memory-scaling runs)."""
+    frames: int
+    """Frames of the run."""
+    events: int
+    """Events of the run (every writer gets the same)."""
+    file_events: int
+    """Events read back from the file written."""
+    data_nbytes: int
+    """Uncompressed bytes of the events."""
+    file_nbytes: int
+    """Size of the file written."""
+    wall_s: float
+    """Seconds from the start signal to the closed file."""
+    cpu_s: float
+    """CPU seconds of all processes involved in that time (startup excluded)."""
+    writer_cpu_s: float
+    """CPU seconds of the writer alone (see :attr:`writer_cpu_scope`)."""
+    writer_cpu_scope: str
+    """What :attr:`writer_cpu_s` covers."""
+    producers_s: float | None
+    """Seconds until the producers had handed over their last frame (None: no producers)."""
+    baseline_memory_nbytes: int
+    """Summed PSS of the process tree just before the start signal (all set up, idle)."""
+    peak_memory_nbytes: int
+    """Highest summed PSS of the process tree during the run."""
+    monitor_cpu_s: float
+    """CPU seconds of the sampling thread (not in the other CPU figures)."""
+    image_chunks: tuple[int, ...]
+    """Chunk shape of the file's image dataset."""
+    image_filters: tuple[int, ...]
+    """HDF5 filter ids of the file's image dataset."""
+    path: str | None
+    """The file written, if it was kept."""
+    series: tuple[tuple[float, int, int], ...] = field(repr=False)
+    """Samples ``(seconds since the start, events handed to the file, summed PSS)``."""
+
+    @property
+    def events_per_s(self) -> float:
+        """Events per wall second."""
+        return self.events / self.wall_s
+
+    @property
+    def mb_per_s(self) -> float:
+        """Uncompressed event megabytes (1e6 bytes) per wall second."""
+        return self.data_nbytes / 1e6 / self.wall_s
+
+    @property
+    def writer_cpu_s_per_gb(self) -> float:
+        """Writer CPU seconds per GB (1e9 bytes) of event data."""
+        return self.writer_cpu_s / (self.data_nbytes / 1e9)
+
+    @property
+    def peak_over_baseline_nbytes(self) -> int:
+        """Peak memory above the idle, set-up process tree."""
+        return max(0, self.peak_memory_nbytes - self.baseline_memory_nbytes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-type form (with the derived figures), for JSON."""
+        data = asdict(self)
+        data.update(events_per_s=self.events_per_s, mb_per_s=self.mb_per_s,
+                    writer_cpu_s_per_gb=self.writer_cpu_s_per_gb,
+                    peak_over_baseline_nbytes=self.peak_over_baseline_nbytes)
+        return data
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WriterSummary:
+    """Medians over the repetitions of one writer and filter setting."""
+
+    writer: str
+    """Writer name."""
+    filters: str
+    """Filter setting."""
+    repetitions: int
+    """Runs the medians are over."""
+    events: int
+    """Events per run."""
+    events_per_s: float
+    """Median events per second."""
+    mb_per_s: float
+    """Median MB/s."""
+    wall_s: float
+    """Median wall seconds."""
+    cpu_s: float
+    """Median CPU seconds of all processes."""
+    writer_cpu_s_per_gb: float
+    """Median writer CPU seconds per GB."""
+    writer_cpu_scope: str
+    """What the writer CPU covers."""
+    peak_memory_nbytes: int
+    """Median peak memory."""
+    peak_over_baseline_nbytes: int
+    """Median peak above the idle process tree."""
+
+    @classmethod
+    def of(cls, runs: Sequence[RunFigures]) -> WriterSummary:
+        """Medians of ``runs`` (all of one writer and filter setting)."""
+        def median(values: Iterator[float]) -> float:
+            return float(statistics.median(values))
+        first = runs[0]
+        return cls(writer=first.writer, filters=first.filters, repetitions=len(runs),
+                   events=first.events,
+                   events_per_s=median(r.events_per_s for r in runs),
+                   mb_per_s=median(r.mb_per_s for r in runs),
+                   wall_s=median(r.wall_s for r in runs), cpu_s=median(r.cpu_s for r in runs),
+                   writer_cpu_s_per_gb=median(r.writer_cpu_s_per_gb for r in runs),
+                   writer_cpu_scope=first.writer_cpu_scope,
+                   peak_memory_nbytes=int(median(r.peak_memory_nbytes for r in runs)),
+                   peak_over_baseline_nbytes=int(median(r.peak_over_baseline_nbytes
+                                                        for r in runs)))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OverheadFigures:
+    """The descriptor path alone: one producer putting empty frames."""
+
+    frames: int
+    """Empty frames put."""
+    mode: str
+    """The writer's mode."""
+    producer_us_per_frame: float
+    """Microseconds per ``put(i, None)`` in the producer's loop."""
+    producer_cpu_us_per_frame: float
+    """Producer CPU microseconds per frame."""
+    end_to_end_us_per_frame: float
+    """Microseconds per frame from the start signal to the closed file."""
+    writer_cpu_us_per_frame: float
+    """Writer-thread CPU microseconds per frame."""
+
+
+@dataclass(slots=True, kw_only=True)
+class BenchResult:
+    """Everything one ``shmwriter bench`` invocation measured."""
+
+    config: BenchConfig
+    """What was run."""
+    workload: str
+    """Where the events came from."""
+    event_nbytes: int
+    """Uncompressed bytes of one event."""
+    machine: dict[str, Any]
+    """CPU count, platform and library versions."""
+    warnings: list[str] = field(default_factory=list)
+    """Problems the report must show (missing dcnum, event counts that disagree)."""
+    runs: list[RunFigures] = field(default_factory=list)
+    """Every run of the comparison, in the order run."""
+    overhead: OverheadFigures | None = None
+    """The descriptor-path micro-benchmark."""
+    scaling: list[RunFigures] = field(default_factory=list)
+    """The memory-scaling runs."""
+
+    def summaries(self) -> list[WriterSummary]:
+        """Medians per filter setting and writer, in the order run."""
+        groups: dict[tuple[str, str], list[RunFigures]] = {}
+        for run in self.runs:
+            groups.setdefault((run.filters, run.writer), []).append(run)
+        return [WriterSummary.of(runs) for runs in groups.values()]
+
+    def ratios(self) -> dict[str, dict[str, dict[str, float]]]:
+        """``{filters: {shmwriter writer: {figure: ratio}}}`` of the medians."""
+        by_key = {(s.filters, s.writer): s for s in self.summaries()}
+        ratios: dict[str, dict[str, dict[str, float]]] = {}
+        for (filters, writer), summary in by_key.items():
+            if not writer.startswith("shmwriter"):
+                continue
+            entry = ratios.setdefault(filters, {}).setdefault(writer, {})
+            for other in ("dcnum", "h5py"):
+                if (filters, other) in by_key:
+                    base = by_key[filters, other]
+                    entry[f"events_per_s_vs_{other}"] = summary.events_per_s / base.events_per_s
+                    entry[f"writer_cpu_per_gb_vs_{other}"] = (summary.writer_cpu_s_per_gb
+                                                              / base.writer_cpu_s_per_gb)
+        return ratios
+
+    @property
+    def consistent(self) -> bool:
+        """Whether every run wrote (and the file holds) the expected number of events."""
+        return all(r.file_events == r.events for r in [*self.runs, *self.scaling])
+
+    def to_dict(self) -> dict[str, Any]:
+        """All figures in plain types, for JSON."""
+        return {
+            "config": asdict(self.config), "workload": self.workload,
+            "event_nbytes": self.event_nbytes, "machine": self.machine,
+            "warnings": list(self.warnings), "consistent": self.consistent,
+            "summaries": [asdict(s) for s in self.summaries()], "ratios": self.ratios(),
+            "overhead": asdict(self.overhead) if self.overhead else None,
+            "runs": [r.to_dict() for r in self.runs],
+            "scaling": [r.to_dict() for r in self.scaling],
+            "scaling_ratios": self.scaling_ratios(),
+        }
+
+    def scaling_ratios(self) -> dict[str, dict[str, float]]:
+        """Per writer: peak memory of the largest over the smallest scaling run."""
+        ratios: dict[str, dict[str, float]] = {}
+        for writer in dict.fromkeys(r.writer for r in self.scaling):
+            runs = sorted((r for r in self.scaling if r.writer == writer), key=lambda r: r.frames)
+            if len(runs) >= 2:
+                small, large = runs[0], runs[-1]
+                ratios[writer] = {
+                    "peak": large.peak_memory_nbytes / small.peak_memory_nbytes,
+                    "peak_over_baseline": (large.peak_over_baseline_nbytes
+                                           / max(small.peak_over_baseline_nbytes, 1))}
+        return ratios
+
+    def table(self) -> str:
+        """The report: a Markdown table of the medians, then the extra figures."""
+        from ._benchreport import format_report
+        return format_report(self)
+
+
+def _in_fresh_process(function: Callable[..., _T], *args: Any) -> _T:
+    """``function(*args)`` in a new (spawned) process; its result or its error comes back.
+
+    Every run gets a fresh interpreter as the root of its process tree, so no
+    run inherits another's heap, imports or threads: the memory figures of
+    the writers start from the same idle tree.
+    """
+    receive, send = _CTX.Pipe(duplex=False)
+    process = _CTX.Process(target=_call_and_send, args=(send, function, *args),
+                           name="shmwriter-bench-run")
+    process.start()
+    send.close()
+    try:
+        ok, value = receive.recv()
+    except EOFError:
+        process.join()
+        raise RuntimeError(f"the benchmark run died (exit code {process.exitcode})") from None
+    finally:
+        receive.close()
+    process.join()
+    if not ok:
+        raise RuntimeError(f"the benchmark run failed:\n{value}")
+    result: _T = value
+    return result
+
+
+def _call_and_send(send: Any, function: Callable[..., Any], *args: Any) -> None:
+    try:
+        value = (True, function(*args))
+    except BaseException:  # reported to the parent, which raises
+        value = (False, traceback.format_exc())
+    send.send(value)
+    send.close()
+
+
+def _measure(writer: str, job: runner.Job, repetition: int, keep: bool) -> RunFigures:
+    """One run, in a fresh process of its own (see :func:`_in_fresh_process`)."""
+    return _in_fresh_process(_measure_here, writer, job, repetition, keep)
+
+
+def _measure_here(writer: str, job: runner.Job, repetition: int, keep: bool) -> RunFigures:
+    if writer.startswith("shmwriter-"):
+        mode: Literal["thread", "process"] = (
+            "process" if writer == "shmwriter-process" else "thread")
+        measured = runner.run_shmwriter(job, mode)
+    elif writer == "dcnum":
+        measured = runner.run_dcnum(job)
+    else:
+        measured = runner.run_h5py(job)
+    events = int(job.workload.frame_nevents(job.frames).sum())
+    file_events, chunks, filters = runner.read_back(job.path)
+    window = measured.window
+    figures = RunFigures(
+        writer=writer, filters=job.filters, repetition=repetition, frames=job.frames,
+        events=events, file_events=file_events,
+        data_nbytes=events * work.BENCH_SCHEMA.event_nbytes,
+        file_nbytes=job.path.stat().st_size, wall_s=window.wall_s, cpu_s=measured.cpu_s,
+        writer_cpu_s=measured.writer_cpu_s, writer_cpu_scope=measured.writer_cpu_scope,
+        producers_s=measured.producers_s, baseline_memory_nbytes=window.baseline_nbytes,
+        peak_memory_nbytes=window.peak_nbytes, monitor_cpu_s=window.monitor_cpu_s,
+        image_chunks=chunks, image_filters=filters, path=str(job.path) if keep else None,
+        series=tuple(window.samples))
+    if not keep:
+        job.path.unlink()
+    logger.info("%s %s rep %d: %.0f events/s, %.1f MB/s", writer, job.filters, repetition,
+                figures.events_per_s, figures.mb_per_s)
+    return figures
+
+
+def _overhead(frames: int, workdir: Path, mode: Literal["thread", "process"]) -> OverheadFigures:
+    """The descriptor-path micro-benchmark, in a fresh process of its own."""
+    return _in_fresh_process(_overhead_here, frames, workdir, mode)
+
+
+def _overhead_here(frames: int, workdir: Path, mode: Literal["thread", "process"]
+                   ) -> OverheadFigures:
+    path = workdir / "overhead.rtdc"
+    measured = runner.run_overhead(frames, path, mode)
+    path.unlink()
+    report = measured.producer_reports[0]
+    return OverheadFigures(frames=frames, mode=mode,
+                           producer_us_per_frame=(report.done - report.began) / frames * 1e6,
+                           producer_cpu_us_per_frame=(report.cpu_end_s - report.cpu_start_s)
+                           / frames * 1e6,
+                           end_to_end_us_per_frame=measured.window.wall_s / frames * 1e6,
+                           writer_cpu_us_per_frame=measured.writer_cpu_s / frames * 1e6)
+
+
+# -- the whole benchmark ---------------------------------------------------------------------
+def run_bench(config: BenchConfig | None = None, progress: ProgressFn | None = None
+              ) -> BenchResult:
+    """Run the comparison (and the extra figures) that ``config`` asks for.
+
+    Parameters
+    ----------
+    config
+        What to run (default: :class:`BenchConfig()`).
+    progress
+        Called with (runs done, runs) after every run.
+
+    Returns
+    -------
+    BenchResult
+        Every figure; :meth:`BenchResult.table` formats the report.
+
+    Raises
+    ------
+    RuntimeError
+        If a producer process failed.
+    """
+    config = config or BenchConfig()
+    workload = work.load_workload(config.data_dir, config.seed)
+    result = BenchResult(config=config, workload=workload.source,
+                         event_nbytes=work.BENCH_SCHEMA.event_nbytes, machine=_machine())
+    warning = dcnum_warning()
+    if warning:
+        logger.warning(warning)
+        result.warnings.append(warning)
+    done = 0
+
+    def measure(writer: str, frames: int, filters: str, repetition: int, name: str) -> RunFigures:
+        nonlocal done
+        job = runner.Job(workload=workload, frames=frames, producers=config.producers,
+                         filters=filters, path=workdir / f"{name}.rtdc",
+                         write_threshold=config.write_threshold, dcnum=warning is None)
+        figures = _measure(writer, job, repetition, config.keep_files)
+        done += 1
+        if progress is not None:
+            progress(done, config.runs_total)
+        return figures
+
+    with _workdir(config.workdir) as workdir:
+        # repetitions outermost: a slow spell of a shared machine hits every writer alike
+        for repetition in range(config.repeat):
+            for filters in config.filters:
+                for writer in config.writers:
+                    result.runs.append(measure(writer, config.frames, filters, repetition,
+                                               f"{writer}-{filters}-{repetition}"))
+        if config.overhead_frames:
+            result.overhead = _overhead(config.overhead_frames, workdir, config.modes[0])
+            done += 1
+            if progress is not None:
+                progress(done, config.runs_total)
+        if config.memory_scaling:
+            for frames in config.scaling_frames:
+                for writer in (f"shmwriter-{config.modes[0]}", "dcnum"):
+                    result.scaling.append(measure(writer, frames, "zstd5", -1,
+                                                  f"scaling-{writer}-{frames}"))
+    result.warnings.extend(_count_warnings(result))
+    return result
+
+
+@contextlib.contextmanager
+def _workdir(workdir: str | None) -> Iterator[Path]:
+    if workdir is not None:
+        path = Path(workdir)
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    path = Path(tempfile.mkdtemp(prefix="shmwriter-bench-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _count_warnings(result: BenchResult) -> list[str]:
+    problems = [f"{r.writer} ({r.filters}, {r.frames} frames) wrote {r.file_events} events; "
+                f"expected {r.events}" for r in [*result.runs, *result.scaling]
+                if r.file_events != r.events]
+    return [f"event counts disagree: {p}" for p in problems]
+
+
+def _machine() -> dict[str, Any]:
+    versions: dict[str, str | None] = {}
+    for package in ("shmwriter", "numpy", "h5py", "hdf5plugin", "dcnum", "psutil"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    if dcnum_warning() is not None:
+        versions["dcnum"] = None  # installed maybe, but not importable: not what ran
+    versions["hdf5"] = h5py.version.hdf5_version
+    return {"cpu_count": os.cpu_count(), "cpu_model": _cpu_model(),
+            "memory_nbytes": psutil.virtual_memory().total, "platform": platform.platform(),
+            "python": platform.python_version(), "versions": versions}
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def write_json(result: BenchResult, path: str | os.PathLike[str]) -> None:
+    """Write every figure of ``result`` as JSON to ``path``."""
+    Path(path).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+
+
+def write_plot(result: BenchResult, path: str | os.PathLike[str]) -> None:
+    """Write a PNG of throughput and memory over time, one line per writer and filter setting.
+
+    For each writer and filter setting the repetition with the median
+    events/s is drawn. Needs matplotlib (the ``bench`` extra).
+    """
+    from ._benchreport import plot_runs
+    plot_runs(result, Path(path))
+
+
+def median_runs(result: BenchResult) -> Mapping[tuple[str, str], RunFigures]:
+    """For each (filters, writer), the repetition with the median events/s."""
+    groups: dict[tuple[str, str], list[RunFigures]] = {}
+    for run in result.runs:
+        groups.setdefault((run.filters, run.writer), []).append(run)
+    return {key: sorted(runs, key=lambda r: r.events_per_s)[len(runs) // 2]
+            for key, runs in groups.items()}
