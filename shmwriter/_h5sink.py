@@ -5,20 +5,33 @@ datasets exist, so readers can follow it live and a killed writer leaves a
 file that opens without repair, holding every chunk flushed so far. Root
 attributes cannot change in SWMR mode, so :meth:`H5Sink.close` reopens the
 file briefly to set ``experiment:event count`` and to add the logs.
+
+HDF5 filters chunks in one thread under its global lock, which makes Zstd the
+bottleneck of a write. Datasets whose filters :mod:`._codec` can reproduce
+(Zstd and/or fletcher32, or none) are therefore encoded here, whole HDF5
+chunks at a time in a thread pool, and stored with ``write_direct_chunk``; the
+file is the same as if HDF5 had filtered it. The rows of the last, incomplete
+chunk stay in memory and are also stored, padded with the fill value as HDF5
+pads edge chunks, so every row is in the file after each flush; the next write
+stores that chunk again with more rows. Other filters go through HDF5.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import h5py
 import hdf5plugin
 import numpy as np
 
+from ._codec import ChunkCodec, codec_for
 from ._gather import DERIVED_DTYPES, Chunk
+from ._recover import discard_further_writes
 from ._spec import Schema
 
 __all__ = ["MISSING_FRAMES_LOG", "H5Sink", "chunk_rows", "dataset_kwargs"]
@@ -29,6 +42,8 @@ logger = logging.getLogger(__name__)
 MISSING_FRAMES_LOG = "shmwriter-missing-frames"
 _IMAGE_ATTRS = {"CLASS": "IMAGE", "IMAGE_VERSION": "1.2", "IMAGE_SUBCLASS": "IMAGE_GRAYSCALE"}
 _CHUNK_NBYTES = 2**20
+#: Encoded chunks in flight per encoder thread.
+_WINDOW_PER_WORKER = 4
 
 
 def dataset_kwargs(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -52,6 +67,10 @@ def chunk_rows(event_nbytes: int) -> int:
 class H5Sink:
     """Appends chunks of events to an .rtdc file. Owns the open h5py file.
 
+    The sink also owns a pool of encoder threads (one per CPU) when any
+    dataset's filters can be applied outside HDF5; :meth:`close` and
+    :meth:`abandon` shut it down.
+
     Parameters
     ----------
     path
@@ -67,6 +86,8 @@ class H5Sink:
     """
 
     _file: h5py.File | None = None
+    _pool: ThreadPoolExecutor | None = None
+    _window = 0
 
     def __init__(self, path: str | os.PathLike[str], schema: Schema, derived: tuple[str, ...],
                  hdf5_dataset_kwargs: Mapping[str, Any] | None,
@@ -82,8 +103,15 @@ class H5Sink:
             shapes.update({name: ((), DERIVED_DTYPES[name]) for name in derived})
             self._datasets = {name: self._create_dataset(events, name, shape, dtype)
                               for name, (shape, dtype) in shapes.items()}
+            self._direct = _appenders(self._datasets)
+            if self._direct:
+                workers = _cpu_count()
+                self._window = _WINDOW_PER_WORKER * workers
+                self._pool = ThreadPoolExecutor(max_workers=workers,
+                                                thread_name_prefix="shmwriter-encode")
             self._file.swmr_mode = True
         except BaseException:
+            self._shutdown_pool()
             self._file.close()
             raise
 
@@ -103,18 +131,36 @@ class H5Sink:
             raise ValueError(f"cannot write to the closed file {self.path!r}")
         if chunk.nevents:
             start, stop = self.nevents, self.nevents + chunk.nevents
-            for name, dataset in self._datasets.items():
-                dataset.resize(stop, axis=0)
-                dataset.write_direct(np.ascontiguousarray(chunk.arrays[name]),
-                                     dest_sel=np.s_[start:stop])
+            arrays = {name: _file_array(chunk, name, dataset)
+                      for name, dataset in self._datasets.items()}
+            jobs = self._jobs(arrays, start)
+            for dataset in self._datasets.values():
+                dataset.resize(stop, axis=0)  # direct chunk writes need the extent first
+            encoded = _EncodeWindow(self._pool, jobs, self._window)
+            try:
+                for name, dataset in self._datasets.items():
+                    if name not in self._direct:  # HDF5 filters these while the pool works
+                        dataset.write_direct(arrays[name], dest_sel=np.s_[start:stop])
+                for dataset, offset, data in encoded:
+                    dataset.id.write_direct_chunk(offset, data)
+            except BaseException:
+                encoded.cancel()
+                raise
             self.nevents = stop
         self._file.flush()
+
+    def _jobs(self, arrays: Mapping[str, np.ndarray[Any, Any]], start: int) -> list[_Job]:
+        """The chunks that rows ``start..`` touch, in file order, ready to encode."""
+        return [(appender.dataset, offset, appender.codec, rows)
+                for name, appender in self._direct.items()
+                for offset, rows in appender.chunks(arrays[name], start)]
 
     def close(self, *, missing_frames: Sequence[int] = (),
               logs: Mapping[str, Sequence[str]] | None = None) -> None:
         """Close the file, then set the event count and add logs. Idempotent."""
         if self._file is None:
             return
+        self._shutdown_pool()
         file, self._file = self._file, None
         file.close()
         with h5py.File(self.path, "a") as h5:
@@ -127,16 +173,141 @@ class H5Sink:
 
     def abandon(self) -> None:
         """Close the file after a failure, keeping what was flushed."""
+        self._shutdown_pool()
         if self._file is not None:
             file, self._file = self._file, None
+            # HDF5 cannot close a file whose writes fail and may crash the
+            # process later; let its last writes go to /dev/null instead
+            discard_further_writes(file.id.get_vfd_handle())
             try:
                 file.close()
             except Exception:  # the failure is reported already; the flushed data stays
                 logger.exception("closing %s after a failure", self.path)
 
+    def _shutdown_pool(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.shutdown(wait=True, cancel_futures=True)
+
     def __repr__(self) -> str:
         state = "closed" if self._file is None else "open"
         return f"<H5Sink {self.path!r} ({state}, {self.nevents} events)>"
+
+
+#: One chunk to store: its dataset, chunk offset, codec and rows.
+_Job = tuple[h5py.Dataset, tuple[int, ...], ChunkCodec, np.ndarray[Any, Any]]
+
+
+class _EncodeWindow:
+    """Encodes jobs in the pool, a few ahead of the caller, yielding them in order.
+
+    At most ``window`` jobs are in flight, which keeps the workers busy while
+    bounding the encoded bytes held in memory.
+    """
+
+    def __init__(self, pool: ThreadPoolExecutor | None, jobs: list[_Job], window: int) -> None:
+        self._pool, self._jobs = pool, iter(jobs)
+        self._pending: deque[tuple[h5py.Dataset, tuple[int, ...], Future[bytes | memoryview]]]
+        self._pending = deque()
+        for _ in range(window):
+            if not self._submit_next():
+                break
+
+    def _submit_next(self) -> bool:
+        job = next(self._jobs, None)
+        if job is None or self._pool is None:
+            return False
+        dataset, offset, codec, rows = job
+        self._pending.append((dataset, offset, self._pool.submit(codec.encode, rows)))
+        return True
+
+    def __iter__(self) -> Iterator[tuple[h5py.Dataset, tuple[int, ...], bytes | memoryview]]:
+        while self._pending:
+            dataset, offset, future = self._pending.popleft()
+            data = future.result()
+            self._submit_next()
+            yield dataset, offset, data
+
+    def cancel(self) -> None:
+        """Cancel the jobs not started yet (after a failure)."""
+        for _, _, future in self._pending:
+            future.cancel()
+        self._pending.clear()
+
+
+class _ChunkAppender:
+    """Cuts one dataset's new rows into whole HDF5 chunks for direct writing.
+
+    Keeps the rows of the last incomplete chunk (the tail) in a full-size
+    buffer padded with the dataset's fill value, the way HDF5 stores an edge
+    chunk; each write hands that buffer out again with the rows added.
+    """
+
+    def __init__(self, dataset: h5py.Dataset, codec: ChunkCodec) -> None:
+        self.dataset, self.codec = dataset, codec
+        self.rows: int = dataset.chunks[0]
+        self._fill = dataset.fillvalue
+        self._tail = self._empty_tail()
+
+    def _empty_tail(self) -> np.ndarray[Any, Any]:
+        shape = (self.rows, *self.dataset.shape[1:])
+        return np.full(shape, self._fill, dtype=self.dataset.dtype)
+
+    def chunks(self, data: np.ndarray[Any, Any],
+               start: int) -> list[tuple[tuple[int, ...], np.ndarray[Any, Any]]]:
+        """(chunk offset, whole chunk) pairs covering ``data`` appended at row ``start``.
+
+        The arrays are views of ``data`` or the tail buffer; they must stay
+        unchanged until encoded, so call this again only after that.
+        """
+        zeros = (0,) * (data.ndim - 1)
+        carried = start % self.rows
+        row, used = start - carried, 0
+        pieces = []
+        if carried:
+            used = min(self.rows - carried, len(data))
+            self._tail[carried:carried + used] = data[:used]
+            pieces.append(((row, *zeros), self._tail))
+            if carried + used < self.rows:
+                return pieces
+            self._tail = self._empty_tail()  # the old one is a complete chunk now
+            row += self.rows
+        while len(data) - used >= self.rows:
+            pieces.append(((row, *zeros), data[used:used + self.rows]))
+            used += self.rows
+            row += self.rows
+        if used < len(data):  # the invariant: rows past the tail's hold the fill value
+            self._tail[:len(data) - used] = data[used:]
+            pieces.append(((row, *zeros), self._tail))
+        return pieces
+
+
+def _file_array(chunk: Chunk, name: str, dataset: h5py.Dataset) -> np.ndarray[Any, Any]:
+    """``chunk``'s array of feature ``name``, contiguous and in the dataset's dtype."""
+    array = chunk.arrays[name]
+    expected = (chunk.nevents, *dataset.shape[1:])
+    if array.shape != expected:
+        raise ValueError(f"chunk.arrays[{name!r}] must have shape {expected}; got {array.shape}")
+    return np.ascontiguousarray(array, dtype=dataset.dtype)
+
+
+def _appenders(datasets: Mapping[str, h5py.Dataset]) -> dict[str, _ChunkAppender]:
+    """Appenders of the datasets whose filters the codec reproduces."""
+    codecs: dict[ChunkCodec, ChunkCodec] = {}
+    appenders = {}
+    for name, dataset in datasets.items():
+        codec = codec_for(dataset)
+        if codec is not None:
+            # equal codecs share one, so each thread holds one Zstd context (~4 MB) per level
+            appenders[name] = _ChunkAppender(dataset, codecs.setdefault(codec, codec))
+    return appenders
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on every platform
+        return os.cpu_count() or 1
 
 
 def _write_metadata(h5: h5py.File, metadata: Mapping[str, Any]) -> None:

@@ -1,0 +1,267 @@
+"""H5Sink: round trips through every filter combination, live and killed writers, dclab."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import signal
+import threading
+
+import dclab
+import h5py
+import hdf5plugin
+import numpy as np
+import pytest
+import zstandard
+
+from shmwriter._codec import codec_for, fletcher32
+from shmwriter._gather import Chunk
+from shmwriter._h5sink import H5Sink, dataset_kwargs
+from shmwriter._spec import Feature, Schema
+from shmwriter.demo import DEMO_METADATA, DEMO_SCHEMA, demo_events
+
+#: HDF5 chunk rows: image and mask 655, blob 623 (an odd number of odd rows:
+#: 1,047,263-byte chunks), deform, frame and nevents 1000.
+SCHEMA = Schema({
+    "image": Feature("uint8", (32, 50)),
+    "mask": Feature("bool", (32, 50)),
+    "blob": Feature("uint8", (41, 41)),
+    "deform": Feature("float64"),
+})
+DERIVED = ("frame", "nevents")
+#: Writes of one row, one row short of / exactly / one past a chunk, many chunks.
+WRITE_SIZES = (1, 622, 1, 623, 624, 1, 655, 656, 1000, 999, 1, 2500, 7)
+
+FILTERS = {
+    "zstd5+fletcher32": None,  # the default
+    "fletcher32": {"compression": None},
+    "zstd5": {"fletcher32": False},
+    "none": {"compression": None, "fletcher32": False},
+    "gzip+fletcher32 (through HDF5)": {"compression": "gzip", "compression_opts": 1},
+    "shuffle+zstd5+fletcher32 (through HDF5)": {"shuffle": True},
+}
+
+
+def make_chunk(rng: np.random.Generator, first_event: int, nevents: int) -> Chunk:
+    """Events in file dtypes; images smooth enough for Zstd to have work."""
+    base = np.linspace(0, 120, 32 * 50, dtype=np.float32).reshape(32, 50)
+    noise = rng.normal(0, 3, (nevents, 32, 50))
+    arrays = {
+        "image": np.clip(base + noise, 0, 255).astype(np.uint8),
+        "mask": (noise > 2).astype(np.uint8) * np.uint8(255),
+        "blob": rng.integers(0, 256, (nevents, 41, 41), dtype=np.uint8),
+        "deform": rng.random(nevents),
+        "frame": np.arange(first_event, first_event + nevents, dtype=np.uint32),
+        "nevents": np.full(nevents, nevents % 4, np.uint32),
+    }
+    return Chunk(first_frame=first_event, nframes=nevents, nmissing=0, nevents=nevents,
+                 arrays=arrays)
+
+
+def make_chunks(sizes: tuple[int, ...], seed: int = 0) -> list[Chunk]:
+    rng = np.random.default_rng(seed)
+    starts = np.cumsum((0, *sizes))
+    return [make_chunk(rng, int(start), n) for start, n in zip(starts, sizes, strict=False)]
+
+
+def joined(chunks: list[Chunk]) -> dict[str, np.ndarray]:
+    return {name: np.concatenate([c.arrays[name] for c in chunks]) for name in chunks[0].arrays}
+
+
+def read_events(path, **kwargs) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r", **kwargs) as h5:
+        return {name: dataset[:] for name, dataset in h5["events"].items()}
+
+
+def assert_events_equal(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    assert sorted(got) == sorted(expected)
+    for name, array in expected.items():
+        assert got[name].dtype == array.dtype, name
+        assert got[name].shape == array.shape, name
+        assert np.array_equal(got[name], array), name
+
+
+@pytest.mark.parametrize("filters", list(FILTERS))
+def test_round_trip_with_writes_of_odd_sizes(tmp_path, filters):
+    chunks = make_chunks(WRITE_SIZES)
+    sink = H5Sink(tmp_path / "a.rtdc", SCHEMA, DERIVED, FILTERS[filters], {})
+    for chunk in chunks:
+        sink.write(chunk)
+    assert sink.nevents == sum(WRITE_SIZES)
+    sink.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("shmwriter-encode")]
+    assert_events_equal(read_events(tmp_path / "a.rtdc"), joined(chunks))
+    with h5py.File(tmp_path / "a.rtdc", "r") as h5:
+        assert h5.attrs["experiment:event count"] == sum(WRITE_SIZES)
+
+
+def write_with_h5py(path, chunks: list[Chunk], overrides) -> None:
+    """The plain path: HDF5 filters every write itself."""
+    with h5py.File(path, "w", libver="latest") as h5:
+        for name, array in chunks[0].arrays.items():
+            rows = {"image": 655, "mask": 655, "blob": 623}.get(name, 1000)
+            h5.create_dataset(name, shape=(0, *array.shape[1:]), maxshape=(None, *array.shape[1:]),
+                              chunks=(rows, *array.shape[1:]), dtype=array.dtype,
+                              **dataset_kwargs(overrides))
+        for chunk in chunks:
+            for name, array in chunk.arrays.items():
+                start = len(h5[name])
+                h5[name].resize(start + len(array), axis=0)
+                h5[name][start:] = array
+
+
+def stored_chunks(dataset: h5py.Dataset) -> list[bytes]:
+    zeros = (0,) * (dataset.ndim - 1)
+    chunks = []
+    for start in range(0, len(dataset), dataset.chunks[0]):
+        mask, raw = dataset.id.read_direct_chunk((start, *zeros))
+        assert mask == 0
+        chunks.append(raw)
+    return chunks
+
+
+@pytest.mark.parametrize("filters", ["zstd5+fletcher32", "fletcher32", "none"])
+def test_stored_chunks_match_what_hdf5_stores(tmp_path, filters):
+    # The same writes through plain h5py: partial last chunks padded alike, the same
+    # checksums; Zstd frames must decode alike (their bytes may differ by zstd version).
+    chunks = make_chunks((1, 700, 1300, 55))
+    sink = H5Sink(tmp_path / "ours.rtdc", SCHEMA, DERIVED, FILTERS[filters], {})
+    for chunk in chunks:
+        sink.write(chunk)
+    sink.close()
+    write_with_h5py(tmp_path / "theirs.h5", chunks, FILTERS[filters])
+    with (h5py.File(tmp_path / "ours.rtdc", "r") as ours,
+          h5py.File(tmp_path / "theirs.h5", "r") as theirs):
+        for name in chunks[0].arrays:
+            codec = codec_for(ours["events"][name])
+            assert codec is not None
+            mine, hdf5s = stored_chunks(ours["events"][name]), stored_chunks(theirs[name])
+            assert len(mine) == len(hdf5s) > 0
+            for our_raw, their_raw in zip(mine, hdf5s, strict=True):
+                if codec.zstd_level is None:
+                    assert our_raw == their_raw, name
+                    continue
+                our_body, their_body = our_raw[:-4], their_raw[:-4]
+                assert fletcher32(our_body).to_bytes(4, "little") == our_raw[-4:]
+                decompress = zstandard.ZstdDecompressor().decompress
+                assert decompress(our_body) == decompress(their_body), name
+
+
+def test_every_flush_shows_every_row(tmp_path):
+    # A copy taken after each write is what a live reader or a killed writer leaves.
+    chunks = make_chunks((1, 654, 2, 1310, 999, 3))
+    sink = H5Sink(tmp_path / "live.rtdc", SCHEMA, DERIVED, None, {})
+    for count, chunk in enumerate(chunks, start=1):
+        sink.write(chunk)
+        shutil.copyfile(tmp_path / "live.rtdc", tmp_path / "copy.rtdc")
+        assert_events_equal(read_events(tmp_path / "copy.rtdc", swmr=True), joined(chunks[:count]))
+    sink.abandon()  # like a killed writer: the file may keep its SWMR write flags
+    assert_events_equal(read_events(tmp_path / "live.rtdc", swmr=True), joined(chunks))
+
+
+def write_then_wait(path: str, sizes: tuple[int, ...], done: multiprocessing.connection.Connection,
+                    ) -> None:
+    """Child: write ``sizes`` (flushing each), report, then wait to be killed."""
+    sink = H5Sink(path, SCHEMA, DERIVED, None, {})
+    for chunk in make_chunks(sizes, seed=7):
+        sink.write(chunk)
+    done.send(sink.nevents)
+    done.recv()  # never answered: the parent kills this process
+
+
+def test_killed_writer_leaves_every_flushed_row(tmp_path):
+    sizes = (3, 700, 1, 1200)
+    path = str(tmp_path / "killed.rtdc")
+    context = multiprocessing.get_context("spawn")
+    parent_end, child_end = context.Pipe()
+    child = context.Process(target=write_then_wait, args=(path, sizes, child_end))
+    child.start()
+    try:
+        assert parent_end.poll(60), "the writer process did not report"
+        assert parent_end.recv() == sum(sizes)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(10)
+    assert child.exitcode == -signal.SIGKILL
+    assert_events_equal(read_events(path, swmr=True), joined(make_chunks(sizes, seed=7)))
+
+
+def test_dclab_opens_a_demo_file(tmp_path):
+    frames = [(index, ev) for index in range(80) if (ev := demo_events(index)) is not None]
+    chunks, first = [], 0
+    for events in (frames[:1], frames[1:30], frames[30:]):
+        arrays = {name: np.concatenate([ev[name] for _, ev in events]) for name in DEMO_SCHEMA}
+        arrays["mask"] = arrays["mask"].view(np.uint8) * np.uint8(255)
+        arrays["frame"] = np.concatenate([np.full(len(ev["time"]), index, np.uint32)
+                                          for index, ev in events])
+        arrays["nevents"] = np.concatenate([np.full(len(ev["time"]), len(ev["time"]), np.uint32)
+                                            for _, ev in events])
+        nevents = len(arrays["time"])
+        chunks.append(Chunk(first_frame=first, nframes=len(events), nmissing=0, nevents=nevents,
+                            arrays=arrays))
+        first += len(events)
+    sink = H5Sink(tmp_path / "demo.rtdc", DEMO_SCHEMA, DERIVED, None, DEMO_METADATA)
+    for chunk in chunks:
+        sink.write(chunk)
+    sink.close()
+    expected = joined(chunks)
+    with dclab.new_dataset(tmp_path / "demo.rtdc") as ds:
+        assert len(ds) == len(expected["time"]) > 52  # more than one image chunk
+        assert np.array_equal(ds["deform"], expected["deform"])
+        assert np.array_equal(ds["frame"], expected["frame"])
+        for index in (0, 52, len(ds) - 1):
+            assert np.array_equal(ds["image"][index], expected["image"][index])
+            assert np.array_equal(ds["mask"][index], expected["mask"][index] > 0)
+
+
+def test_zstd_level_comes_from_the_kwargs(tmp_path):
+    chunks = make_chunks((900,))
+    sink = H5Sink(tmp_path / "z1.rtdc", SCHEMA, DERIVED, dict(hdf5plugin.Zstd(clevel=1)), {})
+    sink.write(chunks[0])
+    sink.close()
+    assert_events_equal(read_events(tmp_path / "z1.rtdc"), joined(chunks))
+
+
+def test_closed_sink_refuses_writes_and_closes_once(tmp_path):
+    sink = H5Sink(tmp_path / "c.rtdc", SCHEMA, DERIVED, None, {})
+    sink.write(make_chunks((5,))[0])
+    sink.close(missing_frames=[3], logs={"note": ["hello"]})
+    sink.close()
+    sink.abandon()
+    assert repr(sink).endswith("(closed, 5 events)>")
+    with pytest.raises(ValueError, match="cannot write to the closed file"):
+        sink.write(make_chunks((1,))[0])
+    with h5py.File(tmp_path / "c.rtdc", "r") as h5:
+        assert list(h5["logs"]["note"][:]) == [b"hello"]
+        assert list(h5["logs"]["shmwriter-missing-frames"][:]) == [b"3"]
+
+
+def test_a_bad_chunk_changes_nothing(tmp_path):
+    good = make_chunks((700,))[0]
+    bad_arrays = dict(make_chunks((5,), seed=1)[0].arrays, image=np.zeros((5, 31, 50), np.uint8))
+    bad = Chunk(first_frame=700, nframes=5, nmissing=0, nevents=5, arrays=bad_arrays)
+    sink = H5Sink(tmp_path / "b.rtdc", SCHEMA, DERIVED, None, {})
+    sink.write(good)
+    with pytest.raises(ValueError, match=r"chunk.arrays\['image'\] must have shape \(5, 32, 50\); "
+                                         r"got \(5, 31, 50\)"):
+        sink.write(bad)
+    assert sink.nevents == 700
+    sink.abandon()
+    assert_events_equal(read_events(tmp_path / "b.rtdc", swmr=True), joined([good]))
+
+
+def test_empty_chunk_writes_nothing(tmp_path):
+    chunks = make_chunks((0, 4, 0))
+    sink = H5Sink(tmp_path / "e.rtdc", SCHEMA, DERIVED, None, {})
+    for chunk in chunks:
+        sink.write(chunk)
+    sink.close()
+    assert_events_equal(read_events(tmp_path / "e.rtdc"), joined(chunks))
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="metadata keys must look like 'section:key'"):
+        H5Sink(tmp_path / "m.rtdc", SCHEMA, DERIVED, None, {"nosection": 1})
+    with pytest.raises(ValueError, match="must not set 'dtype'"):
+        H5Sink(tmp_path / "k.rtdc", SCHEMA, DERIVED, {"dtype": "u1"}, {})
