@@ -365,35 +365,44 @@ def _check_events(schema: Schema, frame_index: int,
     if not isinstance(events, Mapping):
         raise TypeError(f"frame {frame_index}: events must be a mapping of feature name to "
                         f"array, or None; got {type(events).__name__}")
-    unknown = [name for name in events if name not in schema]
-    if unknown:
-        raise FrameError(f"frame {frame_index}: unknown feature {unknown[0]!r}; the schema has "
-                         f"{list(schema)}", frame_index=frame_index, feature=str(unknown[0]))
+    features = schema.features
+    if len(events) != len(features) or not all(name in features for name in events):
+        _raise_for_names(features, frame_index, events)
     arrays: dict[str, np.ndarray[Any, Any]] = {}
-    nevents: int | None = None
-    for name, feature in schema.items():
-        if name not in events:
-            raise FrameError(f"frame {frame_index}: feature {name!r} is missing",
-                             frame_index=frame_index, feature=name)
+    nevents = -1
+    for name, feature in features.items():
         array = np.asarray(events[name])
-        if array.ndim != 1 + len(feature.shape) or array.shape[1:] != feature.shape:
+        if array.shape[1:] != feature.shape or array.ndim != 1 + len(feature.shape):
             raise FrameError(
                 f"frame {frame_index}: feature {name!r} has shape {array.shape}; expected "
                 f"(nevents, {', '.join(map(str, feature.shape))})".replace(", )", ")"),
                 frame_index=frame_index, feature=name)
-        if not np.can_cast(array.dtype, feature.dtype, casting="safe"):
+        if array.dtype != feature.dtype and not np.can_cast(array.dtype, feature.dtype,
+                                                            casting="safe"):
             raise FrameError(
                 f"frame {frame_index}: feature {name!r} has dtype {array.dtype}, which cannot "
                 f"be cast safely to {feature.dtype}; convert it or change the schema",
                 frame_index=frame_index, feature=name)
-        if nevents is None:
+        if nevents < 0:
             nevents = len(array)
         elif len(array) != nevents:
             raise FrameError(
                 f"frame {frame_index}: feature {name!r} has {len(array)} events but "
                 f"{next(iter(arrays))!r} has {nevents}", frame_index=frame_index, feature=name)
         arrays[name] = array
-    return nevents or 0, arrays
+    return max(nevents, 0), arrays
+
+
+def _raise_for_names(features: Mapping[str, Any], frame_index: int,
+                     events: EventArrays) -> None:
+    for name in events:
+        if name not in features:
+            raise FrameError(f"frame {frame_index}: unknown feature {name!r}; the schema has "
+                             f"{list(features)}", frame_index=frame_index, feature=str(name))
+    for name in features:
+        if name not in events:
+            raise FrameError(f"frame {frame_index}: feature {name!r} is missing",
+                             frame_index=frame_index, feature=name)
 
 
 def _rebuild_producer(spec: RingSpec, producer_id: int, desc: Any, grant: Any,

@@ -154,7 +154,7 @@ class Writer:
                 metadata=dict(metadata or {}), derived=_derived(schema, index_feature),
                 reorder_budget_nbytes=reorder_budget_nbytes or max(
                     self._ring.spec.ring_nbytes, 64 * 2**20),
-                prefetch=max(0, min(4, slots // 8)), logs=dict(logs or {}),
+                prefetch=min(32, slots // 4), logs=dict(logs or {}),
                 log_level=logging.getLogger("shmwriter").getEffectiveLevel())
             self._start(config)
         except BaseException:
