@@ -24,17 +24,13 @@ from shmwriter._memory import TreeMemory
 from shmwriter.demo import DEMO_METADATA, DEMO_SCHEMA, demo_events
 
 
-def paced_producer(producer: shmwriter.Producer, first: int, step: int, rate_hz: float,
-                   stop_at: float) -> None:
-    """Put frames first, first + step, ... at ``rate_hz`` until ``stop_at`` (monotonic)."""
+def paced_producer(producer: shmwriter.Producer, frames: range, rate_hz: float) -> None:
+    """Put ``frames`` at ``rate_hz``, like a camera, then close."""
     pool = [demo_events(i) for i in range(64)]  # generating images is not what we measure
     start = time.monotonic()
     with producer:
-        for n, frame in enumerate(range(first, 10**12, step)):
-            due = start + n / rate_hz
-            if due >= stop_at:
-                return
-            time.sleep(max(0.0, due - time.monotonic()))  # the camera's clock
+        for n, frame in enumerate(frames):
+            time.sleep(max(0.0, start + n / rate_hz - time.monotonic()))  # the camera's clock
             producer.put(frame, pool[frame % len(pool)])
 
 
@@ -60,7 +56,7 @@ def main() -> int:
     path = args.output or os.path.join(tempfile.mkdtemp(prefix="shmwriter-soak-"), "soak.rtdc")
     memory = TreeMemory()
     ctx = multiprocessing.get_context("spawn")
-    stop_at = time.monotonic() + 60 * args.minutes
+    total = int(args.rate * 60 * args.minutes)
     print(f"soak: {args.minutes} min at {args.rate:.0f} frames/s, writer in a {args.mode}, "
           f"file {path}")
     print(f"{'t/s':>7} {'frames':>9} {'events':>9} {'lag':>6} {'ring':>5} "
@@ -68,7 +64,7 @@ def main() -> int:
     samples = []
     with shmwriter.Writer(path, DEMO_SCHEMA, metadata=DEMO_METADATA, mode=args.mode) as writer:
         workers = [ctx.Process(target=paced_producer,
-                               args=(writer.producer(), k, 2, args.rate / 2, stop_at))
+                               args=(writer.producer(), range(k, total, 2), args.rate / 2))
                    for k in range(2)]
         for worker in workers:
             worker.start()
