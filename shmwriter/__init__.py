@@ -26,6 +26,7 @@ from .errors import MissingFramesError as MissingFramesError
 from .errors import RingFullError as RingFullError
 from .errors import ShmSpaceError as ShmSpaceError
 from .errors import ShmWriterError as ShmWriterError
+from .eventqueue import EventQueue as EventQueue
 from .producer import Producer as Producer
 from .writer import Writer as Writer
 
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BrokenError",
     "ClosedError",
+    "EventQueue",
     "Feature",
     "FrameError",
     "MissingFramesError",

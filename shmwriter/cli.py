@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NoReturn
+
+from .errors import ShmWriterError
+
+if TYPE_CHECKING:
+    from .inspect import FileReport
+    from .runs import RunStatus
 
 __all__ = ["main"]
 
@@ -28,19 +36,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (_UserError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
         print(f"shmwriter {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except ShmWriterError as exc:
+        print(f"shmwriter {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"shmwriter {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of our output went away (``| head``): quiet, like a command killed
+        # by SIGPIPE; stdout goes to /dev/null so the flush at exit cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad argument as one line (and where to look), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = _Parser(
         prog="shmwriter", description="Write per-frame event arrays from many processes into "
         "one .rtdc (HDF5) file through shared memory.",
         epilog="example: shmwriter demo --frames 5000")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo(sub)
+    _add_bench(sub)
+    _add_inspect(sub)
+    _add_top(sub)
+    _add_clean(sub)
+    _add_replay(sub)
     return parser
 
 
@@ -62,8 +90,8 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         help="frames to write (default: %(default)s)")
     parser.add_argument("--producers", type=_positive_int, default=3,
                         help="producer processes (default: %(default)s)")
-    parser.add_argument("--mode", choices=("thread", "process"), default="thread",
-                        help="run the writer in a thread or a process (default: %(default)s)")
+    parser.add_argument("--mode", choices=("thread", "process"), default="process",
+                        help="run the writer in a process or a thread (default: %(default)s)")
     parser.add_argument("--no-compression", action="store_true",
                         help="store uncompressed (default: Zstd level 5)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -80,7 +108,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-class _progress_bar:  # noqa: N801 - used like a function in a with statement
+class _progress_bar:  # named like a function: used as one in a with statement
     """A tqdm bar that stays silent when stderr is not a terminal or --quiet is given."""
 
     def __init__(self, total: int, unit: str, quiet: bool) -> None:
@@ -96,6 +124,370 @@ class _progress_bar:  # noqa: N801 - used like a function in a with statement
 
     def __exit__(self, *exc: object) -> None:
         self._bar.close()
+
+
+def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .bench import BenchConfig
+    defaults = BenchConfig()
+    parser = sub.add_parser(
+        "bench", help="compare shmwriter with dcnum's writer and plain h5py",
+        description="Write the same events (~40 KB each, 0-3 per frame, real images when the "
+        "dcnum test data are there) with shmwriter (spawned producers, writer thread and "
+        "writer process), with dcnum's QueueWriterThread fed through an mp.Queue, and with "
+        "plain h5py from memory (the limit), for uncompressed+fletcher32 and Zstd-5+fletcher32. "
+        "Prints the medians of events/s, MB/s, wall and CPU time, writer CPU per GB and peak "
+        "memory, the ratios, and the per-frame cost of the descriptor path.",
+        epilog=_examples("shmwriter bench", "shmwriter bench --frames 500 --repeat 1 --quiet",
+                         "shmwriter bench --json bench.json --plot bench.png",
+                         "shmwriter bench --memory-scaling --filters zstd5"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=_positive_int, default=defaults.frames,
+                        help="frames per run (default: %(default)s)")
+    parser.add_argument("--producers", type=_positive_int, default=defaults.producers,
+                        help="producer processes (default: %(default)s)")
+    parser.add_argument("--repeat", type=_positive_int, default=defaults.repeat,
+                        help="repetitions; figures are medians (default: %(default)s)")
+    parser.add_argument("--modes", type=_choices("thread", "process"),
+                        default=defaults.modes, metavar="MODE[,MODE]",
+                        help="shmwriter writer modes; the first also runs the descriptor-path and "
+                        "memory-scaling measurements (default: process,thread)")
+    parser.add_argument("--filters", type=_choices("uncompressed", "zstd5"),
+                        default=defaults.filters, metavar="NAME[,NAME]",
+                        help="filter settings (default: uncompressed,zstd5)")
+    parser.add_argument("--overhead-frames", type=_count, default=defaults.overhead_frames,
+                        metavar="N", help="empty frames of the descriptor-path micro-benchmark;"
+                        " 0 skips it (default: %(default)s)")
+    parser.add_argument("--memory-scaling", action="store_true",
+                        help="also run shmwriter and dcnum (Zstd-5) once for each of "
+                        "--scaling-frames and compare their peak memory")
+    parser.add_argument("--scaling-frames", type=_int_list, default=defaults.scaling_frames,
+                        metavar="N,N", help="frames of the memory-scaling runs "
+                        "(default: 6000,60000)")
+    parser.add_argument("--data", default=defaults.data_dir, metavar="DIR",
+                        help="folder of the dcnum test data zip files; synthetic events "
+                        "if absent (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help="seed of the workload (default: %(default)s)")
+    parser.add_argument("--workdir", metavar="DIR",
+                        help="folder for the files written (default: a temporary folder)")
+    parser.add_argument("--keep-files", action="store_true",
+                        help="keep the files written (their paths go into --json)")
+    parser.add_argument("--json", metavar="PATH", help="write every figure as JSON")
+    parser.add_argument("--plot", metavar="PATH",
+                        help="write a PNG of throughput and memory over time (matplotlib)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    parser.set_defaults(run=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from .bench import BenchConfig, dcnum_warning, run_bench, write_json, write_plot
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise _UserError("--plot needs matplotlib: pip install 'shmwriter[bench]'")
+    config = BenchConfig(
+        frames=args.frames, producers=args.producers, repeat=args.repeat, modes=args.modes,
+        filters=args.filters, seed=args.seed, data_dir=args.data, workdir=args.workdir,
+        keep_files=args.keep_files, overhead_frames=args.overhead_frames,
+        memory_scaling=args.memory_scaling, scaling_frames=args.scaling_frames)
+    warning = dcnum_warning()
+    if warning:
+        print(f"WARNING: {warning}", file=sys.stderr)
+    with _progress_bar(config.runs_total, "runs", args.quiet) as update:
+        result = run_bench(config, progress=update)
+    print(result.table())
+    if args.json:
+        write_json(result, args.json)
+    if args.plot:
+        write_plot(result, args.plot)
+    return 0 if result.consistent else 1
+
+
+def _choices(*allowed: str) -> Callable[[str], tuple[str, ...]]:
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+        bad = [v for v in values if v not in allowed]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {', '.join(allowed)}; got {text!r}")
+        return values
+    return parse
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    return tuple(_positive_int(part) for part in text.split(","))
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0; got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0; got {text!r}")
+    return value
+
+
+def _add_inspect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "inspect", help="show what an .rtdc file holds",
+        description="Show an .rtdc file at a glance: events, frames, every /events dataset "
+        "with dtype, shape, chunks and filters, file size and compression ratio, metadata, "
+        "the frames the writer recorded as missing, and whether the run closed cleanly. "
+        "Works on a file that is still being written (it is read in SWMR mode). "
+        "Exit code 0 for a complete file, 1 for an incomplete one, 2 for an error.",
+        epilog=_examples("shmwriter inspect measurement.rtdc",
+                         "shmwriter inspect measurement.rtdc --json | jq .missing_frames"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("file", help="the .rtdc (HDF5) file")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.set_defaults(run=_run_inspect)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from .inspect import inspect_file
+    try:
+        report = inspect_file(args.file)
+    except ValueError as exc:  # not HDF5, not openable, not an .rtdc layout
+        raise _UserError(str(exc)) from None
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(_format_report(report))
+    return 0 if report.complete else 1
+
+
+def _format_report(report: FileReport) -> str:
+    frames = (" (no frame index)" if report.frames is None
+              else f" in {report.frames} frames with events")
+    if report.frame_range is not None:
+        frames += f" (indices {report.frame_range[0]} to {report.frame_range[1]})"
+    ratio = "-" if report.compression_ratio is None else f"{report.compression_ratio:.2f}"
+    missing = (f"{len(report.missing_frames)}: {_ranges(report.missing_frames)}"
+               if report.missing_frames else "none")
+    complete = ("yes" if report.complete else "NO: " + "; ".join(report.problems))
+    lines = [
+        report.path,
+        f"  events       {report.events}{frames}",
+        (f"  size         {_mb(report.file_nbytes)} on disk, {_mb(report.data_nbytes)} of "
+         f"event data: compression ratio {ratio}"),
+        f"  complete     {complete}",
+        f"  missing      {missing}",
+        f"  logs         {', '.join(report.logs) or 'none'}",
+        "",
+        f"datasets ({len(report.datasets)}):",
+    ]
+    rows = [("NAME", "DTYPE", "SHAPE", "CHUNKS", "COMPRESSION", "FLETCHER32", "DATA", "RATIO")]
+    for ds in report.datasets:
+        compression = ds.compression or "none"
+        if ds.compression_level is not None:
+            compression += f" {ds.compression_level}"
+        ratio = f"{ds.nbytes / ds.stored_nbytes:.1f}" if ds.stored_nbytes else "-"
+        rows.append((ds.name, ds.dtype, _shape(ds.shape), _shape(ds.chunks), compression,
+                     "yes" if ds.fletcher32 else "no", _mb(ds.nbytes), ratio))
+    lines += ["  " + line for line in _table(rows, right=(6, 7))]
+    if report.groups:
+        lines += ["", f"groups ({len(report.groups)}):"]
+        lines += [f"  {g.name}: {g.datasets} datasets, {_mb(g.nbytes)} of data, "
+                  f"{_mb(g.stored_nbytes)} stored" for g in report.groups]
+    lines += ["", f"metadata ({len(report.metadata)}):"]
+    lines += [f"  {key} = {value}" for key, value in report.metadata.items()]
+    return "\n".join(lines)
+
+
+def _add_top(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "top", aliases=["status"], help="watch the running writers of this user",
+        description="Show the runs of this user, refreshed live: ring occupancy, frames "
+        "written, events/s, MB/s, chunks queued for the disk, how many frames the file lags "
+        "behind the newest frame received, producers alive, state and file. It only reads "
+        "the header of each run's shared-memory segment: the writers are never blocked or "
+        "slowed down. Rates are measured over one interval. Ctrl-C quits.",
+        epilog=_examples("shmwriter top", "shmwriter top --interval 0.5",
+                         "shmwriter status --once --json"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--interval", type=_positive_float, default=1.0, metavar="S",
+                        help="seconds between refreshes, and the window of the rates "
+                        "(default: %(default)s)")
+    parser.add_argument("--once", action="store_true",
+                        help="print one table (after one interval, for the rates) and exit")
+    parser.add_argument("--json", action="store_true",
+                        help="with --once: print one JSON document instead of the table")
+    parser.set_defaults(run=_run_top)
+
+
+def _run_top(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from .runs import run_statuses, snapshot_runs
+    if args.json and not args.once:
+        raise _UserError("--json prints one document and needs --once")
+    before = snapshot_runs()
+    if args.once:
+        time.sleep(args.interval)
+        statuses = run_statuses(before, snapshot_runs())
+        if args.json:
+            print(json.dumps({"interval_s": args.interval,
+                              "runs": [s.to_dict() for s in statuses]}, indent=2))
+        else:
+            print(_format_top(statuses))
+        return 0
+    on_terminal = sys.stdout.isatty()
+    statuses = run_statuses([], before)  # shown at once; the rates follow
+    try:
+        while True:
+            title = (f"shmwriter top: {len(statuses)} run(s) at {time.strftime('%H:%M:%S')}, "
+                     f"every {args.interval:g} s; Ctrl-C quits")
+            text = f"{title}\n\n{_format_top(statuses)}\n"
+            # a plain ANSI home + clear keeps the table in place on a terminal
+            sys.stdout.write(("\x1b[H\x1b[2J" + text) if on_terminal else text + "\n")
+            sys.stdout.flush()
+            time.sleep(args.interval)
+            after = snapshot_runs()
+            statuses, before = run_statuses(before, after), after
+    except KeyboardInterrupt:
+        return 0
+
+
+def _format_top(statuses: Sequence[RunStatus]) -> str:
+    if not statuses:
+        return "no runs of this user in /dev/shm"
+    rows = [("PID", "STATE", "RING", "FRAMES", "EVENTS", "EVENTS/S", "MB/S", "QUEUE", "LAG",
+             "PRODUCERS", "FILE")]
+    for status in statuses:
+        stats = status.statistics
+        state = stats.state if status.snapshot.verdict.owner_alive else "DEAD"
+        frames = str(stats.written_frames)
+        if stats.total_frames is not None:
+            frames += f"/{stats.total_frames}"
+        rows.append((
+            str(status.snapshot.verdict.segment.name_pid), state,
+            f"{stats.slots_in_use}/{stats.slots} {status.ring_occupancy:.0%}", frames,
+            str(stats.written_events), _rate(status.events_per_s, 1.0),
+            _rate(status.nbytes_per_s, 1e6, ".2f"), str(stats.write_queue_size),
+            str(stats.lag_frames), str(stats.producers_alive), stats.path))
+    return "\n".join(_table(rows, right=(3, 4, 5, 6, 7, 8, 9)))
+
+
+def _add_clean(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "clean", help="remove shared memory left by dead runs",
+        description="Remove the shared-memory segments (/dev/shm/shmw_<pid>_<hex>) of runs "
+        "whose owner process is dead; a segment whose owner lives is never removed. The "
+        "owner pid is taken from the name and from the segment's header; a pid that now "
+        "belongs to a process started after the segment counts as dead (reused). Owners "
+        "are judged in this pid namespace: run it where the writers run.",
+        epilog=_examples("shmwriter clean --dry-run", "shmwriter clean",
+                         "shmwriter clean shmw_4242_0123456789abcdef"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help="only these segments (default: every segment of this user)")
+    parser.add_argument("--dry-run", "-n", action="store_true",
+                        help="show what would be removed; remove nothing")
+    parser.set_defaults(run=_run_clean)
+
+
+def _run_clean(args: argparse.Namespace) -> int:
+    from .runs import clean_leftovers
+    verdicts = clean_leftovers(args.names or None, dry_run=args.dry_run)
+    if not verdicts:
+        print("no run segments of this user in /dev/shm")
+        return 0
+    freed = 0
+    for verdict in verdicts:
+        name, size = verdict.segment.name, _mb(verdict.segment.nbytes)
+        if verdict.owner_alive:
+            print(f"kept         {name} ({size}): {verdict.reason}")
+        elif args.dry_run:
+            print(f"would remove {name} ({size}): {verdict.reason}")
+            freed += verdict.segment.nbytes
+        elif verdict.removed:
+            print(f"removed      {name} ({size}): {verdict.reason}")
+            freed += verdict.segment.nbytes
+        else:
+            print(f"gone         {name}: removed by someone else meanwhile")
+    leftovers = sum(not v.owner_alive for v in verdicts)
+    live = len(verdicts) - leftovers
+    verb = "would free" if args.dry_run else "freed"
+    print(f"{leftovers} leftover segment(s), {verb} {_mb(freed)}; {live} live run(s) kept")
+    return 0
+
+
+def _add_replay(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "replay", help="write a recorded measurement again through shmwriter",
+        description="Read a measurement, group its events into frames by the 'frame' feature,\n"
+        "hand the frames in shuffled order to spawned producers and write them through\n"
+        "shmwriter. The output holds every feature of the input event for event, and its\n"
+        "metadata, logs and tables.",
+        epilog=_examples("shmwriter replay in.rtdc out.rtdc",
+                         "shmwriter replay in.rtdc out.rtdc --producers 4 --quiet"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", metavar="IN.rtdc", help="the measurement to read")
+    parser.add_argument("output", metavar="OUT.rtdc", help="the file to write (replaced)")
+    parser.add_argument("--producers", type=_positive_int, default=2,
+                        help="producer processes (default: %(default)s)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    parser.set_defaults(run=_run_replay)
+
+
+def _run_replay(args: argparse.Namespace) -> int:
+    from .replay import ReplayInputError, ReplayPlan, replay
+    try:
+        plan = ReplayPlan.from_file(args.input)
+        with _progress_bar(plan.frames, "frames", args.quiet) as update:
+            summary = replay(plan, args.output, producers=args.producers, progress=update)
+    except ReplayInputError as exc:
+        raise _UserError(str(exc)) from None
+    print(summary.line())
+    return 0
+
+def _table(rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> list[str]:
+    """Rows as aligned columns; ``right`` are the indices of right-aligned columns."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [cell.rjust(w) if i in right else cell.ljust(w)
+                 for i, (cell, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def _ranges(values: Sequence[int], limit: int = 12) -> str:
+    """``1, 4-7, 9`` for 1, 4, 5, 6, 7, 9; at most ``limit`` ranges."""
+    spans: list[list[int]] = []
+    for value in values:
+        if spans and value == spans[-1][1] + 1:
+            spans[-1][1] = value
+        else:
+            spans.append([value, value])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans[:limit])
+    return text + (f", ... ({len(spans) - limit} more ranges)" if len(spans) > limit else "")
+
+
+def _shape(shape: Sequence[int] | None) -> str:
+    return "-" if shape is None else "(" + ", ".join(map(str, shape)) + ")"
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.1f} MB" if nbytes >= 1_000_000 else f"{nbytes / 1e3:.1f} kB"
+
+
+def _rate(value: float | None, unit: float, fmt: str = ".0f") -> str:
+    return "-" if value is None else format(value / unit, fmt)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number; got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number; got {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:

@@ -1,0 +1,348 @@
+"""Drop-ins for dcnum's queue writers: ``QueueWriterThread`` and ``QueueWriterProcess``.
+
+Pipelines built on ``dcnum.write.QueueWriterThread`` / ``QueueWriterProcess``
+switch by changing the import. The constructor, the attributes and the file
+written are dcnum's (see :mod:`shmwriter.compat._stash` for the file). Pass a
+:class:`shmwriter.EventQueue` instead of the ``multiprocessing.Queue`` and the
+events travel through shared memory: the writer copies them straight from the
+queue's slots into the chunk it writes.
+
+How a run goes, as in dcnum: the writer takes the frames ``write_threshold``
+at a time. Once ``feat_nevents`` has no -1 left for the next window, it
+collects that window's frames from the queue (frames of later windows wait
+in memory), writes them in frame order with ``index_unmapped`` and ``nevents``
+and counts ``written_events`` / ``written_frames``. It stops after the last
+frame of ``feat_nevents``. Unlike dcnum it keeps taking frames from the queue
+while it waits for ``feat_nevents``, so an EventQueue's slots keep moving;
+frames it holds beyond half of the queue's slots are copied out of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import queue
+import threading
+import traceback
+from collections.abc import Iterable, MutableMapping
+from logging.handlers import QueueHandler
+from multiprocessing.context import SpawnProcess
+from typing import Any
+
+import numpy as np
+
+from .._spec import _check_positive_int
+from ..eventqueue import EventQueue
+from ._stash import Arrived, ChunkBuilder, DcnumFile, arrived_from_events, arrived_from_lease
+
+__all__ = ["QueueWriterBase", "QueueWriterProcess", "QueueWriterThread"]
+
+_MP_SPAWN = multiprocessing.get_context("spawn")
+_CHUNK_QUEUE_SIZE = 4       # chunks waiting for the disk before collecting waits too
+_WAIT_NEVENTS_S = 0.03      # dcnum's pause while feat_nevents has -1 in the window
+_WAIT_FRAMES_S = 0.3        # dcnum's event_queue.get timeout
+
+
+class QueueWriterBase:
+    """Write events from a queue of ``(frame_index, events)`` tuples to an .rtdc file.
+
+    Parameters
+    ----------
+    event_queue
+        A ``multiprocessing.Queue`` (or :class:`shmwriter.EventQueue`, the
+        zero-copy path) to which workers put ``(frame_index, events_dict)``.
+    write_queue_size
+        An ``mp.Value`` set to the number of chunks waiting to be written.
+    feat_nevents
+        1-D ``mp.Array`` (or array) of the events of each frame; -1 for a frame
+        not processed yet. Its length is the number of frames of the run.
+    path_out
+        The .rtdc file to write (replaced if it exists).
+    hdf5_dataset_kwargs
+        Dataset creation keywords (default Zstd level 5 and fletcher32).
+    write_threshold
+        Frames collected and written at a time.
+    *args, **kwargs
+        Passed on to ``threading.Thread`` or ``Process``.
+
+    Raises
+    ------
+    ValueError
+        If ``write_threshold`` is not a positive integer.
+    """
+
+    def __init__(self, event_queue: Any, write_queue_size: Any, feat_nevents: Any,
+                 path_out: str | os.PathLike[str],
+                 hdf5_dataset_kwargs: dict[str, Any] | None = None, write_threshold: int = 500,
+                 *args: Any, **kwargs: Any) -> None:
+        # dcnum accepts any value and then writes an empty file; say so at once instead
+        _check_positive_int("write_threshold", write_threshold)
+        #: Logging level, taken from the 'dcnum' logger (as dcnum does).
+        self.log_level = logging.getLogger("dcnum").level
+        super().__init__(*args, **kwargs)
+        #: Queue from which the events are collected.
+        self.event_queue = event_queue
+        #: Number of chunks waiting to be written to the output file.
+        self.write_queue_size = write_queue_size
+        #: Shared array of the number of events of each frame (-1: not processed yet).
+        self.feat_nevents = feat_nevents
+        #: HDF5 output path.
+        self.path_out = path_out
+        #: HDF5 dataset creation keyword arguments.
+        self.hdf5_dataset_kwargs = hdf5_dataset_kwargs
+        #: Frames collected and written at a time.
+        self.write_threshold = write_threshold
+        #: Events handed to the file writer so far (``mp.Value("Q")``).
+        self.written_events = _MP_SPAWN.Value("Q", 0)
+        #: Frames handed to the file writer so far (``mp.Value("Q")``).
+        self.written_frames = _MP_SPAWN.Value("Q", 0)
+
+    def get_logger(self) -> logging.Logger:
+        """This writer's logger, at :attr:`log_level` (made in ``run``: it must not be pickled)."""
+        logger = logging.getLogger(f"{__name__}.{type(self).__name__}")
+        logger.setLevel(self.log_level)
+        return logger
+
+    def run(self, buffer_dq: Any = None, writer_dq: Any = None,
+            logger: logging.Logger | None = None) -> None:
+        """Collect and write every frame of ``feat_nevents``; works in any thread or process.
+
+        Parameters
+        ----------
+        buffer_dq
+            Optional deque of ``(frame_index, events)`` already taken from the
+            queue; they are used first (dcnum's testing hook).
+        writer_dq
+            Accepted for dcnum's signature; shmwriter writes chunks directly.
+        logger
+            Logger to use instead of :meth:`get_logger`.
+
+        Raises
+        ------
+        ValueError
+            If a frame does not fit what was written before (the message names
+            the frame); what was collected before is in the file.
+        OSError
+            If writing the file failed.
+        """
+        logger = logger or self.get_logger()
+        if writer_dq is not None:
+            logger.warning("writer_dq has no effect on shmwriter's queue writer")
+        cancel = getattr(self.event_queue, "cancel_join_thread", None)
+        if cancel is not None:
+            cancel()  # we never put into the queue: do not wait for its feeder at exit
+        source = _source_for(self.event_queue)
+        pending: dict[int, Arrived] = {}
+        for index, events in _drain(buffer_dq):
+            _keep(pending, int(index), arrived_from_events(int(index), events), logger)
+        sink = _SinkThread(DcnumFile(self.path_out, self.hdf5_dataset_kwargs),
+                           self.write_queue_size, logger)
+        sink.start()
+        try:
+            self._collect(source, pending, sink, logger)
+        finally:
+            for arrived in pending.values():
+                arrived.release()
+            sink.finish()
+        sink.raise_if_failed()
+        logger.info("Counted %d events", self.written_events.value)
+        logger.debug("Counted %d frames", self.written_frames.value)
+
+    def _collect(self, source: _Source, pending: dict[int, Arrived], sink: _SinkThread,
+                 logger: logging.Logger) -> None:
+        builder = ChunkBuilder()
+        last = 0
+        while True:
+            window = self.feat_nevents[last:last + self.write_threshold]
+            if np.any(np.array(window) < 0):  # frames not processed yet
+                source.receive(pending, _WAIT_NEVENTS_S, logger)
+                sink.raise_if_failed()
+                continue
+            if len(window) == 0:
+                logger.info("Reached the end of the data (frame %d of %d)", last,
+                            len(self.feat_nevents))
+                return
+            wanted = set(range(last, last + len(window))) - pending.keys()
+            while wanted:
+                wanted -= source.receive(pending, _WAIT_FRAMES_S, logger)
+                sink.raise_if_failed()
+            frames = {index: pending.pop(index) for index in range(last, last + len(window))}
+            try:
+                chunk = builder.build(last, window, frames)
+            finally:
+                for arrived in frames.values():
+                    arrived.release()
+            sink.put(chunk)
+            self.written_events.value += len(chunk["index_unmapped"])
+            self.written_frames.value += len(window)
+            last += len(window)
+
+
+class QueueWriterThread(QueueWriterBase, threading.Thread):
+    """:class:`QueueWriterBase` in a thread (``start()``/``join()``), like dcnum's."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, name="QueueWriterThread", **kwargs)
+
+
+class QueueWriterProcess(QueueWriterBase, SpawnProcess):
+    """:class:`QueueWriterBase` in a spawned process; its log records go to ``log_queue``.
+
+    Parameters
+    ----------
+    log_queue
+        A ``multiprocessing.Queue`` that receives this writer's log records
+        (through a ``QueueHandler``), like dcnum's.
+    *args, **kwargs
+        As for :class:`QueueWriterBase`.
+    """
+
+    def __init__(self, log_queue: Any, *args: Any, **kwargs: Any) -> None:
+        #: Queue for the log records.
+        self.log_queue = log_queue
+        super().__init__(*args, name="QueueWriterProcess", **kwargs)
+
+    def run(self, **kwargs: Any) -> None:  # type: ignore[override]
+        """Run the writer with its log records going to ``log_queue``; errors are logged there."""
+        logger = self.get_logger()
+        logger.handlers.clear()
+        handler = QueueHandler(self.log_queue)
+        handler.setLevel(self.log_level)
+        logger.addHandler(handler)
+        logger.info("Ready")
+        for key, value in kwargs.items():
+            if value is not None:
+                logger.warning("Specifying %r in QueueWriterProcess.run has no effect", key)
+        try:
+            super().run(logger=logger)
+        except KeyboardInterrupt:
+            self.log_queue.cancel_join_thread()
+            self.event_queue.cancel_join_thread()
+        except BaseException:
+            logger.error(traceback.format_exc())
+        handler.flush()
+        handler.close()
+        logger.removeHandler(handler)
+        self.log_queue.close()
+        self.log_queue.join_thread()
+
+
+# -- sources: where frames come from -----------------------------------------------------------
+class _Source:
+    """Frames from a queue of (frame_index, events) tuples (mp.Queue or alike)."""
+
+    def __init__(self, event_queue: Any) -> None:
+        self.queue = event_queue
+
+    def receive(self, pending: MutableMapping[int, Arrived], timeout_s: float,
+                logger: logging.Logger) -> set[int]:
+        """Wait up to ``timeout_s`` for one frame; add it to ``pending``; return its index."""
+        try:
+            index, events = self.queue.get(timeout=timeout_s)
+        except queue.Empty:
+            return set()
+        index = int(index)
+        return _keep(pending, index, arrived_from_events(index, events), logger)
+
+
+class _LeaseSource(_Source):
+    """Frames from an EventQueue: left in its slots while fewer than half of them are held."""
+
+    def __init__(self, event_queue: EventQueue) -> None:
+        super().__init__(event_queue)
+        self.held = 0
+
+    def receive(self, pending: MutableMapping[int, Arrived], timeout_s: float,
+                logger: logging.Logger) -> set[int]:
+        try:
+            lease = self.queue.lease(timeout=timeout_s)
+        except queue.Empty:
+            return set()
+        arrived = arrived_from_lease(lease, self._released)
+        self.held += arrived.nslots
+        if self.held > (self.queue.slots or 0) // 2:
+            arrived.detach()  # producers need slots more than we need the copy saved
+        return _keep(pending, lease.frame_index, arrived, logger)
+
+    def _released(self, nslots: int) -> None:
+        self.held -= nslots
+
+
+def _source_for(event_queue: Any) -> _Source:
+    if isinstance(event_queue, EventQueue):
+        return _LeaseSource(event_queue)
+    return _Source(event_queue)
+
+
+def _keep(pending: MutableMapping[int, Arrived], index: int, arrived: Arrived,
+          logger: logging.Logger) -> set[int]:
+    old = pending.get(index)
+    if old is not None:
+        logger.warning("frame %d arrived twice; the later one is kept", index)
+        old.release()
+    pending[index] = arrived
+    return {index}
+
+
+def _drain(buffer_dq: Any) -> Iterable[tuple[Any, Any]]:
+    while buffer_dq:
+        yield buffer_dq.popleft()
+
+
+# -- the file writer thread ------------------------------------------------------------------------
+class _SinkThread(threading.Thread):
+    """Writes chunks to the file in order, so that collecting never waits for the disk long."""
+
+    def __init__(self, file: DcnumFile, write_queue_size: Any, logger: logging.Logger) -> None:
+        super().__init__(name="shmwriter-dcnum-sink", daemon=True)
+        self._file, self._write_queue_size, self._logger = file, write_queue_size, logger
+        self._chunks: queue.Queue[dict[str, np.ndarray[Any, Any]] | None] = queue.Queue(
+            _CHUNK_QUEUE_SIZE)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            while (chunk := self._chunks.get()) is not None:
+                if self.error is None:  # after a failure, keep taking chunks: put() never blocks
+                    try:
+                        self._file.append(chunk)
+                    except BaseException as exc:
+                        self._logger.error("writing %s failed: %s", self._file.path, exc)
+                        self.error = exc
+                self._publish()
+        finally:
+            self._publish()
+            try:
+                self._file.close()
+            except BaseException as exc:
+                self._logger.error("closing %s failed: %s", self._file.path, exc)
+                self.error = self.error or exc
+
+    def put(self, chunk: dict[str, np.ndarray[Any, Any]] | None) -> None:
+        """Queue ``chunk`` (None: the end), waiting while the disk is behind."""
+        while True:
+            if chunk is not None:
+                self.raise_if_failed()
+            try:
+                self._chunks.put(chunk, timeout=0.25)
+                break
+            except queue.Full:
+                if not self.is_alive():
+                    return
+        if chunk is not None:
+            self._publish()
+
+    def finish(self) -> None:
+        """Write what is queued, close the file and wait for that."""
+        self.put(None)
+        while self.is_alive():
+            self.join(1.0)
+
+    def raise_if_failed(self) -> None:
+        """Raise OSError if writing the file failed."""
+        if self.error is not None:
+            raise OSError(f"writing {self._file.path} failed: {self.error}") from self.error
+
+    def _publish(self) -> None:
+        self._write_queue_size.value = self._chunks.qsize()

@@ -1,0 +1,79 @@
+"""Worker functions for spawned processes in the EventQueue and dcnum-compat tests.
+
+Every frame's events are derived from the frame index (as dcnum's workers
+would hand them over: a dict of arrays, or None for a frame without events),
+so a test can recompute what any frame must look like.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+
+
+def nevents_of(frame: int) -> int:
+    """0 to 3 events; every 11th frame has 9 (more than one slot of 4)."""
+    return 9 if frame % 11 == 5 else (frame * 7919) % 4
+
+
+def dcnum_events(frame: int) -> dict[str, np.ndarray] | None:
+    """A dcnum-like event dict: bool masks, uint8 images, float64/float32/int32 scalars."""
+    n = nevents_of(frame)
+    if n == 0:
+        return None
+    rng = np.random.default_rng(frame)
+    return {
+        "mask": rng.random((n, 8, 10)) > 0.5,
+        "image": rng.integers(0, 256, (n, 8, 10), dtype=np.uint8),
+        "deform": rng.random(n),
+        "temp": rng.random(n).astype(np.float32),
+        "area_um": rng.integers(0, 1000, n).astype(np.int32),
+    }
+
+
+def put_events(event_queue, frames: list[int]) -> None:
+    """Put ``(frame, events)`` for ``frames`` in the given order."""
+    for frame in frames:
+        event_queue.put((frame, dcnum_events(frame)))
+
+
+def put_like_dcnum(event_queue, feat_nevents, frames: list[int]) -> None:
+    """As dcnum's workers do: set feat_nevents[frame] first, then put the frame."""
+    for frame in frames:
+        events = dcnum_events(frame)
+        feat_nevents[frame] = 0 if events is None else len(events["mask"])
+        event_queue.put((frame, events))
+
+
+def get_frames(event_queue, count: int, report) -> None:
+    """Consumer: get ``count`` frames and report {frame: events} through ``report``."""
+    got = {}
+    for _ in range(count):
+        frame, events = event_queue.get(timeout=30)
+        got[frame] = events
+    report.put(got)
+
+
+def take_slots_then_die(event_queue, count: int) -> None:
+    """A producer killed after taking ``count`` slots and before sending its frame."""
+    slots = event_queue._check_open().take_slots(count)
+    assert len(slots) == count
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def lease_then_die(event_queue) -> None:
+    """A consumer killed while it holds a frame's slots (a lease)."""
+    lease = event_queue.lease(timeout=30)
+    assert lease.nslots > 0
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def publish_lock_then_die(event_queue) -> None:
+    """A process killed while it holds the lock for publishing the inferred schema."""
+    import time
+
+    from shmwriter._queue_shared import lock_publish
+    assert lock_publish(event_queue._check_open(), time.monotonic() + 5)
+    os.kill(os.getpid(), signal.SIGKILL)

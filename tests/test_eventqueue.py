@@ -1,0 +1,294 @@
+"""EventQueue: an mp.Queue of (frame_index, events) whose arrays travel through shared memory."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import queue
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+from _queue_workers import (
+    dcnum_events,
+    get_frames,
+    lease_then_die,
+    publish_lock_then_die,
+    put_events,
+    take_slots_then_die,
+)
+
+import shmwriter
+from shmwriter import EventQueue, Feature, FrameError, RingFullError, Schema
+
+CTX = multiprocessing.get_context("spawn")
+
+
+def assert_same_events(got, expected):
+    if expected is None:
+        assert got is None
+        return
+    assert list(got) == list(expected)
+    for name, array in expected.items():
+        assert got[name].dtype == array.dtype, name
+        np.testing.assert_array_equal(got[name], array, err_msg=name)
+
+
+def own_segments() -> set[str]:
+    """Segments in /dev/shm named after this process (an EventQueue's creator)."""
+    return {name for name in os.listdir("/dev/shm") if name.startswith(f"shmw_{os.getpid()}_")}
+
+
+def test_round_trip_in_one_process_returns_the_same_tuples():
+    with EventQueue(memory_budget_nbytes=2**20) as q:
+        frames = [3, 0, 5, 1, 16, 2]  # 5 and 16 span several slots; 0 and 2 have no events
+        for frame in frames:
+            q.put((frame, dcnum_events(frame)))
+        for frame in frames:  # one producer: first in, first out
+            got_frame, events = q.get(timeout=5)
+            assert got_frame == frame
+            assert_same_events(events, dcnum_events(frame))
+        assert q.free_slots == q.slots
+        assert q.empty()
+
+
+def test_schema_is_inferred_from_the_first_events():
+    with EventQueue(memory_budget_nbytes=2**20, slot_events=2) as q:
+        assert q.schema is None and q.slots is None
+        q.put((0, None))  # no events: needs no schema
+        q.put((1, {"deform": np.zeros(0)}))  # no events either
+        q.put((2, {"mask": np.ones((3, 4, 5), bool), "deform": np.arange(3.0)}))
+        assert q.schema == Schema({"mask": Feature("bool", (4, 5)), "deform": Feature("float64")})
+        assert q.slot_events == 2
+        assert q.get(timeout=5) == (0, None)
+        frame, events = q.get(timeout=5)
+        assert frame == 1 and events["deform"].shape == (0,) and events["mask"].shape == (0, 4, 5)
+        frame, events = q.get(timeout=5)
+        assert frame == 2 and events["mask"].all() and list(events["deform"]) == [0, 1, 2]
+        # a safe cast is fine (float32 into float64), the schema's dtype comes back
+        q.put((3, {"mask": np.zeros((1, 4, 5), bool), "deform": np.ones(1, np.float32)}))
+        assert q.get(timeout=5)[1]["deform"].dtype == np.float64
+
+
+@pytest.mark.parametrize(("events", "feature", "match"), [
+    ({"mask": np.ones((1, 4, 5), bool)}, "deform", "frame 7: feature 'deform' is missing"),
+    ({"mask": np.ones((1, 4, 5), bool), "deform": np.ones(1), "extra": np.ones(1)}, "extra",
+     "frame 7: unknown feature 'extra'"),
+    ({"mask": np.ones((1, 4, 6), bool), "deform": np.ones(1)}, "mask",
+     r"frame 7: feature 'mask' has shape \(1, 4, 6\); expected \(nevents, 4, 5\)"),
+    ({"mask": np.ones((1, 4, 5), bool), "deform": np.ones(1, np.complex64)}, "deform",
+     "frame 7: feature 'deform' has dtype complex64, which cannot be cast safely to float64"),
+    ({"mask": np.ones((2, 4, 5), bool), "deform": np.ones(1)}, "deform",
+     "frame 7: feature 'deform' has 1 events but 'mask' has 2"),
+])
+def test_a_later_event_that_does_not_fit_raises_at_the_producer(events, feature, match):
+    with EventQueue(memory_budget_nbytes=2**20) as q:
+        q.put((0, {"mask": np.ones((1, 4, 5), bool), "deform": np.ones(1)}))
+        with pytest.raises(FrameError, match=match) as info:
+            q.put((7, events))
+        assert "inferred from the first events" in str(info.value)
+        assert info.value.frame_index == 7 and info.value.feature == feature
+        assert q.get(timeout=5)[0] == 0
+        with pytest.raises(queue.Empty):  # nothing of frame 7 was sent
+            q.get(timeout=0.2)
+        assert q.free_slots == q.slots
+
+
+def test_first_events_that_cannot_be_a_schema_raise():
+    with EventQueue(memory_budget_nbytes=2**20) as q:
+        with pytest.raises(FrameError, match=r"frame 4: feature 'name' .* cannot be a feature"):
+            q.put((4, {"deform": np.ones(2), "name": np.array(["a", "b"])}))
+        with pytest.raises(FrameError, match="feature name 'nevents' is reserved"):
+            q.put((4, {"nevents": np.ones(2)}))
+        with pytest.raises(FrameError, match="feature 'deform' is a scalar"):
+            q.put((4, {"deform": 1.0}))
+        assert q.schema is None  # nothing was published: the next good frame decides
+        q.put((5, {"deform": np.ones(2, np.int16)}))
+        assert q.schema == Schema({"deform": Feature("int16")})
+
+
+def test_given_schema_checks_the_first_frame_too(small_schema):
+    with EventQueue(small_schema, slots=4) as q:
+        assert q.schema == small_schema and q.slots == 4 and q.free_slots == 4
+        with pytest.raises(FrameError, match="frame 0: feature 'image' is missing") as info:
+            q.put((0, {"deform": np.ones(1, np.float32)}))
+        assert "inferred" not in str(info.value)
+
+
+def test_put_arguments_are_checked():
+    with EventQueue(memory_budget_nbytes=2**20) as q:
+        with pytest.raises(TypeError, match=r"put\(\) takes a \(frame_index, events\) pair"):
+            q.put("STOP")
+        with pytest.raises(TypeError, match=r"frame_index must be an int; got 1\.5"):
+            q.put((1.5, None))
+        with pytest.raises(FrameError, match="frame index must be >= 0; got -1"):
+            q.put((-1, None))
+        with pytest.raises(TypeError, match="frame 2: events must be a mapping"):
+            q.put((2, [1, 2]))
+    with pytest.raises(ValueError, match="slots=8 needs a schema"):
+        EventQueue(slots=8)
+    with pytest.raises(ValueError, match="timeout_s must be a positive number of seconds; got 0"):
+        EventQueue(timeout_s=0)
+    with pytest.raises(TypeError, match=r"schema must be a shmwriter\.Schema or None"):
+        EventQueue({"deform": Feature("float64")})
+
+
+def test_too_small_budget_and_too_large_frames_raise():
+    with EventQueue(memory_budget_nbytes=4096) as q:
+        with pytest.raises(ValueError, match="memory_budget_nbytes=4096 cannot hold one slot "
+                                             "of 32768 bytes"):
+            q.put((0, {"image": np.zeros((1, 80, 100), np.uint8)}))
+    with EventQueue(Schema({"deform": Feature("float64")}), slots=2, slot_events=3) as q:
+        with pytest.raises(FrameError, match=r"frame 9 has 7 events but one frame can hold at "
+                                             r"most 6 \(slots × slot_events\)"):
+            q.put((9, {"deform": np.ones(7)}))
+        q.put((9, {"deform": np.arange(6.0)}))  # exactly the two slots
+        assert list(q.get(timeout=5)[1]["deform"]) == list(range(6))
+
+
+def test_put_times_out_when_no_slot_frees_and_get_when_nothing_comes():
+    with EventQueue(Schema({"deform": Feature("float64")}), slots=2, slot_events=1,
+                    timeout_s=0.3) as q:
+        q.put((0, {"deform": np.ones(1)}))
+        q.put((1, {"deform": np.ones(1)}))
+        assert q.full()
+        with pytest.raises(RingFullError, match=r"frame 2: waited .* for 1 free slot.*0 of 2 "
+                                                r"are free"):
+            q.put((2, {"deform": np.ones(1)}))
+        with pytest.raises(RingFullError, match=r"frame 2: .* 0 of 2 are free"):
+            q.put_nowait((2, {"deform": np.ones(1)}))
+        q.put((2, None))  # a frame without events needs no slot
+        assert [q.get_nowait()[0] for _ in range(3)] == [0, 1, 2]
+        with pytest.raises(queue.Empty):
+            q.get_nowait()
+        with pytest.raises(queue.Empty):
+            q.get(timeout=0.1)
+
+
+def test_lease_gives_views_into_shared_memory_until_released():
+    with EventQueue(Schema({"area": Feature("int64")}), slots=4, slot_events=2) as q:
+        q.put((8, {"area": np.arange(5)}))
+        with q.lease(timeout=5) as lease:
+            assert (lease.frame_index, lease.nevents, lease.nslots) == (8, 5, 3)
+            assert q.free_slots == 1
+            parts = lease.parts()
+            assert [count for _, count in parts] == [2, 2, 1]
+            assert np.concatenate([views["area"] for views, _ in parts]).tolist() == [0, 1, 2, 3, 4]
+            with pytest.raises(ValueError, match="read-only"):
+                parts[0][0]["area"][0] = 1
+        assert q.free_slots == 4
+        lease.release()  # idempotent
+        assert q.free_slots == 4
+
+
+def test_threads_share_one_queue():
+    with EventQueue(memory_budget_nbytes=2**20, slot_events=2) as q:
+        got: dict[int, object] = {}
+        done = threading.Event()
+
+        def consume():
+            while not done.is_set():
+                try:
+                    frame, events = q.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                assert frame not in got
+                got[frame] = events
+
+        frames = list(range(120))
+        producers = [threading.Thread(target=put_events, args=(q, frames[k::3])) for k in range(3)]
+        consumers = [threading.Thread(target=consume) for _ in range(2)]
+        for thread in producers + consumers:
+            thread.start()
+        deadline = time.monotonic() + 20
+        while len(got) < len(frames) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        done.set()
+        for thread in producers + consumers:
+            thread.join(10)
+        assert sorted(got) == frames
+        for frame in frames:
+            assert_same_events(got[frame], dcnum_events(frame))
+        assert q.free_slots == q.slots
+
+
+def test_spawned_producers_and_a_spawned_consumer():
+    with EventQueue(memory_budget_nbytes=2**20) as q:
+        assert own_segments() == set()  # its name was unlinked at once
+        report = CTX.Queue()
+        frames = list(range(150))
+        consumer = CTX.Process(target=get_frames, args=(q, len(frames), report))
+        producers = [CTX.Process(target=put_events, args=(q, frames[k::3])) for k in range(3)]
+        for process in [consumer, *producers]:
+            process.start()
+        got = report.get(timeout=60)
+        for process in [consumer, *producers]:
+            process.join(30)
+            assert process.exitcode == 0
+        assert sorted(got) == frames
+        for frame in frames:
+            assert_same_events(got[frame], dcnum_events(frame))
+        assert q.free_slots == q.slots
+    assert own_segments() == set()
+
+
+def test_slots_of_a_killed_producer_come_back():
+    with EventQueue(Schema({"deform": Feature("float64")}), slots=4, slot_events=1) as q:
+        dying = CTX.Process(target=take_slots_then_die, args=(q, 3))
+        dying.start()
+        dying.join(30)
+        assert dying.exitcode == -signal.SIGKILL
+        assert q.free_slots == 1
+        with pytest.raises(queue.Empty):
+            q.get(timeout=1.2)  # a waiting consumer looks for dead holders
+        assert q.free_slots == 4
+        for frame in range(4):  # all four slots are usable again
+            q.put((frame, {"deform": np.full(1, frame, np.float64)}))
+        assert [q.get(timeout=5)[0] for _ in range(4)] == [0, 1, 2, 3]
+
+
+def test_slots_of_a_killed_consumer_come_back():
+    with EventQueue(Schema({"deform": Feature("float64")}), slots=2, slot_events=1,
+                    timeout_s=10) as q:
+        q.put((0, {"deform": np.ones(1)}))
+        q.put((1, {"deform": np.ones(1)}))
+        dying = CTX.Process(target=lease_then_die, args=(q,))
+        dying.start()
+        dying.join(30)
+        assert dying.exitcode == -signal.SIGKILL
+        q.put((2, {"deform": np.ones(1)}))  # waits for a slot and takes the dead one's back
+        assert [q.get(timeout=5)[0] for _ in range(2)] == [1, 2]
+
+
+def test_a_killed_schema_publisher_does_not_block_the_others():
+    with EventQueue(memory_budget_nbytes=2**20) as q:
+        dying = CTX.Process(target=publish_lock_then_die, args=(q,))
+        dying.start()
+        dying.join(30)
+        assert dying.exitcode == -signal.SIGKILL
+        q.put((0, {"deform": np.ones(2)}))  # the kernel dropped the dead process's lock
+        assert q.schema == Schema({"deform": Feature("float64")})
+        assert q.get(timeout=5)[0] == 0
+
+
+def test_close_pickle_and_repr():
+    q = EventQueue(memory_budget_nbytes=2**20)
+    assert "schema not known yet" in repr(q)
+    q.put((0, {"deform": np.ones(2)}))
+    assert "1 features, 256 slots × 4 events, 255 free" in repr(q)
+    q.join_thread()
+    q.cancel_join_thread()
+    with pytest.raises(NotImplementedError, match="use empty"):
+        q.qsize()
+    q.close()
+    q.close()
+    assert q.closed and repr(q) == "<closed EventQueue>"
+    with pytest.raises(shmwriter.ClosedError, match="this EventQueue was closed"):
+        q.put((1, None))
+    with pytest.raises(shmwriter.ClosedError):
+        q.get(timeout=0.1)
+    with pytest.raises(shmwriter.ClosedError):
+        pickle.dumps(q)
