@@ -1,7 +1,7 @@
 """Gather: copy frames, in frame order, into the arrays of the next chunk.
 
 A chunk holds the events of up to ``write_threshold`` consecutive frames, one
-contiguous array per feature in the file's dtype (booleans become 0/255), plus
+contiguous array per feature in the file's dtype (masks arrive as 0/255), plus
 the per-event features the writer derives: the frame index (``frame`` or
 ``index_unmapped``) and ``nevents``.
 """
@@ -69,18 +69,16 @@ class ChunkGatherer:
 
     def append(self, frame: int, nevents: int,
                parts: list[tuple[Mapping[str, np.ndarray[Any, Any]], int]]) -> None:
-        """Append frame ``frame``: ``parts`` are (feature arrays, events) pieces in order."""
+        """Append frame ``frame``: ``parts`` are (feature arrays, events) pieces in order.
+
+        The arrays are in the file's dtypes already (masks as uint8 0/255).
+        """
         if nevents:
             self._reserve(self.nevents + nevents)
             start = self.nevents
             for source, count in parts:
-                for name, feature in self._schema.items():
-                    dest = self._arrays[name][start:start + count]
-                    src = source[name][:count]
-                    if feature.dtype.kind == "b":
-                        np.multiply(src.view(np.uint8), np.uint8(255), out=dest)
-                    else:
-                        np.copyto(dest, src)
+                for name in self._schema:
+                    self._arrays[name][start:start + count] = source[name][:count]
                 start += count
             for name in self._derived:
                 value = nevents if name == "nevents" else frame

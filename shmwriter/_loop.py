@@ -150,7 +150,7 @@ class WriterLoop:
             self.ring.set(Field.WRITER_PID, os.getpid())
             self.ring.set(Field.START_TIME_NS, time.time_ns())
             layout = self.config.ring.layout
-            self._slot_views = [self.ring.slot_views(s, layout.slot_events)
+            self._slot_views = [self.ring.slot_views(s, layout.slot_events, as_stored=True)
                                 for s in range(self.config.ring.slots)]
             self.sink = H5Sink(self.config.path, layout.schema, self.config.derived,
                                self.config.hdf5_dataset_kwargs, self.config.metadata)
@@ -333,11 +333,10 @@ class WriterLoop:
             self.reorder.frontier += 1
             self._gather(arrival)
             self._drain()
-        elif self.reorder.has_room(self._nbytes(nevents)):
-            self._copy_out(arrival)
-            self.reorder.hold(arrival)
         else:
-            self.reorder.hold(arrival)  # stays in its slots: the ring throttles producers
+            # it waits in its slots (no copy) until the frontier reaches it, unless
+            # the ring runs short: then _relieve_ring copies waiting frames out
+            self.reorder.hold(arrival)
 
     def _check_frame(self, channel: _Channel, frame: int, nevents: int,
                      slots: list[int]) -> str | None:
@@ -416,22 +415,33 @@ class WriterLoop:
         self.free.extend(slots)
 
     def _relieve_ring(self) -> None:
-        """If producers wait and every slot holds a waiting frame, copy frames out anyway."""
-        if self.free or not self.pending:
+        """Copy waiting frames out of the ring when it runs short of free slots.
+
+        Within the reorder budget this happens as soon as fewer than a quarter of
+        the slots are free; beyond it only when producers wait and no slot is
+        free, which keeps the ring moving at the price of more memory.
+        """
+        short = len(self.free) < self.config.ring.slots // 4 or (
+            self.pending and len(self.free) < self.pending[0][1])
+        if not short:
             return
-        held = self.reorder.held_in_slots()
-        if not held:
-            return
+        stuck = self.pending and not self.free
+        for arrival in self.reorder.held_in_slots():
+            if not self.reorder.has_room(self._nbytes(arrival.nevents)):
+                if not stuck:
+                    break
+                self._warn_budget()
+            self._copy_out(arrival)
+            self.reorder.mark_copied(arrival)
+            if len(self.free) >= self.config.ring.slots // 4 and not self.pending:
+                break
+        self._grant_pending()
+
+    def _warn_budget(self) -> None:
         if not self._warned_budget:
             logger.warning("frames arrive far out of order: the reorder budget of %d bytes is "
                            "exceeded to keep the ring moving", self.config.reorder_budget_nbytes)
             self._warned_budget = True
-        for arrival in held:
-            self._copy_out(arrival)
-            self.reorder.stash_nbytes += arrival.nbytes
-        self.reorder.peak_stash_nbytes = max(self.reorder.peak_stash_nbytes,
-                                             self.reorder.stash_nbytes)
-        self._grant_pending()
 
     # -- frames -----------------------------------------------------------------------
     def _nbytes(self, nevents: int) -> int:
@@ -448,7 +458,7 @@ class WriterLoop:
         """Copy a frame's events out of its slots into private memory; free the slots."""
         arrays = {}
         for name, feature in self.config.ring.layout.schema.items():
-            arrays[name] = np.empty((arrival.nevents, *feature.shape), feature.dtype)
+            arrays[name] = np.empty((arrival.nevents, *feature.shape), feature.file_dtype)
             start = 0
             for source, count in self._parts(arrival):
                 arrays[name][start:start + count] = source[name][:count]

@@ -1,10 +1,10 @@
 """Reorder: put frames arriving in any order back into frame order.
 
 Frames at the frontier (the next index the file needs) go straight on; frames
-ahead of it wait here. A waiting frame is copied out of the ring into private
-memory so its slots are freed at once, while the copies stay within a byte
-budget; beyond it, frames stay in their slots (the ring then throttles the
-producers) until the frontier reaches them.
+ahead of it wait here, in their ring slots, so that a frame only slightly out
+of order is copied once, not twice. When the ring runs short of free slots the
+writer copies waiting frames out into private memory, within a byte budget
+(beyond it only to keep producers from stalling).
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class ReorderBuffer:
         #: Frames declared missing, in order.
         self.missing: list[int] = []
         self._waiting: dict[int, Arrival] = {}
+        self._in_slots: dict[int, Arrival] = {}  # waiting frames not copied out yet
         self._heap: list[int] = []
 
     def __len__(self) -> int:
@@ -72,12 +73,22 @@ class ReorderBuffer:
         """Keep a frame that is ahead of the frontier."""
         self._waiting[arrival.frame] = arrival
         heapq.heappush(self._heap, arrival.frame)
-        self.stash_nbytes += arrival.nbytes
-        self.peak_stash_nbytes = max(self.peak_stash_nbytes, self.stash_nbytes)
+        if arrival.slots:
+            self._in_slots[arrival.frame] = arrival
+        self._count_copy(arrival.nbytes)
 
     def held_in_slots(self) -> list[Arrival]:
-        """Waiting frames whose events are still in ring slots."""
-        return [a for a in self._waiting.values() if a.slots]
+        """Waiting frames whose events are still in ring slots, the furthest ahead first."""
+        return sorted(self._in_slots.values(), reverse=True)
+
+    def mark_copied(self, arrival: Arrival) -> None:
+        """Note that a waiting frame was copied out of its slots."""
+        del self._in_slots[arrival.frame]
+        self._count_copy(arrival.nbytes)
+
+    def _count_copy(self, nbytes: int) -> None:
+        self.stash_nbytes += nbytes
+        self.peak_stash_nbytes = max(self.peak_stash_nbytes, self.stash_nbytes)
 
     def pop_next(self) -> Arrival | None:
         """The waiting frame at the frontier, if it has arrived; advances the frontier."""
@@ -85,6 +96,7 @@ class ReorderBuffer:
         if arrival is None:
             return None
         heapq.heappop(self._heap)
+        self._in_slots.pop(arrival.frame, None)
         self.stash_nbytes -= arrival.nbytes
         self.frontier += 1
         return arrival

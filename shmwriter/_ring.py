@@ -153,15 +153,20 @@ class SlotRing:
         """Whether this process has unmapped the ring."""
         return self._mmap is None
 
-    def slot_views(self, slot: int, nevents: int) -> dict[str, np.ndarray[Any, Any]]:
-        """Writable views of the first ``nevents`` events of every feature in ``slot``."""
+    def slot_views(self, slot: int, nevents: int, *,
+                   as_stored: bool = False) -> dict[str, np.ndarray[Any, Any]]:
+        """Writable views of the first ``nevents`` events of every feature in ``slot``.
+
+        With ``as_stored``, boolean features are viewed as the uint8 0/255 that
+        producers store for them (see :class:`~shmwriter.Producer`).
+        """
         row = self._slots[slot]
         layout = self.spec.layout
         views = {}
         for (name, feature), offset in zip(layout.schema.items(), layout.offsets, strict=True):
             nbytes = feature.event_nbytes * nevents
-            views[name] = row[offset:offset + nbytes].view(feature.dtype).reshape(
-                nevents, *feature.shape)
+            dtype = feature.file_dtype if as_stored else feature.dtype
+            views[name] = row[offset:offset + nbytes].view(dtype).reshape(nevents, *feature.shape)
         return views
 
     def get(self, field: Field) -> int:

@@ -34,6 +34,7 @@ from .errors import BrokenError, ClosedError, FrameError, RingFullError
 __all__ = ["Producer"]
 
 EventArrays = Mapping[str, npt.ArrayLike]
+_MASK_TRUE = np.uint8(255)  # how the file stores True
 
 
 class Producer:
@@ -65,6 +66,7 @@ class Producer:
         self._cache: list[int] = []  # granted slots not used yet
         self._owed = 0  # slots requested but not granted yet
         self._slot_views: list[dict[str, np.ndarray[Any, Any]]] = []
+        self._masks = frozenset(n for n, f in spec.layout.schema.items() if f.dtype.kind == "b")
         #: Frames this producer has put (in this process).
         self.frames_put = 0
         #: Events this producer has put (in this process).
@@ -154,7 +156,9 @@ class Producer:
                           for name, f in self.schema.items()}
             try:
                 yield arrays
-                if not zero_copy:
+                if zero_copy:
+                    self._store_masks_as_bytes(arrays)
+                else:
                     self._copy_into_slots(slots, arrays, nevents)
             except BaseException:
                 self._cache.extend(slots)
@@ -254,12 +258,23 @@ class Producer:
 
     def _copy_into_slots(self, slots: list[int], arrays: Mapping[str, np.ndarray[Any, Any]],
                          nevents: int) -> None:
-        per_slot = self._spec.layout.slot_events
+        # masks are stored as the file has them (uint8 0/255), so that this
+        # conversion runs in the producers, in parallel, not in the writer
+        per_slot, masks = self._spec.layout.slot_events, self._masks
         for j, slot in enumerate(slots):
             start, stop = j * per_slot, min((j + 1) * per_slot, nevents)
             views = self._views(slot)
             for name, array in arrays.items():
-                np.copyto(views[name][:stop - start], array[start:stop], casting="unsafe")
+                view = views[name][:stop - start]
+                if name in masks:
+                    np.multiply(array[start:stop], _MASK_TRUE, out=view.view(np.uint8))
+                else:
+                    np.copyto(view, array[start:stop], casting="unsafe")
+
+    def _store_masks_as_bytes(self, arrays: Mapping[str, np.ndarray[Any, Any]]) -> None:
+        """Turn boolean features filled in place into the uint8 0/255 the file stores."""
+        for name in self._masks:
+            np.multiply(arrays[name], _MASK_TRUE, out=arrays[name].view(np.uint8))
 
     # -- descriptors ------------------------------------------------------------
     def _send_frame(self, frame_index: int, nevents: int, slots: list[int]) -> None:
