@@ -10,8 +10,17 @@ The data flow, module by module::
     _reorder   ReorderBuffer: frames back into frame order
     _gather    ChunkGatherer: write_threshold frames -> one chunk of arrays
     _h5sink    H5Sink: chunks -> /events datasets of the .rtdc file
-    _loop      WriterLoop: the writer's thread (or process) tying it together
+    _codec     ChunkCodec: Zstd + fletcher32 of whole HDF5 chunks, in parallel
+    _loop      WriterLoop: the writer's process (or thread) tying it together
     writer     Writer: owns the run, hands out producers
+    errors     the exceptions, each saying whose fault it was
+
+Around the pipeline: ``_recover`` (a dead writer's file opens plainly), ``_stats``
+(figures from the ring header), ``inspect`` and ``runs`` (the operator's commands),
+``demo``, ``replay``, ``bench`` (with ``_benchwork``, ``_benchrun``, ``_benchreport``),
+``cli``; ``_memory`` (PSS of a process tree), ``_liveness`` (is a pid alive);
+``eventqueue`` (with ``_queue_shared``) and ``compat`` give dcnum's queue-writer API on
+top of the same ring and channel ideas.
 """
 
 from __future__ import annotations
