@@ -18,6 +18,9 @@ from ._spec import Schema
 
 __all__ = ["DERIVED_DTYPES", "Chunk", "ChunkGatherer"]
 
+#: Features of at least this many bytes per event are copied slot by slot.
+_LARGE_NBYTES = 256
+
 #: Per-event features the writer can derive, and their dtypes.
 DERIVED_DTYPES: dict[str, np.dtype[Any]] = {
     "frame": np.dtype(np.uint32),
@@ -60,6 +63,8 @@ class ChunkGatherer:
 
     def __init__(self, schema: Schema, derived: tuple[str, ...]) -> None:
         self._schema, self._derived = schema, derived
+        self._small = [n for n, f in schema.items() if f.event_nbytes < _LARGE_NBYTES]
+        self._large = [n for n, f in schema.items() if f.event_nbytes >= _LARGE_NBYTES]
         self._capacity = 0
         self._capacity_hint = 64  # events of the largest chunk so far
         self._arrays: dict[str, np.ndarray[Any, Any]] = {}
@@ -85,6 +90,48 @@ class ChunkGatherer:
                 self._arrays[name][self.nevents:self.nevents + nevents] = value
             self.nevents += nevents
         self.nframes += 1
+
+    def append_from_ring(self, frames: list[tuple[int, int, list[int]]],
+                         ring_views: Mapping[str, np.ndarray[Any, Any]]) -> None:
+        """Append consecutive frames still in ring slots, in one go.
+
+        ``frames`` holds ``(frame, nevents, slots)`` in frame order and
+        ``ring_views[name]`` is the feature across the ring, shaped
+        ``(slots, slot_events, *shape)`` (see ``SlotRing.feature_views``). Large
+        features are copied slot by slot; small ones (scalars) with one fancy
+        index per batch, which saves a numpy call per feature and frame.
+        """
+        per_slot = next(iter(ring_views.values())).shape[1]
+        slot_index: list[int] = []
+        row_index: list[int] = []
+        counts: list[int] = []
+        parts: list[tuple[int, int]] = []
+        for _frame, nevents, slots in frames:
+            counts.append(nevents)
+            for j, slot in enumerate(slots):
+                count = min(per_slot, nevents - j * per_slot)
+                slot_index.extend([slot] * count)
+                row_index.extend(range(count))
+                parts.append((slot, count))
+        total = sum(counts)
+        self.nframes += len(frames)
+        if not total:
+            return
+        self._reserve(self.nevents + total)
+        start, stop = self.nevents, self.nevents + total
+        for name in self._small:
+            self._arrays[name][start:stop] = ring_views[name][np.asarray(slot_index),
+                                                              np.asarray(row_index)]
+        for name in self._large:
+            dest, source, at = self._arrays[name], ring_views[name], start
+            for slot, count in parts:
+                dest[at:at + count] = source[slot, :count]
+                at += count
+        counts_array = np.asarray(counts)
+        for name in self._derived:
+            values = counts_array if name == "nevents" else [f for f, _, _ in frames]
+            self._arrays[name][start:stop] = np.repeat(values, counts_array)
+        self.nevents = stop
 
     def skip(self, nframes: int) -> None:
         """Count ``nframes`` missing frames as covered by this chunk (no events)."""

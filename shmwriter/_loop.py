@@ -137,6 +137,8 @@ class WriterLoop:
         self.sink: H5Sink | None = None
         self.sink_error: BaseException | None = None
         self._slot_views: list[dict[str, np.ndarray[Any, Any]]] = []
+        self._feature_views: dict[str, np.ndarray[Any, Any]] = {}
+        self._in_order: list[tuple[int, int, list[int]]] = []  # frontier frames not copied yet
         self._last_emit = time.monotonic()
         self._warned_budget = False
 
@@ -150,6 +152,7 @@ class WriterLoop:
             self.ring.set(Field.WRITER_PID, os.getpid())
             self.ring.set(Field.START_TIME_NS, time.time_ns())
             layout = self.config.ring.layout
+            self._feature_views = self.ring.feature_views()
             self._slot_views = [self.ring.slot_views(s, layout.slot_events, as_stored=True)
                                 for s in range(self.config.ring.slots)]
             self.sink = H5Sink(self.config.path, layout.schema, self.config.derived,
@@ -235,7 +238,7 @@ class WriterLoop:
             self._publish()
             self.written_frames = self.ring.get(Field.WRITTEN_FRAMES)
             self.ring.set(Field.STATE, state)
-            self._slot_views = []
+            self._slot_views, self._feature_views = [], {}
             self.ring.close()
         self.selector.close()
         return state, error
@@ -286,6 +289,7 @@ class WriterLoop:
             if channel.done:
                 break
             self._on_record(channel, record)
+        self._gather_in_order()
         self._grant_pending()
         self._relieve_ring()
         return not channel.done
@@ -468,11 +472,25 @@ class WriterLoop:
         arrival.nbytes = self._nbytes(arrival.nevents)
 
     def _gather(self, arrival: Arrival) -> None:
-        self.gatherer.append(arrival.frame, arrival.nevents, self._parts(arrival))
-        if arrival.slots:
-            self._free_slots(arrival.slots)
-        if self.gatherer.nframes >= self.config.write_threshold:
+        """Append the frame at the frontier to the chunk (batched while it is in slots)."""
+        if arrival.arrays is None:
+            self._in_order.append((arrival.frame, arrival.nevents, arrival.slots))
+        else:
+            self._gather_in_order()
+            self.gatherer.append(arrival.frame, arrival.nevents, self._parts(arrival))
+        if self.gatherer.nframes + len(self._in_order) >= self.config.write_threshold:
             self._emit()
+
+    def _gather_in_order(self) -> None:
+        """Copy the batch of in-order frames out of their slots and free the slots.
+
+        Runs after every read from a producer, so a slot waits at most for the
+        records of one read to be handled.
+        """
+        if self._in_order:
+            batch, self._in_order = self._in_order, []
+            self.gatherer.append_from_ring(batch, self._feature_views)
+            self._free_slots([slot for _, _, slots in batch for slot in slots])
 
     def _drain(self) -> None:
         while (arrival := self.reorder.pop_next()) is not None:
@@ -484,6 +502,7 @@ class WriterLoop:
             logger.warning("%d frame(s) never arrived, from %d to %d", len(skipped),
                            skipped[0], skipped[-1])
         room = self.config.write_threshold
+        self._gather_in_order()  # the frames before the gap come first
         while skipped:
             take = min(room - self.gatherer.nframes, len(skipped))
             self.gatherer.skip(take)
@@ -493,6 +512,7 @@ class WriterLoop:
 
     # -- chunks and the sink thread ------------------------------------------------------
     def _emit(self) -> None:
+        self._gather_in_order()
         self._last_emit = time.monotonic()
         if self.gatherer.nframes:
             self._put_chunk(self.gatherer.take(), wait_for_sink=True)

@@ -169,6 +169,16 @@ class SlotRing:
             views[name] = row[offset:offset + nbytes].view(dtype).reshape(nevents, *feature.shape)
         return views
 
+    def feature_views(self) -> dict[str, np.ndarray[Any, Any]]:
+        """Each feature across all slots, ``(slots, slot_events, *shape)``, as stored."""
+        layout = self.spec.layout
+        views = {}
+        for (name, feature), offset in zip(layout.schema.items(), layout.offsets, strict=True):
+            block = self._slots[:, offset:offset + feature.event_nbytes * layout.slot_events]
+            views[name] = block.view(feature.file_dtype).reshape(
+                self.spec.slots, layout.slot_events, *feature.shape)
+        return views
+
     def get(self, field: Field) -> int:
         """One header counter."""
         return int(self.header[field])

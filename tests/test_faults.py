@@ -32,7 +32,8 @@ CTX = multiprocessing.get_context("spawn")
 
 
 def shm_entries() -> set[str]:
-    return {name for name in os.listdir("/dev/shm") if "shmw" in name}
+    """Run segments owned by this process (other test runs may share /dev/shm)."""
+    return {name for name in os.listdir("/dev/shm") if name.startswith(f"shmw_{os.getpid()}_")}
 
 
 def test_killed_producer_loses_only_its_own_frames(tmp_path):

@@ -39,7 +39,8 @@ def runs(draw):
 
 
 def shm_entries() -> set[str]:
-    return {name for name in os.listdir("/dev/shm") if "shmw" in name}
+    """Run segments owned by this process (other test runs may share /dev/shm)."""
+    return {name for name in os.listdir("/dev/shm") if name.startswith(f"shmw_{os.getpid()}_")}
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
