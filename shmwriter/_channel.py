@@ -35,7 +35,7 @@ class Kind(enum.IntEnum):
     """What a record from a producer says."""
 
     HELLO = 1     # value = pid of the process using the producer
-    REQUEST = 2   # nslots = slots wanted for the next frame
+    REQUEST = 2   # value = the frame they are for, nevents = slots wanted
     FRAME = 3     # value = frame index, nevents, slots listed
     RELEASE = 4   # slots listed are given back unused
     CLOSE = 5     # the producer is done
@@ -48,7 +48,7 @@ class Record:
     kind: int
     """A :class:`Kind` value (unchecked: the writer validates it)."""
     value: int
-    """Frame index (FRAME), pid (HELLO), or 0."""
+    """Frame index (FRAME, REQUEST), pid (HELLO), or 0."""
     nevents: int
     """Events of the frame (FRAME), slots wanted (REQUEST), or 0."""
     slots: tuple[int, ...]

@@ -96,6 +96,19 @@ class RunResult:
     """What went wrong, for FAILED."""
 
 
+@dataclass(slots=True)
+class _Request:
+    """A producer waiting for slots for one frame."""
+
+    frame: int
+    channel: _Channel
+    wanted: int
+
+    @staticmethod
+    def frame_of(request: _Request) -> int:
+        return request.frame
+
+
 class _Channel:
     """The writer's view of one producer."""
 
@@ -124,9 +137,9 @@ class WriterLoop:
         self.config, self.control = config, control
         spec = config.ring
         self.ring: SlotRing | None = None
-        self.owner = np.full(spec.slots, _FREE, dtype=np.int64)
+        self.owner = [_FREE] * spec.slots  # producer id, _FREE or _HELD, per slot
         self.free: deque[int] = deque(range(spec.slots))
-        self.pending: deque[tuple[_Channel, int]] = deque()
+        self.pending: deque[_Request] = deque()
         self.channels: dict[int, _Channel] = {}
         self.reorder = ReorderBuffer(spec.total_frames, config.reorder_budget_nbytes)
         self.gatherer = ChunkGatherer(spec.layout.schema, config.derived)
@@ -193,6 +206,7 @@ class WriterLoop:
                 next_liveness = now + _LIVENESS_INTERVAL_S
             if now - self._last_emit >= self.config.flush_interval_s:
                 self._emit()
+            self._settle_slots()
             self._publish()
 
     def _run_complete(self) -> bool:
@@ -289,9 +303,7 @@ class WriterLoop:
             if channel.done:
                 break
             self._on_record(channel, record)
-        self._gather_in_order()
-        self._grant_pending()
-        self._relieve_ring()
+        self._settle_slots()
         return not channel.done
 
     def _on_record(self, channel: _Channel, record: Record) -> None:
@@ -302,7 +314,7 @@ class WriterLoop:
             if not 1 <= record.nevents <= self.config.ring.slots:
                 self._refuse(channel, f"asked for {record.nevents} slots")
             else:
-                self.pending.append((channel, record.nevents))
+                self.pending.append(_Request(record.value, channel, record.nevents))
         elif kind == Kind.RELEASE:
             mine = [s for s in record.slots if s in channel.granted]
             self._free_slots(mine, channel)
@@ -330,7 +342,8 @@ class WriterLoop:
             self._free_slots([s for s in set(slots) if s in channel.granted], channel)
             return
         channel.granted.difference_update(slots)
-        self.owner[slots] = _HELD
+        for slot in slots:
+            self.owner[slot] = _HELD
         self.reorder.newest = max(self.reorder.newest, frame)
         arrival = Arrival(frame, nevents, slots)
         if frame == self.reorder.frontier:
@@ -368,7 +381,7 @@ class WriterLoop:
         channel.done = True
         logger.debug("producer %d %s", channel.id, why)
         self._free_slots(list(channel.granted), channel)
-        self.pending = deque((c, k) for c, k in self.pending if c is not channel)
+        self.pending = deque(r for r in self.pending if r.channel is not channel)
         self.selector.unregister(channel.desc_fd)
         os.close(channel.desc_fd)
         os.close(channel.grant_fd)
@@ -394,17 +407,24 @@ class WriterLoop:
 
     # -- slots ----------------------------------------------------------------------
     def _grant_pending(self) -> None:
+        """Grant waiting requests, the one for the lowest frame first.
+
+        The frontier needs the lowest frames first: a producer running far
+        ahead waits, instead of filling the ring with frames that cannot be
+        written yet.
+        """
         half = self.config.ring.slots // 2
         while self.pending:
-            channel, wanted = self.pending[0]
-            if len(self.free) < wanted:
+            request = min(self.pending, key=_Request.frame_of)
+            if len(self.free) < request.wanted:
                 return
-            self.pending.popleft()
-            extra = min(self.config.prefetch, max(0, len(self.free) - wanted - half))
-            grant = [self.free.popleft() for _ in range(wanted + extra)]
-            self.owner[grant] = channel.id
-            channel.granted.update(grant)
-            self._send_grants(channel, grant)
+            self.pending.remove(request)
+            extra = min(self.config.prefetch, max(0, len(self.free) - request.wanted - half))
+            grant = [self.free.popleft() for _ in range(request.wanted + extra)]
+            for slot in grant:
+                self.owner[slot] = request.channel.id
+            request.channel.granted.update(grant)
+            self._send_grants(request.channel, grant)
 
     def _send_grants(self, channel: _Channel, grant: list[int]) -> None:
         try:
@@ -415,30 +435,36 @@ class WriterLoop:
     def _free_slots(self, slots: list[int], channel: _Channel | None = None) -> None:
         if channel is not None:
             channel.granted.difference_update(slots)
-        self.owner[slots] = _FREE
+        for slot in slots:
+            self.owner[slot] = _FREE
         self.free.extend(slots)
+
+    def _settle_slots(self) -> None:
+        """Free the slots of frames gathered, then grant and relieve: after every step."""
+        self._gather_in_order()
+        self._grant_pending()
+        self._relieve_ring()
 
     def _relieve_ring(self) -> None:
         """Copy waiting frames out of the ring when it runs short of free slots.
 
-        Within the reorder budget this happens as soon as fewer than a quarter of
-        the slots are free; beyond it only when producers wait and no slot is
-        free, which keeps the ring moving at the price of more memory.
+        Within the reorder budget, frames furthest ahead are copied out until a
+        quarter of the slots is free. Beyond it, only as many as the most urgent
+        request needs, when nothing else can free a slot: that keeps the ring
+        moving at the price of memory (and a warning).
         """
-        short = len(self.free) < self.config.ring.slots // 4 or (
-            self.pending and len(self.free) < self.pending[0][1])
-        if not short:
-            return
-        stuck = self.pending and not self.free
+        quarter = self.config.ring.slots // 4
+        urgent = min(self.pending, key=_Request.frame_of) if self.pending else None
         for arrival in self.reorder.held_in_slots():
+            stuck = urgent is not None and len(self.free) < urgent.wanted
+            if not stuck and len(self.free) >= quarter:
+                break
             if not self.reorder.has_room(self._nbytes(arrival.nevents)):
                 if not stuck:
                     break
                 self._warn_budget()
             self._copy_out(arrival)
             self.reorder.mark_copied(arrival)
-            if len(self.free) >= self.config.ring.slots // 4 and not self.pending:
-                break
         self._grant_pending()
 
     def _warn_budget(self) -> None:

@@ -213,7 +213,7 @@ class Producer:
         if len(self._cache) < nslots and self._owed == 0:
             # give back what we hold and ask for all at once: a waiting
             # producer then holds no slot, so producers cannot deadlock
-            message = encode_record(Kind.REQUEST, nevents=nslots)
+            message = encode_record(Kind.REQUEST, frame_index, nevents=nslots)
             if self._cache:
                 message = encode_record(Kind.RELEASE, slots=self._cache) + message
                 self._cache.clear()
@@ -221,7 +221,7 @@ class Producer:
             self._owed = nslots
         elif len(self._cache) + self._owed < nslots:
             more = nslots - len(self._cache) - self._owed
-            self._send(encode_record(Kind.REQUEST, nevents=more))
+            self._send(encode_record(Kind.REQUEST, frame_index, nevents=more))
             self._owed += more
         self._wait_for_grants(frame_index, nslots,
                               self._timeout_s if timeout_s is None else timeout_s)

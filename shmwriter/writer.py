@@ -99,7 +99,10 @@ class Writer:
         names it, or None.
     reorder_budget_nbytes
         Most bytes of out-of-order frames the writer copies out of the ring
-        (default: the ring's size, at least 64 MiB).
+        (default: the ring's size). Frames waiting for an earlier one stay in
+        their slots while the ring has room; the budget is exceeded (with a
+        warning) only when frames arrive so far out of order that the ring
+        would otherwise stall.
     logs
         ``{name: lines}`` added under ``/logs`` when the run closes.
 
@@ -152,8 +155,7 @@ class Writer:
                 flush_interval_s=float(flush_interval_s),
                 hdf5_dataset_kwargs=dict(hdf5_dataset_kwargs or {}) or None,
                 metadata=dict(metadata or {}), derived=_derived(schema, index_feature),
-                reorder_budget_nbytes=reorder_budget_nbytes or max(
-                    self._ring.spec.ring_nbytes, 64 * 2**20),
+                reorder_budget_nbytes=reorder_budget_nbytes or self._ring.spec.ring_nbytes,
                 prefetch=min(32, slots // 4), logs=dict(logs or {}),
                 log_level=logging.getLogger("shmwriter").getEffectiveLevel())
             self._start(config)
