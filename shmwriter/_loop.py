@@ -43,6 +43,9 @@ _FREE, _HELD = -1, -2  # slot owner values besides producer ids
 #: Name of the log (under ``/logs``) that says how the run ended, one ``key=value`` a line.
 RUN_LOG = "shmwriter-run"
 _LIVENESS_INTERVAL_S = 0.5
+#: How long a request for a frame ahead of the waiting ones may wait before the writer
+#: copies waiting frames out of the ring for it, beyond the reorder budget if need be.
+_PATIENCE_S = 0.5
 _CHUNK_QUEUE_SIZE = 2
 # control messages, main -> loop: new producer (fds attached), hand-out over, abort
 MSG_PRODUCER, MSG_HANDOUT_OVER, MSG_ABORT = b"P", b"H", b"A"
@@ -103,6 +106,7 @@ class _Request:
     frame: int
     channel: _Channel
     wanted: int
+    since: float = field(default_factory=time.monotonic)
 
     @staticmethod
     def frame_of(request: _Request) -> int:
@@ -449,14 +453,21 @@ class WriterLoop:
         """Copy waiting frames out of the ring when it runs short of free slots.
 
         Within the reorder budget, frames furthest ahead are copied out until a
-        quarter of the slots is free. Beyond it, only as many as the most urgent
-        request needs, when nothing else can free a slot: that keeps the ring
-        moving at the price of memory (and a warning).
+        quarter of the slots is free. Beyond it, only as many as the request for
+        the lowest frame needs, and only frames after that one, when nothing
+        else can free a slot: that keeps the ring moving at the price of memory
+        (and a warning).
         """
         quarter = self.config.ring.slots // 4
         urgent = min(self.pending, key=_Request.frame_of) if self.pending else None
-        for arrival in self.reorder.held_in_slots():
-            stuck = urgent is not None and len(self.free) < urgent.wanted
+        for arrival in self.reorder.held_in_slots():  # the furthest ahead first
+            # worth exceeding the budget for a frame that comes before this one; a
+            # request for a frame further ahead waits for the frontier, but not for
+            # long: the frame the frontier needs may only be put after this one
+            # (or never, if its producer died)
+            stuck = urgent is not None and len(self.free) < urgent.wanted and (
+                urgent.frame < arrival.frame or self.producer_died or self._everyone_waits()
+                or time.monotonic() - urgent.since > _PATIENCE_S)
             if not stuck and len(self.free) >= quarter:
                 break
             if not self.reorder.has_room(self._nbytes(arrival.nevents)):
@@ -466,6 +477,11 @@ class WriterLoop:
             self._copy_out(arrival)
             self.reorder.mark_copied(arrival)
         self._grant_pending()
+
+    def _everyone_waits(self) -> bool:
+        """Whether every producer still running waits for slots: none can move the frontier."""
+        waiting = {id(request.channel) for request in self.pending}
+        return all(id(c) in waiting for c in self.channels.values() if not c.done)
 
     def _warn_budget(self) -> None:
         if not self._warned_budget:
