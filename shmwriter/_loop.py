@@ -46,7 +46,7 @@ _LIVENESS_INTERVAL_S = 0.5
 #: How long a request for a frame ahead of the waiting ones may wait before the writer
 #: copies waiting frames out of the ring for it, beyond the reorder budget if need be.
 _PATIENCE_S = 0.5
-_CHUNK_QUEUE_SIZE = 2
+_CHUNK_QUEUE_SIZE = 1  # one chunk waits while one is written: bounded memory
 # control messages, main -> loop: new producer (fds attached), hand-out over, abort
 MSG_PRODUCER, MSG_HANDOUT_OVER, MSG_ABORT = b"P", b"H", b"A"
 # loop -> main: started, result (a pickled RunResult follows), log record (pickled dict)
