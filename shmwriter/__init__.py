@@ -18,7 +18,8 @@ The data flow, module by module::
 Around the pipeline: ``_recover`` (a dead writer's file opens plainly), ``_stats``
 (figures from the ring header), ``inspect`` and ``runs`` (the operator's commands),
 ``demo``, ``replay``, ``bench`` (with ``_benchwork``, ``_benchrun``, ``_benchreport``),
-``cli``; ``_memory`` (PSS of a process tree), ``_liveness`` (is a pid alive);
+``cli`` (with ``_text`` for its tables); ``_memory`` (PSS of a process tree),
+``_liveness`` (is a pid alive);
 ``eventqueue`` (with ``_queue_shared``) and ``compat`` give dcnum's queue-writer API on
 top of the same ring and channel ideas.
 """

@@ -7,13 +7,9 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
 from .errors import ShmWriterError
-
-if TYPE_CHECKING:
-    from .inspect import FileReport
-    from .runs import RunStatus
 
 __all__ = ["main"]
 
@@ -247,7 +243,7 @@ def _add_inspect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 def _run_inspect(args: argparse.Namespace) -> int:
     import json
 
-    from .inspect import inspect_file
+    from .inspect import format_report, inspect_file
     try:
         report = inspect_file(args.file)
     except ValueError as exc:  # not HDF5, not openable, not an .rtdc layout
@@ -255,46 +251,8 @@ def _run_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        print(_format_report(report))
+        print(format_report(report))
     return 0 if report.complete else 1
-
-
-def _format_report(report: FileReport) -> str:
-    frames = (" (no frame index)" if report.frames is None
-              else f" in {report.frames} frames with events")
-    if report.frame_range is not None:
-        frames += f" (indices {report.frame_range[0]} to {report.frame_range[1]})"
-    ratio = "-" if report.compression_ratio is None else f"{report.compression_ratio:.2f}"
-    missing = (f"{len(report.missing_frames)}: {_ranges(report.missing_frames)}"
-               if report.missing_frames else "none")
-    complete = ("yes" if report.complete else "NO: " + "; ".join(report.problems))
-    lines = [
-        report.path,
-        f"  events       {report.events}{frames}",
-        (f"  size         {_mb(report.file_nbytes)} on disk, {_mb(report.data_nbytes)} of "
-         f"event data: compression ratio {ratio}"),
-        f"  complete     {complete}",
-        f"  missing      {missing}",
-        f"  logs         {', '.join(report.logs) or 'none'}",
-        "",
-        f"datasets ({len(report.datasets)}):",
-    ]
-    rows = [("NAME", "DTYPE", "SHAPE", "CHUNKS", "COMPRESSION", "FLETCHER32", "DATA", "RATIO")]
-    for ds in report.datasets:
-        compression = ds.compression or "none"
-        if ds.compression_level is not None:
-            compression += f" {ds.compression_level}"
-        ratio = f"{ds.nbytes / ds.stored_nbytes:.1f}" if ds.stored_nbytes else "-"
-        rows.append((ds.name, ds.dtype, _shape(ds.shape), _shape(ds.chunks), compression,
-                     "yes" if ds.fletcher32 else "no", _mb(ds.nbytes), ratio))
-    lines += ["  " + line for line in _table(rows, right=(6, 7))]
-    if report.groups:
-        lines += ["", f"groups ({len(report.groups)}):"]
-        lines += [f"  {g.name}: {g.datasets} datasets, {_mb(g.nbytes)} of data, "
-                  f"{_mb(g.stored_nbytes)} stored" for g in report.groups]
-    lines += ["", f"metadata ({len(report.metadata)}):"]
-    lines += [f"  {key} = {value}" for key, value in report.metadata.items()]
-    return "\n".join(lines)
 
 
 def _add_top(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -322,7 +280,7 @@ def _run_top(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from .runs import run_statuses, snapshot_runs
+    from .runs import format_statuses, run_statuses, snapshot_runs
     if args.json and not args.once:
         raise _UserError("--json prints one document and needs --once")
     before = snapshot_runs()
@@ -333,7 +291,7 @@ def _run_top(args: argparse.Namespace) -> int:
             print(json.dumps({"interval_s": args.interval,
                               "runs": [s.to_dict() for s in statuses]}, indent=2))
         else:
-            print(_format_top(statuses))
+            print(format_statuses(statuses))
         return 0
     on_terminal = sys.stdout.isatty()
     statuses = run_statuses([], before)  # shown at once; the rates follow
@@ -341,7 +299,7 @@ def _run_top(args: argparse.Namespace) -> int:
         while True:
             title = (f"shmwriter top: {len(statuses)} run(s) at {time.strftime('%H:%M:%S')}, "
                      f"every {args.interval:g} s; Ctrl-C quits")
-            text = f"{title}\n\n{_format_top(statuses)}\n"
+            text = f"{title}\n\n{format_statuses(statuses)}\n"
             # a plain ANSI home + clear keeps the table in place on a terminal
             sys.stdout.write(("\x1b[H\x1b[2J" + text) if on_terminal else text + "\n")
             sys.stdout.flush()
@@ -350,26 +308,6 @@ def _run_top(args: argparse.Namespace) -> int:
             statuses, before = run_statuses(before, after), after
     except KeyboardInterrupt:
         return 0
-
-
-def _format_top(statuses: Sequence[RunStatus]) -> str:
-    if not statuses:
-        return "no runs of this user in /dev/shm"
-    rows = [("PID", "STATE", "RING", "FRAMES", "EVENTS", "EVENTS/S", "MB/S", "QUEUE", "LAG",
-             "PRODUCERS", "FILE")]
-    for status in statuses:
-        stats = status.statistics
-        state = stats.state if status.snapshot.verdict.owner_alive else "DEAD"
-        frames = str(stats.written_frames)
-        if stats.total_frames is not None:
-            frames += f"/{stats.total_frames}"
-        rows.append((
-            str(status.snapshot.verdict.segment.name_pid), state,
-            f"{stats.slots_in_use}/{stats.slots} {status.ring_occupancy:.0%}", frames,
-            str(stats.written_events), _rate(status.events_per_s, 1.0),
-            _rate(status.nbytes_per_s, 1e6, ".2f"), str(stats.write_queue_size),
-            str(stats.lag_frames), str(stats.producers_alive), stats.path))
-    return "\n".join(_table(rows, right=(3, 4, 5, 6, 7, 8, 9)))
 
 
 def _add_clean(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -391,28 +329,9 @@ def _add_clean(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _run_clean(args: argparse.Namespace) -> int:
-    from .runs import clean_leftovers
+    from .runs import clean_leftovers, format_clean
     verdicts = clean_leftovers(args.names or None, dry_run=args.dry_run)
-    if not verdicts:
-        print("no run segments of this user in /dev/shm")
-        return 0
-    freed = 0
-    for verdict in verdicts:
-        name, size = verdict.segment.name, _mb(verdict.segment.nbytes)
-        if verdict.owner_alive:
-            print(f"kept         {name} ({size}): {verdict.reason}")
-        elif args.dry_run:
-            print(f"would remove {name} ({size}): {verdict.reason}")
-            freed += verdict.segment.nbytes
-        elif verdict.removed:
-            print(f"removed      {name} ({size}): {verdict.reason}")
-            freed += verdict.segment.nbytes
-        else:
-            print(f"gone         {name}: removed by someone else meanwhile")
-    leftovers = sum(not v.owner_alive for v in verdicts)
-    live = len(verdicts) - leftovers
-    verb = "would free" if args.dry_run else "freed"
-    print(f"{leftovers} leftover segment(s), {verb} {_mb(freed)}; {live} live run(s) kept")
+    print(format_clean(verdicts, dry_run=args.dry_run))
     return 0
 
 
@@ -444,41 +363,6 @@ def _run_replay(args: argparse.Namespace) -> int:
         raise _UserError(str(exc)) from None
     print(summary.line())
     return 0
-
-def _table(rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> list[str]:
-    """Rows as aligned columns; ``right`` are the indices of right-aligned columns."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = []
-    for row in rows:
-        cells = [cell.rjust(w) if i in right else cell.ljust(w)
-                 for i, (cell, w) in enumerate(zip(row, widths, strict=True))]
-        lines.append("  ".join(cells).rstrip())
-    return lines
-
-
-def _ranges(values: Sequence[int], limit: int = 12) -> str:
-    """``1, 4-7, 9`` for 1, 4, 5, 6, 7, 9; at most ``limit`` ranges."""
-    spans: list[list[int]] = []
-    for value in values:
-        if spans and value == spans[-1][1] + 1:
-            spans[-1][1] = value
-        else:
-            spans.append([value, value])
-    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans[:limit])
-    return text + (f", ... ({len(spans) - limit} more ranges)" if len(spans) > limit else "")
-
-
-def _shape(shape: Sequence[int] | None) -> str:
-    return "-" if shape is None else "(" + ", ".join(map(str, shape)) + ")"
-
-
-def _mb(nbytes: int) -> str:
-    return f"{nbytes / 1e6:.1f} MB" if nbytes >= 1_000_000 else f"{nbytes / 1e3:.1f} kB"
-
-
-def _rate(value: float | None, unit: float, fmt: str = ".0f") -> str:
-    return "-" if value is None else format(value / unit, fmt)
-
 
 def _positive_float(text: str) -> float:
     try:

@@ -20,8 +20,9 @@ import numpy as np
 
 from ._h5sink import MISSING_FRAMES_LOG
 from ._loop import RUN_LOG
+from ._text import megabytes, ranges, shape_text, table
 
-__all__ = ["DatasetReport", "FileReport", "GroupReport", "inspect_file"]
+__all__ = ["DatasetReport", "FileReport", "GroupReport", "format_report", "inspect_file"]
 
 #: The root attribute the writer sets only when a run closes cleanly.
 EVENT_COUNT_ATTR = "experiment:event count"
@@ -301,3 +302,42 @@ def _plain(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def format_report(report: FileReport) -> str:
+    """The report as the ``inspect`` command prints it."""
+    frames = (" (no frame index)" if report.frames is None
+              else f" in {report.frames} frames with events")
+    if report.frame_range is not None:
+        frames += f" (indices {report.frame_range[0]} to {report.frame_range[1]})"
+    ratio = "-" if report.compression_ratio is None else f"{report.compression_ratio:.2f}"
+    missing = (f"{len(report.missing_frames)}: {ranges(report.missing_frames)}"
+               if report.missing_frames else "none")
+    complete = ("yes" if report.complete else "NO: " + "; ".join(report.problems))
+    lines = [
+        report.path,
+        f"  events       {report.events}{frames}",
+        (f"  size         {megabytes(report.file_nbytes)} on disk, "
+         f"{megabytes(report.data_nbytes)} of event data: compression ratio {ratio}"),
+        f"  complete     {complete}",
+        f"  missing      {missing}",
+        f"  logs         {', '.join(report.logs) or 'none'}",
+        "",
+        f"datasets ({len(report.datasets)}):",
+    ]
+    rows = [("NAME", "DTYPE", "SHAPE", "CHUNKS", "COMPRESSION", "FLETCHER32", "DATA", "RATIO")]
+    for ds in report.datasets:
+        compression = ds.compression or "none"
+        if ds.compression_level is not None:
+            compression += f" {ds.compression_level}"
+        ratio = f"{ds.nbytes / ds.stored_nbytes:.1f}" if ds.stored_nbytes else "-"
+        rows.append((ds.name, ds.dtype, shape_text(ds.shape), shape_text(ds.chunks), compression,
+                     "yes" if ds.fletcher32 else "no", megabytes(ds.nbytes), ratio))
+    lines += ["  " + line for line in table(rows, right=(6, 7))]
+    if report.groups:
+        lines += ["", f"groups ({len(report.groups)}):"]
+        lines += [f"  {g.name}: {g.datasets} datasets, {megabytes(g.nbytes)} of data, "
+                  f"{megabytes(g.stored_nbytes)} stored" for g in report.groups]
+    lines += ["", f"metadata ({len(report.metadata)}):"]
+    lines += [f"  {key} = {value}" for key, value in report.metadata.items()]
+    return "\n".join(lines)

@@ -31,9 +31,21 @@ import psutil
 from ._ring import _ERROR_NBYTES, _ERROR_OFFSET, _HEADER_NBYTES, _MAGIC, Field
 from ._segment import NAME_PREFIX, SHM_DIR, unlink_segment
 from ._stats import RunStatistics, header_statistics
+from ._text import megabytes, rate, table
 
-__all__ = ["RunSnapshot", "RunStatus", "Segment", "Verdict", "clean_leftovers",
-           "find_segments", "judge_segments", "run_statuses", "snapshot_runs"]
+__all__ = [
+    "RunSnapshot",
+    "RunStatus",
+    "Segment",
+    "Verdict",
+    "clean_leftovers",
+    "find_segments",
+    "format_clean",
+    "format_statuses",
+    "judge_segments",
+    "run_statuses",
+    "snapshot_runs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -328,3 +340,48 @@ def _maps(pid: int, path: str) -> bool:
                        for line in maps)
     except OSError:
         return False
+
+
+def format_statuses(statuses: Sequence[RunStatus]) -> str:
+    """The runs as the table ``top`` prints."""
+    if not statuses:
+        return "no runs of this user in /dev/shm"
+    rows = [("PID", "STATE", "RING", "FRAMES", "EVENTS", "EVENTS/S", "MB/S", "QUEUE", "LAG",
+             "PRODUCERS", "FILE")]
+    for status in statuses:
+        stats = status.statistics
+        state = stats.state if status.snapshot.verdict.owner_alive else "DEAD"
+        frames = str(stats.written_frames)
+        if stats.total_frames is not None:
+            frames += f"/{stats.total_frames}"
+        rows.append((
+            str(status.snapshot.verdict.segment.name_pid), state,
+            f"{stats.slots_in_use}/{stats.slots} {status.ring_occupancy:.0%}", frames,
+            str(stats.written_events), rate(status.events_per_s, 1.0),
+            rate(status.nbytes_per_s, 1e6, ".2f"), str(stats.write_queue_size),
+            str(stats.lag_frames), str(stats.producers_alive), stats.path))
+    return "\n".join(table(rows, right=(3, 4, 5, 6, 7, 8, 9)))
+
+
+def format_clean(verdicts: Sequence[Verdict], *, dry_run: bool) -> str:
+    """What ``clean`` did (or would do), one line a segment and a summary."""
+    if not verdicts:
+        return "no run segments of this user in /dev/shm"
+    lines, freed = [], 0
+    for verdict in verdicts:
+        name, size = verdict.segment.name, megabytes(verdict.segment.nbytes)
+        if verdict.owner_alive:
+            lines.append(f"kept         {name} ({size}): {verdict.reason}")
+        elif dry_run:
+            lines.append(f"would remove {name} ({size}): {verdict.reason}")
+            freed += verdict.segment.nbytes
+        elif verdict.removed:
+            lines.append(f"removed      {name} ({size}): {verdict.reason}")
+            freed += verdict.segment.nbytes
+        else:
+            lines.append(f"gone         {name}: removed by someone else meanwhile")
+    leftovers = sum(not v.owner_alive for v in verdicts)
+    verb = "would free" if dry_run else "freed"
+    lines.append(f"{leftovers} leftover segment(s), {verb} {megabytes(freed)}; "
+                 f"{len(verdicts) - leftovers} live run(s) kept")
+    return "\n".join(lines)
