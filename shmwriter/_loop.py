@@ -460,6 +460,8 @@ class WriterLoop:
         """
         quarter = self.config.ring.slots // 4
         urgent = min(self.pending, key=_Request.frame_of) if self.pending else None
+        if len(self.free) >= max(quarter, urgent.wanted if urgent else 0):
+            return  # the common case: nothing to relieve
         for arrival in self.reorder.held_in_slots():  # the furthest ahead first
             # worth exceeding the budget for a frame that comes before this one; a
             # request for a frame further ahead waits for the frontier, but not for
