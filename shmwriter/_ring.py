@@ -34,6 +34,20 @@ _PATH_OFFSET, _PATH_NBYTES = 2048, 2048
 _MAGIC = 0x73686D7772697431  # "shmwrit1"
 
 
+def error_text(header: bytes) -> str:
+    """The writer's error message stored in a copied ``header``."""
+    return _text_at(header, _ERROR_OFFSET, _ERROR_NBYTES)
+
+
+def path_text(header: bytes) -> str:
+    """The file path stored in a copied ``header``."""
+    return _text_at(header, _PATH_OFFSET, _PATH_NBYTES)
+
+
+def _text_at(header: bytes, offset: int, nbytes: int) -> str:
+    return header[offset:offset + nbytes].split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
 class Field(enum.IntEnum):
     """Index of each int64 counter in the header."""
 
@@ -195,8 +209,7 @@ class SlotRing:
     @property
     def error_text(self) -> str:
         """The writer's error message, if it failed."""
-        raw = self._base[_ERROR_OFFSET:_ERROR_OFFSET + _ERROR_NBYTES].tobytes()
-        return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+        return error_text(self._base[:_HEADER_NBYTES].tobytes())
 
     def set_error_text(self, text: str) -> None:
         """Store the writer's error message (truncated to 1 KiB)."""
@@ -205,8 +218,7 @@ class SlotRing:
     @property
     def path_text(self) -> str:
         """Path of the file the run writes."""
-        raw = self._base[_PATH_OFFSET:_PATH_OFFSET + _PATH_NBYTES].tobytes()
-        return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+        return path_text(self._base[:_HEADER_NBYTES].tobytes())
 
     def set_path_text(self, text: str) -> None:
         """Store the path of the file the run writes."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._ring import _HEADER_NBYTES, _PATH_NBYTES, _PATH_OFFSET, Field, SlotRing, State
+from ._ring import _HEADER_NBYTES, Field, SlotRing, State, path_text
 
 __all__ = ["RunStatistics", "header_statistics", "read_statistics"]
 
@@ -86,10 +86,9 @@ def header_statistics(header: bytes) -> RunStatistics:
     h = np.frombuffer(header, dtype=np.int64, count=_HEADER_NBYTES // 8)
     total = int(h[Field.TOTAL_FRAMES])
     start = int(h[Field.START_TIME_NS])
-    raw_path = header[_PATH_OFFSET:_PATH_OFFSET + _PATH_NBYTES]
     return RunStatistics(
         state=State(int(h[Field.STATE])).name,
-        path=raw_path.split(b"\0", 1)[0].decode("utf-8", "replace"),
+        path=path_text(header),
         owner_pid=int(h[Field.OWNER_PID]), writer_pid=int(h[Field.WRITER_PID]),
         slots=int(h[Field.SLOTS]), slots_in_use=int(h[Field.SLOTS_IN_USE]),
         peak_slots_in_use=int(h[Field.PEAK_SLOTS_IN_USE]),

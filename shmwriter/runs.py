@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from ._ring import _ERROR_NBYTES, _ERROR_OFFSET, _HEADER_NBYTES, _MAGIC, Field
+from ._ring import _HEADER_NBYTES, _MAGIC, Field, error_text
 from ._segment import NAME_PREFIX, SHM_DIR, unlink_segment
 from ._stats import RunStatistics, header_statistics
 from ._text import megabytes, rate, table
@@ -262,8 +262,7 @@ def snapshot_runs() -> list[RunSnapshot]:
                 statistics = header_statistics(header)
             except ValueError:  # a state this version does not know
                 statistics = None
-            raw_error = header[_ERROR_OFFSET:_ERROR_OFFSET + _ERROR_NBYTES]
-            error = raw_error.split(b"\0", 1)[0].decode("utf-8", "replace")
+            error = error_text(header)
         snapshots.append(RunSnapshot(verdict=_judge(segment, header), statistics=statistics,
                                      error_text=error, taken_s=taken_s))
     return snapshots
