@@ -8,6 +8,7 @@ The data flow, module by module::
     _channel   per-producer pipes: descriptors in, slot grants out
     producer   Producer.put / .frame: copy into slots, send a descriptor
     _reorder   ReorderBuffer: frames back into frame order
+    _ranges    FrameRanges: missing frames kept as ranges (one entry per gap)
     _gather    ChunkGatherer: write_threshold frames -> one chunk of arrays
     _h5sink    H5Sink: chunks -> /events datasets of the .rtdc file
     _codec     ChunkCodec: Zstd + fletcher32 of whole HDF5 chunks, in parallel
@@ -26,6 +27,7 @@ top of the same ring and channel ideas.
 
 from __future__ import annotations
 
+from ._ranges import FrameRanges as FrameRanges
 from ._spec import Feature as Feature
 from ._spec import Schema as Schema
 from ._stats import RunStatistics as RunStatistics
@@ -40,6 +42,7 @@ from .eventqueue import EventQueue as EventQueue
 from .producer import Producer as Producer
 from .writer import Writer as Writer
 
+#: The version; pyproject.toml reads it from here, ``shmwriter --version`` prints it.
 __version__ = "0.1.0"
 
 __all__ = [
@@ -48,6 +51,7 @@ __all__ = [
     "EventQueue",
     "Feature",
     "FrameError",
+    "FrameRanges",
     "MissingFramesError",
     "Producer",
     "RingFullError",

@@ -14,6 +14,11 @@ file is the same as if HDF5 had filtered it. The rows of the last, incomplete
 chunk stay in memory and are also stored, padded with the fill value as HDF5
 pads edge chunks, so every row is in the file after each flush; the next write
 stores that chunk again with more rows. Other filters go through HDF5.
+
+The run log (``/logs/shmwriter-run``) exists from the start, as a fixed block
+of lines saying ``state=RUNNING``: a file whose writer was killed says so.
+If writing fails (a full disk), the writer overwrites that block in place,
+with plain file writes that need no new space, to say why.
 """
 
 from __future__ import annotations
@@ -31,15 +36,20 @@ import numpy as np
 
 from ._codec import ChunkCodec, codec_for
 from ._gather import DERIVED_DTYPES, Chunk
+from ._ranges import as_ranges
 from ._recover import discard_further_writes
 from ._spec import Schema
 
-__all__ = ["MISSING_FRAMES_LOG", "H5Sink", "chunk_rows", "dataset_kwargs"]
+__all__ = ["MISSING_FRAMES_LOG", "RUN_LOG", "H5Sink", "chunk_rows", "dataset_kwargs"]
 
 logger = logging.getLogger(__name__)
 
 #: Name of the log (under ``/logs``) listing frames that never arrived.
 MISSING_FRAMES_LOG = "shmwriter-missing-frames"
+#: Name of the log (under ``/logs``) that says how the run ended, one ``key=value`` a line.
+RUN_LOG = "shmwriter-run"
+#: The run log's block while the run goes on: lines of at most dclab's 100 characters.
+_RUN_LOG_LINES, _RUN_LOG_LINE_NBYTES = 16, 100
 _IMAGE_ATTRS = {"CLASS": "IMAGE", "IMAGE_VERSION": "1.2", "IMAGE_SUBCLASS": "IMAGE_GRAYSCALE"}
 _CHUNK_NBYTES = 2**20
 #: Encoded chunks in flight per encoder thread.
@@ -88,6 +98,7 @@ class H5Sink:
     _file: h5py.File | None = None
     _pool: ThreadPoolExecutor | None = None
     _window = 0
+    _run_log_offset: int | None = None
 
     def __init__(self, path: str | os.PathLike[str], schema: Schema, derived: tuple[str, ...],
                  hdf5_dataset_kwargs: Mapping[str, Any] | None,
@@ -109,6 +120,7 @@ class H5Sink:
                 self._window = _WINDOW_PER_WORKER * workers
                 self._pool = ThreadPoolExecutor(max_workers=workers,
                                                 thread_name_prefix="shmwriter-encode")
+            self._run_log_offset = _reserve_run_log(self._file)
             self._file.swmr_mode = True
         except BaseException:
             self._shutdown_pool()
@@ -166,13 +178,17 @@ class H5Sink:
         with h5py.File(self.path, "a") as h5:
             h5.attrs["experiment:event count"] = np.int64(self.nevents)
             all_logs = dict(logs or {})
-            if missing_frames:
-                all_logs[MISSING_FRAMES_LOG] = [str(i) for i in missing_frames]
+            if missing_frames:  # one line per range: a gap of a million frames is one line
+                all_logs[MISSING_FRAMES_LOG] = as_ranges(missing_frames).lines()
             for name, lines in all_logs.items():
                 _write_log(h5, name, lines)
 
-    def abandon(self) -> None:
-        """Close the file after a failure, keeping what was flushed."""
+    def abandon(self, run_log: Sequence[str] = ()) -> None:
+        """Close the file after a failure, keeping what was flushed.
+
+        ``run_log`` (at most 16 lines of 100 bytes) replaces the run log's
+        ``state=RUNNING`` block in place, so the file tells why it ends early.
+        """
         self._shutdown_pool()
         if self._file is not None:
             file, self._file = self._file, None
@@ -182,7 +198,12 @@ class H5Sink:
             try:
                 file.close()
             except Exception:  # the failure is reported already; the flushed data stays
-                logger.exception("closing %s after a failure", self.path)
+                logger.debug("closing %s after a failure", self.path, exc_info=True)
+        if run_log and self._run_log_offset is not None:
+            try:
+                _overwrite_run_log(self.path, self._run_log_offset, run_log)
+            except OSError as exc:
+                logger.warning("could not record the failure in %s: %s", self.path, exc)
 
     def _shutdown_pool(self) -> None:
         if self._pool is not None:
@@ -315,6 +336,32 @@ def _write_metadata(h5: h5py.File, metadata: Mapping[str, Any]) -> None:
         if not isinstance(key, str) or key.count(":") != 1:
             raise ValueError(f"metadata keys must look like 'section:key'; got {key!r}")
         h5.attrs[key] = value
+
+
+def _run_log_block(lines: Sequence[str]) -> np.ndarray[Any, Any]:
+    """The run log's fixed block: ``lines`` cut to 100 bytes each, padded to 16 lines."""
+    block = np.zeros(_RUN_LOG_LINES, dtype=f"S{_RUN_LOG_LINE_NBYTES}")
+    for i, line in enumerate(list(lines)[:_RUN_LOG_LINES]):
+        block[i] = line.encode("utf-8")[:_RUN_LOG_LINE_NBYTES]
+    return block
+
+
+def _reserve_run_log(h5: h5py.File) -> int | None:
+    """Create the run log as a contiguous block saying the run goes on; return its offset."""
+    dataset = h5.require_group("logs").create_dataset(RUN_LOG,
+                                                      data=_run_log_block(["state=RUNNING"]))
+    h5.flush()
+    offset = dataset.id.get_offset()
+    return None if offset is None else int(offset)
+
+
+def _overwrite_run_log(path: str, offset: int, lines: Sequence[str]) -> None:
+    """Write ``lines`` over the run log's block: no new blocks, so it works on a full disk."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.pwrite(fd, _run_log_block(lines).tobytes(), offset)
+    finally:
+        os.close(fd)
 
 
 def _write_log(h5: h5py.File, name: str, lines: Sequence[str]) -> None:

@@ -15,6 +15,7 @@ import os
 import pickle
 import queue
 import selectors
+import signal
 import socket
 import struct
 import threading
@@ -30,8 +31,9 @@ import numpy as np
 
 from ._channel import GRANT_REFUSED, Kind, Record, decode_records
 from ._gather import Chunk, ChunkGatherer
-from ._h5sink import H5Sink
+from ._h5sink import RUN_LOG, H5Sink
 from ._liveness import is_alive
+from ._ranges import FrameRanges
 from ._reorder import Arrival, ReorderBuffer
 from ._ring import Field, RingSpec, SlotRing, State
 
@@ -40,14 +42,18 @@ __all__ = ["RunConfig", "RunResult", "WriterLoop", "run_in_process"]
 logger = logging.getLogger(__name__)
 
 _FREE, _HELD = -1, -2  # slot owner values besides producer ids
-#: Name of the log (under ``/logs``) that says how the run ended, one ``key=value`` a line.
-RUN_LOG = "shmwriter-run"
+#: Longest line dclab accepts in a file's logs.
+_LOG_LINE_LIMIT = 100
+#: Highest frame index: the file stores frame indices as uint32.
+MAX_FRAME_INDEX = 2**32 - 1
 _LIVENESS_INTERVAL_S = 0.5
 #: How long a request for a frame ahead of the waiting ones may wait before the writer
 #: copies waiting frames out of the ring for it, beyond the reorder budget if need be.
 _PATIENCE_S = 0.5
 _CHUNK_QUEUE_SIZE = 1  # one chunk waits while one is written: bounded memory
-# control messages, main -> loop: new producer (fds attached), hand-out over, abort
+_CONTROL_MESSAGE_NBYTES = 4096
+# control messages, main -> loop: new producer (fds attached), hand-out over, abort (the
+# reason follows, UTF-8)
 MSG_PRODUCER, MSG_HANDOUT_OVER, MSG_ABORT = b"P", b"H", b"A"
 # loop -> main: started, result (a pickled RunResult follows), log record (pickled dict)
 MSG_STARTED, MSG_RESULT, MSG_LOG = b"S", b"R", b"L"
@@ -91,8 +97,8 @@ class RunResult:
     """Events in the file."""
     written_frames: int
     """Frames whose events are in the file (missing frames not counted)."""
-    missing_frames: tuple[int, ...]
-    """Frames that never arrived."""
+    missing_frames: FrameRanges
+    """Frames that never arrived (in an aborted run: gaps below the newest frame received)."""
     rejected_frames: int
     """Descriptors the writer refused (duplicates, forged or malformed)."""
     error: str | None = None
@@ -149,15 +155,19 @@ class WriterLoop:
         self.gatherer = ChunkGatherer(spec.layout.schema, config.derived)
         self.chunks: queue.Queue[Chunk | None] = queue.Queue(_CHUNK_QUEUE_SIZE)
         self.selector = selectors.DefaultSelector()
-        self.handout_over = self.aborted = self.producer_died = False
+        self.handout_over = self.producer_died = self.stopping = False
+        #: Why the run is aborted; None while it is not.
+        self.abort_reason: str | None = None
         self.rejected = self.written_frames = 0
         self.sink: H5Sink | None = None
         self.sink_error: BaseException | None = None
+        #: What made the run fail, in one line (the errno's text first), or None.
+        self.failure: str | None = None
         self._slot_views: list[dict[str, np.ndarray[Any, Any]]] = []
         self._feature_views: dict[str, np.ndarray[Any, Any]] = {}
         self._in_order: list[tuple[int, int, list[int]]] = []  # frontier frames not copied yet
         self._last_emit = time.monotonic()
-        self._warned_budget = False
+        self._noted_budget = False
 
     # -- lifecycle --------------------------------------------------------------
     def run(self) -> RunResult:
@@ -180,18 +190,27 @@ class WriterLoop:
             self.ring.set(Field.STATE, State.RUNNING)
             self.control.send(MSG_STARTED)
             self._serve()
-            self._finish_frames()
-            state = State.ABORTED if self.aborted else State.DONE
+            aborted = self.abort_reason is not None
+            self._finish_frames(aborted)
+            state = State.ABORTED if aborted else State.DONE
         except BaseException as exc:
             logger.error("the writer failed: %s", exc)
             logger.debug("where the writer failed", exc_info=True)
-            state, error = State.FAILED, f"{type(exc).__name__}: {exc}"
+            cause = self.sink_error or exc
+            self.failure = describe_failure(cause)
+            where = f"writing {self.config.path} failed: " if self.sink_error else ""
+            state, error = State.FAILED, f"{where}{self.failure}"
         finally:
             state, error = self._shut_down(writer_thread, state, error)
         return RunResult(state=state, written_events=self.sink.nevents if self.sink else 0,
                          written_frames=self.written_frames,
-                         missing_frames=tuple(self.reorder.missing),
+                         missing_frames=self.reorder.missing,
                          rejected_frames=self.rejected, error=error)
+
+    def request_abort(self, reason: str) -> None:
+        """End the run soon: take what was sent, write it, close the file (signal-safe)."""
+        if self.abort_reason is None:
+            self.abort_reason = reason
 
     def _serve(self) -> None:
         self.selector.register(self.control, selectors.EVENT_READ, None)
@@ -214,24 +233,52 @@ class WriterLoop:
             self._publish()
 
     def _run_complete(self) -> bool:
-        if self.aborted:
+        if self.abort_reason is not None:
             return True
         total = self.config.ring.total_frames
         if total is not None and self.reorder.frontier >= total:
             return True
         return self.handout_over and not any(not c.done for c in self.channels.values())
 
-    def _finish_frames(self) -> None:
-        """After the last producer: declare what never came missing, write the rest."""
-        if not self.aborted:
-            while (lowest := self.reorder.lowest_waiting()) is not None:
-                self._skip_missing(lowest)
-                self._drain()
+    def _finish_frames(self, aborted: bool) -> None:
+        """Write every frame received, declaring the gaps between them missing.
+
+        A run that ends normally also declares the frames after the last one
+        received missing (up to ``total_frames``); an aborted run does not: it
+        never reached them.
+        """
+        if aborted:
+            self._take_what_was_sent()
+        while (lowest := self.reorder.lowest_waiting()) is not None:
+            self._skip_missing(lowest)
+            self._drain()
+        if not aborted:
             self._skip_missing(self.reorder.end())
         self._emit()
+        missing = self.reorder.missing
+        if missing:
+            logger.warning("%d frame(s) never arrived: %s", len(missing), missing.summary())
 
+    def _take_what_was_sent(self) -> None:
+        """Aborting: read every descriptor sent so far, so no frame whose put() returned is lost.
+
+        The header says ABORTING first: a producer checks it after it has sent
+        a frame, and raises BrokenError for a frame sent after this point (it
+        may be in the file or not), so that a put() that returned always means
+        the frame is in the file or listed as missing.
+        """
+        assert self.ring is not None
+        self.ring.set_error_text(f"the run was aborted: {self.abort_reason}")
+        self.ring.set(Field.STATE, State.ABORTING)
+        self.stopping = True
+        self.pending.clear()
+        for channel in list(self.channels.values()):
+            while not channel.done and self._on_readable(channel):
+                pass
     def _shut_down(self, writer_thread: threading.Thread | None, state: State,
                    error: str | None) -> tuple[State, str | None]:
+        # producers whose channel closes from here on read the header to learn why
+        self._announce(state, error)
         for channel in list(self.channels.values()):
             self._retire(channel, "the run ended")
         if writer_thread is not None:
@@ -239,17 +286,21 @@ class WriterLoop:
             writer_thread.join()
         if self.sink_error is not None and state is not State.FAILED:
             state = State.FAILED
-            error = f"writing {self.config.path} failed: {self.sink_error}"
+            self.failure = describe_failure(self.sink_error)
+            error = f"writing {self.config.path} failed: {self.failure}"
+            self._announce(state, error)
         if self.sink is not None:
             if state is State.FAILED:
-                self.sink.abandon()
+                self.sink.abandon(run_log=self._run_summary(state, error))
             else:
                 try:
-                    logs = {**self.config.logs, RUN_LOG: self._run_summary(state)}
+                    logs = {**self.config.logs, RUN_LOG: self._run_summary(state, error)}
                     self.sink.close(missing_frames=self.reorder.missing, logs=logs)
                 except Exception as exc:
                     logger.exception("closing %s failed", self.config.path)
-                    state, error = State.FAILED, f"closing {self.config.path} failed: {exc}"
+                    self.failure = describe_failure(exc)
+                    state = State.FAILED
+                    error = f"closing {self.config.path} failed: {self.failure}"
         if self.ring is not None:
             if error:
                 self.ring.set_error_text(error)
@@ -261,23 +312,43 @@ class WriterLoop:
         self.selector.close()
         return state, error
 
-    def _run_summary(self, state: State) -> list[str]:
-        """The lines of the run log: how the run ended, for readers of the file."""
+    def _announce(self, state: State, error: str | None) -> None:
+        """Put how the run ends into the header, before any producer's channel closes."""
+        if self.ring is None:
+            return
+        if state is State.FAILED:
+            self.ring.set_error_text(error or "the writer failed")
+            self.ring.set(Field.STATE, State.FAILED)
+        elif state is State.DONE:
+            self.ring.set(Field.STATE, State.CLOSING)
+
+    def _run_summary(self, state: State, error: str | None) -> list[str]:
+        """The lines of the run log: how the run ended, for readers of the file.
+
+        Every line fits dclab's limit of 100 characters.
+        """
         total = self.config.ring.total_frames
         written = self.ring.get(Field.WRITTEN_FRAMES) if self.ring is not None else 0
-        return [f"state={state.name}", f"total_frames={'open-ended' if total is None else total}",
-                f"frames_done={self.reorder.frontier}", f"written_frames={written}",
-                f"missing_frames={len(self.reorder.missing)}", f"rejected_frames={self.rejected}"]
+        lines = [f"state={state.name}",
+                 f"total_frames={'open-ended' if total is None else total}",
+                 f"frames_done={self.reorder.frontier}", f"written_frames={written}",
+                 f"missing_frames={len(self.reorder.missing)}",
+                 f"rejected_frames={self.rejected}"]
+        if state is State.ABORTED:
+            lines.append(f"reason={self.abort_reason}")
+        if state is State.FAILED:
+            lines.append(f"error={self.failure or error}")
+        return [_fit(line) for line in lines]
 
     # -- control socket -----------------------------------------------------------
     def _on_control(self) -> None:
         try:
-            message, fds, _, _ = socket.recv_fds(self.control, 64, 2)
+            message, fds, _, _ = socket.recv_fds(self.control, _CONTROL_MESSAGE_NBYTES, 2)
         except (ConnectionError, OSError):
             message, fds = b"", []
         if not message:  # the Writer (the main process) is gone
             logger.warning("the controlling process went away; aborting the run")
-            self.aborted = True
+            self.request_abort("the owner process went away")
             self.selector.unregister(self.control)
             return
         kind = message[:1]
@@ -289,7 +360,7 @@ class WriterLoop:
         elif kind == MSG_HANDOUT_OVER:
             self.handout_over = True
         elif kind == MSG_ABORT:
-            self.aborted = True
+            self.request_abort(message[1:].decode("utf-8", "replace") or "aborted by the owner")
 
     # -- producers ----------------------------------------------------------------
     def _on_readable(self, channel: _Channel) -> bool:
@@ -317,7 +388,7 @@ class WriterLoop:
         elif kind == Kind.REQUEST:
             if not 1 <= record.nevents <= self.config.ring.slots:
                 self._refuse(channel, f"asked for {record.nevents} slots")
-            else:
+            elif not self.stopping:
                 self.pending.append(_Request(record.value, channel, record.nevents))
         elif kind == Kind.RELEASE:
             mine = [s for s in record.slots if s in channel.granted]
@@ -362,7 +433,7 @@ class WriterLoop:
     def _check_frame(self, channel: _Channel, frame: int, nevents: int,
                      slots: list[int]) -> str | None:
         total = self.config.ring.total_frames
-        if frame < 0 or (total is not None and frame >= total):
+        if frame < 0 or frame > MAX_FRAME_INDEX or (total is not None and frame >= total):
             return f"frame index out of range (total_frames={total})"
         if len(slots) != self.config.ring.layout.slots_for(nevents):
             return f"{nevents} events do not match {len(slots)} slots"
@@ -418,7 +489,7 @@ class WriterLoop:
         written yet.
         """
         half = self.config.ring.slots // 2
-        while self.pending:
+        while self.pending and not self.stopping:
             request = min(self.pending, key=_Request.frame_of)
             if len(self.free) < request.wanted:
                 return
@@ -456,7 +527,7 @@ class WriterLoop:
         quarter of the slots is free. Beyond it, only as many as the request for
         the lowest frame needs, and only frames after that one, when nothing
         else can free a slot: that keeps the ring moving at the price of memory
-        (and a warning).
+        (noted in the log).
         """
         quarter = self.config.ring.slots // 4
         urgent = min(self.pending, key=_Request.frame_of) if self.pending else None
@@ -475,7 +546,7 @@ class WriterLoop:
             if not self.reorder.has_room(self._nbytes(arrival.nevents)):
                 if not stuck:
                     break
-                self._warn_budget()
+                self._note_budget_exceeded()
             self._copy_out(arrival)
             self.reorder.mark_copied(arrival)
         self._grant_pending()
@@ -485,11 +556,14 @@ class WriterLoop:
         waiting = {id(request.channel) for request in self.pending}
         return all(id(c) in waiting for c in self.channels.values() if not c.done)
 
-    def _warn_budget(self) -> None:
-        if not self._warned_budget:
-            logger.warning("frames arrive far out of order: the reorder budget of %d bytes is "
-                           "exceeded to keep the ring moving", self.config.reorder_budget_nbytes)
-            self._warned_budget = True
+    def _note_budget_exceeded(self) -> None:
+        # not a fault: producers a few frames apart, or one that starts late, get
+        # here; memory stays bounded by what the producers can put ahead, and
+        # statistics() and `shmwriter top` show the stash's peak
+        if not self._noted_budget:
+            logger.info("frames arrive far out of order: the reorder stash exceeds its budget of "
+                        "%d bytes to keep the ring moving", self.config.reorder_budget_nbytes)
+            self._noted_budget = True
 
     # -- frames -----------------------------------------------------------------------
     def _nbytes(self, nevents: int) -> int:
@@ -541,17 +615,12 @@ class WriterLoop:
             self._gather(arrival)
 
     def _skip_missing(self, frame: int) -> None:
+        """Declare the frames from the frontier up to ``frame`` missing (one range)."""
         skipped = self.reorder.skip_to(frame)
         if skipped:
-            logger.warning("%d frame(s) never arrived, from %d to %d", len(skipped),
-                           skipped[0], skipped[-1])
-        room = self.config.write_threshold
-        self._gather_in_order()  # the frames before the gap come first
-        while skipped:
-            take = min(room - self.gatherer.nframes, len(skipped))
-            self.gatherer.skip(take)
-            del skipped[:take]
-            if self.gatherer.nframes >= room:
+            self._gather_in_order()  # the frames before the gap come first
+            self.gatherer.skip(len(skipped))  # a gap adds no events: one chunk covers it
+            if self.gatherer.nframes >= self.config.write_threshold:
                 self._emit()
 
     # -- chunks and the sink thread ------------------------------------------------------
@@ -623,9 +692,10 @@ class WriterLoop:
         header[Field.UPDATE_TIME_NS] = time.time_ns()
 
 
-def serve(config: RunConfig, control: socket.socket) -> None:
-    """Run a whole run on ``control`` and send its result back over it."""
-    result = WriterLoop(config, control).run()
+def serve(loop: WriterLoop) -> None:
+    """Run a whole run and send its result back over the loop's control socket."""
+    control = loop.control
+    result = loop.run()
     try:
         _drain_control(control)
         control.send(MSG_RESULT + zlib.compress(pickle.dumps(result)))
@@ -644,7 +714,7 @@ def _drain_control(control: socket.socket) -> None:
     control.setblocking(False)
     while True:
         try:
-            message, fds, _, _ = socket.recv_fds(control, 64, 2)
+            message, fds, _, _ = socket.recv_fds(control, _CONTROL_MESSAGE_NBYTES, 2)
         except BlockingIOError:
             return
         for fd in fds:
@@ -657,13 +727,38 @@ def run_in_process(config: RunConfig, control: socket.socket) -> None:
     """Entry point of a writer process (started with the ``spawn`` context).
 
     Its log records go to the Writer's process, which hands them to its own
-    ``logging`` handlers.
+    ``logging`` handlers. It ignores SIGINT: Ctrl-C in a terminal reaches the
+    whole process group, and the owner decides how the run ends (leaving the
+    ``with`` block aborts it). SIGTERM aborts the run the same way: what was
+    sent is written and the file is closed. The Writer starts this process
+    with both signals blocked, so neither can strike before this is set up.
     """
     package_logger = logging.getLogger("shmwriter")
     package_logger.setLevel(config.log_level)
     package_logger.addHandler(_ForwardingHandler(control))
     package_logger.propagate = False
-    serve(config, control)
+    loop = WriterLoop(config, control)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: loop.request_abort("the writer got SIGTERM"))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    serve(loop)
+
+
+def _fit(line: str) -> str:
+    """``line`` cut to dclab's log line limit (counted in bytes, so it also fits the block)."""
+    raw = line.encode("utf-8")
+    if len(raw) <= _LOG_LINE_LIMIT:
+        return line
+    return raw[:_LOG_LINE_LIMIT - 3].decode("utf-8", "ignore") + "..."
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line naming what went wrong, the errno's text first (HDF5's messages bury it)."""
+    text = " ".join(str(exc).split())
+    code = getattr(exc, "errno", None)
+    if isinstance(code, int) and code > 0:
+        return f"{os.strerror(code)} ({type(exc).__name__}: {text})"
+    return f"{type(exc).__name__}: {text}"
 
 
 class _ForwardingHandler(logging.Handler):

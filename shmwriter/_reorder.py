@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from ._ranges import FrameRanges
+
 __all__ = ["Arrival", "ReorderBuffer"]
 
 
@@ -52,8 +54,8 @@ class ReorderBuffer:
         self.newest = -1
         #: Bytes of private copies held now, and their peak.
         self.stash_nbytes = self.peak_stash_nbytes = 0
-        #: Frames declared missing, in order.
-        self.missing: list[int] = []
+        #: Frames declared missing, as ranges.
+        self.missing = FrameRanges()
         self._waiting: dict[int, Arrival] = {}
         self._in_slots: dict[int, Arrival] = {}  # waiting frames not copied out yet
         self._heap: list[int] = []
@@ -105,11 +107,11 @@ class ReorderBuffer:
         """The smallest frame index waiting, or None."""
         return self._heap[0] if self._heap else None
 
-    def skip_to(self, frame: int) -> list[int]:
+    def skip_to(self, frame: int) -> range:
         """Declare every frame from the frontier up to ``frame`` missing; return them."""
-        skipped = list(range(self.frontier, frame))
-        self.missing.extend(skipped)
-        self.frontier = max(self.frontier, frame)
+        skipped = range(self.frontier, max(self.frontier, frame))
+        self.missing.add(skipped.start, skipped.stop)
+        self.frontier = skipped.stop
         return skipped
 
     def end(self) -> int:

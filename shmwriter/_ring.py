@@ -84,6 +84,11 @@ class State(enum.IntEnum):
     DONE = 2
     FAILED = 3
     ABORTED = 4
+    CLOSING = 5
+    """Every frame is in; the file is being closed (producers get ClosedError)."""
+    ABORTING = 6
+    """Aborted: the writer takes what was sent until now; a frame sent later may be lost,
+    so a producer that sees this state after sending raises BrokenError."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

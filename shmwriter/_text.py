@@ -1,10 +1,10 @@
-"""Plain-text formatting shared by the operator's reports: tables, sizes, ranges."""
+"""Plain-text formatting shared by the operator's reports: tables, sizes, rates."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["megabytes", "ranges", "rate", "shape_text", "table"]
+__all__ = ["megabytes", "rate", "shape_text", "table"]
 
 
 def table(rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> list[str]:
@@ -16,18 +16,6 @@ def table(rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> list[str]
                  for i, (cell, w) in enumerate(zip(row, widths, strict=True))]
         lines.append("  ".join(cells).rstrip())
     return lines
-
-
-def ranges(values: Sequence[int], limit: int = 12) -> str:
-    """``1, 4-7, 9`` for 1, 4, 5, 6, 7, 9; at most ``limit`` ranges."""
-    spans: list[list[int]] = []
-    for value in values:
-        if spans and value == spans[-1][1] + 1:
-            spans[-1][1] = value
-        else:
-            spans.append([value, value])
-    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans[:limit])
-    return text + (f", ... ({len(spans) - limit} more ranges)" if len(spans) > limit else "")
 
 
 def shape_text(shape: Sequence[int] | None) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ._ranges import as_ranges
+
 __all__ = [
     "BrokenError",
     "ClosedError",
@@ -56,19 +58,17 @@ class MissingFramesError(ShmWriterError):
     """The run ended but some frames were never delivered.
 
     The file is complete and valid for every other frame; the missing indices
-    are recorded in it (log ``shmwriter-missing-frames``) and listed here.
+    are recorded in it (log ``shmwriter-missing-frames``, one line per range)
+    and listed here.
     """
 
     def __init__(self, missing_frames: Sequence[int]) -> None:
-        #: Sorted indices of the frames that never arrived.
-        self.missing_frames = list(missing_frames)
-        shown = ", ".join(map(str, self.missing_frames[:20]))
-        more = len(self.missing_frames) - 20
-        if more > 0:
-            shown += f", … ({more} more)"
+        #: Indices of the frames that never arrived, ascending (kept as ranges).
+        self.missing_frames = as_ranges(missing_frames)
         super().__init__(
-            f"{len(self.missing_frames)} frame(s) were never delivered: {shown}; "
-            f"pass allow_gaps=True to Writer to accept gaps")
+            f"{len(self.missing_frames)} frame(s) were never delivered: "
+            f"{self.missing_frames.summary(limit=10)}; pass allow_gaps=True to Writer to "
+            f"accept gaps")
 
 
 class ShmSpaceError(ShmWriterError, MemoryError):

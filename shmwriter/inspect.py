@@ -18,14 +18,17 @@ import h5py
 import hdf5plugin
 import numpy as np
 
-from ._h5sink import MISSING_FRAMES_LOG
-from ._loop import RUN_LOG
-from ._text import megabytes, ranges, shape_text, table
+from ._h5sink import MISSING_FRAMES_LOG, RUN_LOG
+from ._ranges import FrameRanges
+from ._text import megabytes, shape_text, table
 
 __all__ = ["DatasetReport", "FileReport", "GroupReport", "format_report", "inspect_file"]
 
 #: The root attribute the writer sets only when a run closes cleanly.
 EVENT_COUNT_ATTR = "experiment:event count"
+#: ``FileReport.origin`` of a file in dcnum's queue-writer layout (dcnum's own writer or
+#: shmwriter.compat.dcnum): it has ``index_unmapped`` and no shmwriter run log.
+DCNUM_ORIGIN = "dcnum queue writer"
 #: Per-event frame index features, in the order they are looked for.
 _INDEX_FEATURES = ("frame", "index_unmapped")
 _BUILTIN_FILTERS = {1: "gzip", 2: "shuffle", 3: "fletcher32", 4: "szip", 5: "nbit",
@@ -116,7 +119,7 @@ class FileReport:
     """``data_nbytes`` divided by the file size; None for an empty file."""
     metadata: dict[str, Any]
     """Root attributes as plain JSON types."""
-    missing_frames: tuple[int, ...]
+    missing_frames: FrameRanges
     """Frames the writer recorded as never delivered (``/logs/shmwriter-missing-frames``)."""
     logs: tuple[str, ...]
     """Names of the logs under ``/logs``."""
@@ -124,6 +127,11 @@ class FileReport:
     """The ``experiment:event count`` attribute, None if absent."""
     problems: tuple[str, ...]
     """Why the file is not complete; empty when it is."""
+    origin: str
+    """Who wrote it, as far as the file tells: ``shmwriter`` (it has the run log),
+    ``dcnum queue writer`` (dcnum's layout with ``index_unmapped`` and no run log: such a
+    writer records no end of run, so only the datasets' lengths can be checked) or
+    ``unknown``."""
 
     @property
     def complete(self) -> bool:
@@ -139,6 +147,8 @@ class FileReport:
                 "groups": [g.to_dict() for g in self.groups],
                 "data_nbytes": self.data_nbytes, "compression_ratio": self.compression_ratio,
                 "metadata": self.metadata, "missing_frames": list(self.missing_frames),
+                "missing_ranges": [[a, b - 1] for a, b in self.missing_frames.spans],
+                "origin": self.origin,
                 "logs": list(self.logs), "event_count": self.event_count,
                 "complete": self.complete, "problems": list(self.problems)}
 
@@ -199,13 +209,17 @@ def _report(h5: h5py.File, path: str, file_nbytes: int) -> FileReport:
     event_count = int(count) if isinstance(count, int | float) else None
     logs = h5.get("logs")
     log_names = tuple(sorted(logs)) if isinstance(logs, h5py.Group) else ()
+    run = _run_log(h5)
+    origin = ("shmwriter" if run else
+              DCNUM_ORIGIN if "index_unmapped" in datasets else "unknown")
     return FileReport(
         path=path, file_nbytes=file_nbytes, events=nevents, frames=frames,
         frames_from=frames_from, frame_range=frame_range, datasets=reports, groups=groups,
         data_nbytes=data_nbytes,
         compression_ratio=data_nbytes / file_nbytes if file_nbytes else None,
         metadata=metadata, missing_frames=_missing_frames(h5), logs=log_names,
-        event_count=event_count, problems=_problems(lengths, event_count, _run_log(h5)))
+        event_count=event_count, problems=_problems(lengths, event_count, run, origin),
+        origin=origin)
 
 
 def _count_frames(datasets: Mapping[str, h5py.Dataset], nevents: int,
@@ -256,12 +270,11 @@ def _group_report(name: str, group: h5py.Group) -> GroupReport:
                        stored_nbytes=sum(s for _, s in sizes))
 
 
-def _missing_frames(h5: h5py.File) -> tuple[int, ...]:
+def _missing_frames(h5: h5py.File) -> FrameRanges:
     log = h5.get(f"logs/{MISSING_FRAMES_LOG}")
     if not isinstance(log, h5py.Dataset):
-        return ()
-    lines = (_plain(line) for line in log[()].ravel())
-    return tuple(int(line) for line in lines if str(line).strip())
+        return FrameRanges()
+    return FrameRanges.from_lines(str(_plain(line)) for line in log[()].ravel())
 
 
 def _run_log(h5: h5py.File) -> dict[str, str]:
@@ -274,17 +287,30 @@ def _run_log(h5: h5py.File) -> dict[str, str]:
 
 
 def _problems(lengths: Mapping[str, int], event_count: int | None,
-              run: Mapping[str, str]) -> tuple[str, ...]:
+              run: Mapping[str, str], origin: str) -> tuple[str, ...]:
     problems = []
-    if run.get("state", "DONE") != "DONE":
-        problems.append(f"the run was {run['state'].lower()} after {run.get('frames_done')} of "
-                        f"{run.get('total_frames')} frames")
+    state = run.get("state", "DONE")
+    done = f"after {run.get('frames_done')} of {run.get('total_frames')} frames"
+    if state == "ABORTED":
+        reason = run.get("reason", "")
+        if reason.startswith("interrupted"):
+            problems.append(f"the run was interrupted (Ctrl-C) {done}")
+        else:
+            problems.append(f"the run was aborted ({reason or 'no reason given'}) {done}")
+    elif state == "FAILED":
+        problems.append(f"the run failed: {run.get('error', 'no reason given')}")
+    elif state == "RUNNING":
+        problems.append("the writer did not close the run: it is still writing, or it was "
+                        "killed")
+    elif state != "DONE":
+        problems.append(f"the run ended {state.lower()} {done}")
     if len(set(lengths.values())) > 1:
         problems.append(f"the /events datasets differ in length "
                         f"({min(lengths.values())} to {max(lengths.values())} events)")
     if event_count is None:
-        problems.append(f"no {EVENT_COUNT_ATTR!r} attribute: the writer did not close the "
-                        f"run (it is still writing, or it was killed)")
+        if state in ("DONE", "ABORTED") and origin != DCNUM_ORIGIN:
+            problems.append(f"no {EVENT_COUNT_ATTR!r} attribute: the writer did not close "
+                            f"the run (it is still writing, or it was killed)")
     elif lengths and any(n != event_count for n in lengths.values()):
         problems.append(f"{EVENT_COUNT_ATTR!r} is {event_count} but the /events datasets "
                         f"hold {max(lengths.values())} events")
@@ -311,7 +337,7 @@ def format_report(report: FileReport) -> str:
     if report.frame_range is not None:
         frames += f" (indices {report.frame_range[0]} to {report.frame_range[1]})"
     ratio = "-" if report.compression_ratio is None else f"{report.compression_ratio:.2f}"
-    missing = (f"{len(report.missing_frames)}: {ranges(report.missing_frames)}"
+    missing = (f"{len(report.missing_frames)}: {report.missing_frames.summary(limit=12)}"
                if report.missing_frames else "none")
     complete = ("yes" if report.complete else "NO: " + "; ".join(report.problems))
     lines = [
@@ -322,6 +348,7 @@ def format_report(report: FileReport) -> str:
         f"  complete     {complete}",
         f"  missing      {missing}",
         f"  logs         {', '.join(report.logs) or 'none'}",
+        f"  written by   {report.origin}",
         "",
         f"datasets ({len(report.datasets)}):",
     ]

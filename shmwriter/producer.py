@@ -27,6 +27,7 @@ from ._channel import (
     read_grants,
     write_record,
 )
+from ._liveness import is_alive
 from ._ring import Field, RingSpec, SlotRing, State
 from ._spec import Schema
 from .errors import BrokenError, ClosedError, FrameError, RingFullError
@@ -35,6 +36,10 @@ __all__ = ["Producer"]
 
 EventArrays = Mapping[str, npt.ArrayLike]
 _MASK_TRUE = np.uint8(255)  # how the file stores True
+#: Highest frame index: the file stores frame indices as uint32.
+MAX_FRAME_INDEX = 2**32 - 1
+#: Header states in which a frame sent may not have been taken (see ``_send_frame``).
+_STOPPED = frozenset({int(State.ABORTING), int(State.ABORTED), int(State.FAILED)})
 
 
 class Producer:
@@ -45,7 +50,9 @@ class Producer:
     A producer pickles as its ring's name and two pipe file descriptors, so it
     can be passed as an argument to a ``spawn``-ed process. Give every worker
     process its own producer: the writer refuses a producer used by two
-    processes at once. Threads of one process may share one.
+    processes at once. Threads of one process may share one. A producer
+    unpickled in a new process tells the writer that process's pid at once,
+    so the writer notices if that process dies, even before its first put.
 
     ``close()`` tells the writer this producer is done; it is idempotent and
     also called by ``__exit__``. A producer whose process dies is noticed by
@@ -104,7 +111,10 @@ class Producer:
         RingFullError
             If no slot became free within the timeout.
         BrokenError, ClosedError
-            If the writer is gone, or this producer is closed.
+            If the writer is gone, or this producer is closed. A BrokenError
+            raised while the run aborts or fails means the frame may or may
+            not be in the file; a put() that returned means it is in the file
+            (or, in an aborted run, listed missing if an earlier frame never came).
         """
         with self._lock:
             self._check_open()
@@ -178,8 +188,8 @@ class Producer:
                 if self._pid == os.getpid():
                     self._send(encode_record(Kind.RELEASE, slots=self._cache[:MAX_SLOTS_PER_RECORD])
                                + encode_record(Kind.CLOSE))
-            except (BrokenError, TimeoutError, OSError):
-                pass  # the writer is gone or stuck: closing our ends is all that is left
+            except (BrokenError, ClosedError, TimeoutError, OSError):
+                pass  # the writer is done, gone or stuck: closing our ends is all that is left
             finally:
                 self._release_os_resources()
 
@@ -235,7 +245,7 @@ class Producer:
             if grants is None:
                 raise self._writer_gone_error()
             if GRANT_REFUSED in grants:
-                raise BrokenError(f"the writer refused this producer: {self._ring_error()}")
+                raise self._writer_gone_error()
             self._cache.extend(grants)
             self._owed = max(0, self._owed - len(grants))
             if len(self._cache) < nslots and _now() >= deadline:
@@ -291,6 +301,11 @@ class Producer:
                 claimed[frame_index] = 0
             self._cache.extend(slots)
             raise
+        # the writer says ABORTING before it reads the last descriptors: seen after
+        # sending, the frame may have come too late, so this put() must not return
+        if int(self._attached_ring().header[Field.STATE]) in _STOPPED:
+            raise BrokenError(f"frame {frame_index} was sent while the run stopped, so it may "
+                              f"be missing from the file: {self._ring_error()}")
         self.frames_put += 1
         self.events_put += nevents
 
@@ -302,6 +317,13 @@ class Producer:
             write_record(self._desc_fd, message, self._timeout_s)
         except BrokenError as exc:
             raise self._writer_gone_error() from exc
+
+    def _say_hello(self) -> None:
+        """Tell the writer which process uses this producer (best effort; put() retries)."""
+        try:
+            self._send(b"")
+        except (BrokenError, ClosedError, TimeoutError):
+            self._pid = 0
 
     # -- checks and errors ------------------------------------------------------
     def _check_open(self) -> None:
@@ -315,6 +337,9 @@ class Producer:
         index, total = int(frame_index), self._spec.total_frames
         if index < 0:
             raise FrameError(f"frame index must be >= 0; got {index}", frame_index=index)
+        if index > MAX_FRAME_INDEX:
+            raise FrameError(f"frame index {index} is too large: the file stores frame indices "
+                             f"as uint32 (at most {MAX_FRAME_INDEX})", frame_index=index)
         if total is not None and index >= total:
             raise FrameError(f"frame index {index} is out of range: the run has "
                              f"total_frames={total} (valid 0..{total - 1})", frame_index=index)
@@ -336,22 +361,26 @@ class Producer:
         return self._attached_ring().error_text or "no reason given"
 
     def _writer_gone_error(self) -> Exception:
+        """Why the writer closed this producer's channel, as the ring's header tells it.
+
+        The writer puts the reason into the header before it closes any
+        channel, so the header (not the pipe, which another process may have
+        read) is what tells a refusal, the end of the run and a failure apart.
+        """
         ring = self._attached_ring()
         state = ring.state
-        if state is State.DONE:
+        if state in (State.DONE, State.CLOSING):
             return ClosedError("the writer has finished the run; no more frames are taken")
-        if state in (State.FAILED, State.ABORTED):
+        if state in (State.FAILED, State.ABORTING, State.ABORTED):
             return BrokenError(f"the writer stopped ({state.name.lower()}): {ring.error_text}")
-        if self._refused_by_writer():
-            return BrokenError(f"the writer refused this producer: {self._ring_error()}")
-        return BrokenError("the writer died: its end of the channel closed")
-
-    def _refused_by_writer(self) -> bool:
-        """Whether the writer sent a refusal (it does so before closing the channel)."""
-        while (grants := read_grants(self._grant_fd, 0.0)):
-            if GRANT_REFUSED in grants:
-                return True
-        return False
+        writer_pid = ring.get(Field.WRITER_PID)
+        if writer_pid and not is_alive(writer_pid):
+            return BrokenError(f"the writer died (pid {writer_pid}): its end of the channel "
+                               f"closed")
+        reason = ring.error_text
+        if not reason.startswith(f"producer {self._id} "):
+            reason = "it gave no reason"
+        return BrokenError(f"the writer refused this producer: {reason}")
 
     def _ring_full_message(self, frame_index: int, nslots: int, timeout_s: float) -> str:
         ring = self._attached_ring()
@@ -422,7 +451,9 @@ def _raise_for_names(features: Mapping[str, Any], frame_index: int,
 
 def _rebuild_producer(spec: RingSpec, producer_id: int, desc: Any, grant: Any,
                       timeout_s: float) -> Producer:
-    return Producer(spec, producer_id, desc.detach(), grant.detach(), timeout_s)
+    producer = Producer(spec, producer_id, desc.detach(), grant.detach(), timeout_s)
+    producer._say_hello()
+    return producer
 
 
 _now = time.monotonic

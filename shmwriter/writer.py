@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import pickle
 import queue
+import signal
 import socket
 import struct
 import threading
@@ -26,9 +27,11 @@ from ._loop import (
     MSG_STARTED,
     RunConfig,
     RunResult,
+    WriterLoop,
     run_in_process,
     serve,
 )
+from ._ranges import FrameRanges
 from ._recover import make_readable
 from ._ring import Field, SlotRing, State
 from ._spec import Schema, SlotLayout, _check_positive_int
@@ -117,8 +120,13 @@ class Writer:
     -----
     The Writer owns the ring: :meth:`close` (or leaving the ``with`` block)
     waits for the run to end, closes the file and unlinks the ring. If the
-    block raises, the run is aborted: what was gathered is written and the
-    file is closed valid. If the owner dies, the ring is unlinked by
+    block raises (Ctrl-C included), the run is aborted: every frame whose
+    ``put()`` returned is written or, if an earlier frame never came, listed
+    in :attr:`missing_frames`, and the file is closed valid; its run log says
+    why it ended. The same holds when the owner dies or the writer process
+    gets SIGTERM; the writer process ignores SIGINT, so a Ctrl-C in a terminal
+    (which reaches the whole process group) ends the run the way the owner
+    decides. If the owner dies, the ring is unlinked by
     ``multiprocessing``'s resource tracker; ``shmwriter clean`` removes what
     is left of runs whose owner is dead.
     """
@@ -176,10 +184,16 @@ class Writer:
             ctx = multiprocessing.get_context("spawn")
             self._worker = ctx.Process(target=run_in_process, args=(config, theirs),
                                        name="shmwriter-writer", daemon=True)
-            self._worker.start()
+            # the child inherits the blocked signals and unblocks them once it has
+            # set its own handling: a Ctrl-C during its start cannot kill it
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _OWNER_DECIDES)
+            try:
+                self._worker.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             theirs.close()
         else:
-            self._worker = threading.Thread(target=serve, args=(config, theirs),
+            self._worker = threading.Thread(target=serve, args=(WriterLoop(config, theirs),),
                                             name="shmwriter-writer", daemon=True)
             self._worker.start()
         message = self._receive(_START_TIMEOUT_S)
@@ -242,25 +256,40 @@ class Writer:
             try:
                 self._result = self._wait_for_result(timeout_s)
             except TimeoutError:
-                self._send(MSG_ABORT)
-                self._result = self._wait_for_result(_ABORT_TIMEOUT_S)
+                self._result = self._abort_and_wait(f"close() timed out after {timeout_s} s")
                 raise TimeoutError(f"the run did not end within {timeout_s} s; it was "
                                    f"aborted after {self._result.written_frames} frames") from None
+            except BaseException as exc:  # Ctrl-C while waiting: abort, keep the file valid
+                self._result = self._abort_and_wait(_abort_reason(type(exc)))
+                raise
         finally:
             self._clean_up()
         self._raise_for_result(self._result)
 
     def abort(self) -> None:
-        """Stop the run now: write what was gathered, close the file, free the ring."""
+        """Stop the run now: write what was sent, close the file, free the ring.
+
+        Every frame whose ``put()`` returned is in the file, or listed in
+        :attr:`missing_frames` when an earlier frame never came; frames after
+        the newest one received are not (the run never reached them). A
+        ``put()`` that is sending while the run aborts raises
+        :class:`~shmwriter.BrokenError`.
+        """
+        self._abort("aborted by Writer.abort()")
+
+    def _abort(self, reason: str) -> None:
         if self._closed:
             return
         self._closed = True
         try:
-            self._send(MSG_ABORT)
             self._close_producers()
-            self._result = self._wait_for_result(_ABORT_TIMEOUT_S)
+            self._result = self._abort_and_wait(reason)
         finally:
             self._clean_up()
+
+    def _abort_and_wait(self, reason: str) -> RunResult:
+        self._send(MSG_ABORT + reason.encode("utf-8")[:1000])
+        return self._wait_for_result(_ABORT_TIMEOUT_S)
 
     def __enter__(self) -> Writer:
         return self
@@ -270,7 +299,7 @@ class Writer:
             self.close()
         else:
             try:
-                self.abort()
+                self._abort(_abort_reason(exc_type))
             except Exception:  # the caller's exception matters more
                 logger.exception("aborting the run after an error failed")
 
@@ -306,9 +335,12 @@ class Writer:
         return 0 if self._ring is None else self._ring.get(Field.WRITE_QUEUE_SIZE)
 
     @property
-    def missing_frames(self) -> list[int]:
-        """Frames that never arrived; known once the run has ended."""
-        return list(self._result.missing_frames) if self._result else []
+    def missing_frames(self) -> FrameRanges:
+        """Frames that never arrived, known once the run has ended (a sequence of ints).
+
+        In an aborted run: the gaps below the newest frame received.
+        """
+        return self._result.missing_frames if self._result else FrameRanges()
 
     def statistics(self) -> RunStatistics:
         """A snapshot of the run's figures (ring occupancy, progress, backlog, peaks)."""
@@ -372,7 +404,7 @@ class Writer:
             self._ring.set_error_text(error)
             self._ring.set(Field.STATE, State.FAILED)
         return RunResult(state=State.FAILED, written_events=self.written_events,
-                         written_frames=self.written_frames, missing_frames=(),
+                         written_frames=self.written_frames, missing_frames=FrameRanges(),
                          rejected_frames=0, error=error)
 
     def _release_file(self) -> None:
@@ -404,6 +436,17 @@ class Writer:
             ring, self._ring = self._ring, None
             ring.close()
             ring.unlink()
+
+
+#: Signals the writer process handles itself (see ``run_in_process``).
+_OWNER_DECIDES = {signal.SIGINT, signal.SIGTERM}
+
+
+def _abort_reason(exc_type: type[BaseException]) -> str:
+    """The run log's reason for an abort caused by ``exc_type``."""
+    if issubclass(exc_type, KeyboardInterrupt):
+        return "interrupted: KeyboardInterrupt"
+    return f"an exception in the with block: {exc_type.__name__}"
 
 
 def _started(worker: threading.Thread | multiprocessing.process.BaseProcess) -> bool:
