@@ -256,8 +256,9 @@ class WriterLoop:
             self._skip_missing(self.reorder.end())
         self._emit()
         missing = self.reorder.missing
-        if missing:
-            logger.warning("%d frame(s) never arrived: %s", len(missing), missing.summary())
+        if missing:  # expected when the run was stopped early: then worth no warning
+            logger.log(logging.INFO if aborted else logging.WARNING,
+                       "%d frame(s) never arrived: %s", len(missing), missing.summary())
 
     def _take_what_was_sent(self) -> None:
         """Aborting: read every descriptor sent so far, so no frame whose put() returned is lost.

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ import numpy as np
 
 from ._memory import TreeMemory
 from ._spec import Feature, Schema
+from .errors import BrokenError
 from .producer import Producer
 from .writer import Writer
 
@@ -105,10 +108,23 @@ def _shape_features(ax: float, ay: float, cx: float, cy: float, area_px: float,
 
 
 def produce_frames(producer: Producer, frames: list[int], seed: int) -> None:
-    """Worker: put ``frames`` (in the given order) and close the producer."""
-    with producer:
-        for index in frames:
-            producer.put(index, demo_events(index, seed))
+    """Worker: put ``frames`` (in the given order) and close the producer.
+
+    Ctrl-C reaches the whole process group: a producer then stops quietly
+    (exit code 130), as it does when the run was aborted (exit code 3), and
+    leaves the report to the process that owns the run.
+    """
+    try:
+        # started with SIGINT blocked (see run_demo): a Ctrl-C that came meanwhile
+        # strikes here, inside the try
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        with producer:
+            for index in frames:
+                producer.put(index, demo_events(index, seed))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenError:  # the run was aborted or failed: its owner says why
+        sys.exit(3)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -148,6 +164,12 @@ def run_demo(path: str | os.PathLike[str], *, frames: int = 3000, producers: int
     Frames are dealt to the producers in turn and each producer shuffles its
     share slightly, so the writer has real reordering to do. ``progress`` is
     called with (frames written, frames) while the run goes on.
+
+    Raises
+    ------
+    KeyboardInterrupt
+        On Ctrl-C, after the run was aborted: the file is closed and holds every
+        frame put so far; its run log says the run was interrupted.
     """
     path = os.fspath(path)
     memory = TreeMemory()
@@ -158,8 +180,13 @@ def run_demo(path: str | os.PathLike[str], *, frames: int = 3000, producers: int
                 mode=mode, hdf5_dataset_kwargs=hdf5_dataset_kwargs) as writer:  # type: ignore[arg-type]
         workers = [ctx.Process(target=produce_frames, args=(writer.producer(), share, seed))
                    for share in shares]
-        for worker in workers:
-            worker.start()
+        # a Ctrl-C while a producer starts would strike before it can stop quietly
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            for worker in workers:
+                worker.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         for worker in workers:
             while worker.is_alive():
                 worker.join(0.2)

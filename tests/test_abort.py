@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import h5py
 import numpy as np
@@ -239,3 +240,51 @@ def test_a_full_file_system_is_named_to_producers_and_in_the_file(tmp_path):
         assert result.returncode == 1 and "No space left on device" in result.stdout
     finally:
         subprocess.run(["umount", "--lazy", str(mount)], check=True)
+
+
+def test_ctrl_c_in_the_demo_is_quiet_and_leaves_a_complete_interrupted_file(tmp_path):
+    """Ctrl-C reaches the whole group: one line, exit 130, a file that opens plainly."""
+    path = tmp_path / "demo.rtdc"
+    demo = subprocess.Popen(["shmwriter", "demo", "--frames", "200000", "--output", str(path)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert wait_for_events(path, demo), demo.communicate()
+    finally:
+        os.killpg(demo.pid, signal.SIGINT)
+        _, err = demo.communicate(timeout=120)
+    assert demo.returncode == 130, err
+    assert err.strip().splitlines() == ["shmwriter demo: interrupted"], err
+    with h5py.File(path, "r") as h5:  # a plain open
+        events = len(h5["events"]["frame"])
+        assert events > 0 and h5.attrs["experiment:event count"] == events
+    report = inspect_file(path)
+    assert any("the run was interrupted (Ctrl-C)" in p for p in report.problems), report
+
+
+def wait_for_events(path, process: subprocess.Popen[str], timeout_s: float = 60) -> bool:
+    """Until the live file holds events (read through SWMR), or the process ended."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with h5py.File(path, "r", libver="latest", swmr=True) as h5:
+                if len(h5["events"]["frame"]):
+                    return True
+        except (OSError, KeyError):
+            pass  # not created yet
+        time.sleep(0.1)
+    return False
+
+
+def test_normal_demo_runs_print_no_warning(tmp_path):
+    """Producers started a moment apart, a few frames out of order: no fault, no warning.
+
+    (The reorder stash may exceed its budget then; that is logged at INFO level and shown
+    by statistics(), not warned about.) Two default runs: before this was fixed, 7 of 10
+    printed a warning.
+    """
+    for run in range(2):
+        result = subprocess.run(["shmwriter", "demo", "--output", str(tmp_path / f"{run}.rtdc")],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == "", result.stderr
