@@ -206,3 +206,24 @@ def test_inspect_an_aborted_run_is_incomplete(tmp_path):
     aborted = "the run was aborted (an exception in the with block: RuntimeError) after 10 of 50"
     assert any(aborted in p for p in report["problems"])
     assert report["events"] == sum(nevents_of(f) for f in range(10))
+
+
+def test_inspect_recognises_a_file_of_the_dcnum_compat_writer(tmp_path):
+    """Such a file records no end of run (no event count, no run log), as dcnum's own: it is
+    reported as a dcnum queue writer's file, complete when its datasets agree."""
+    from shmwriter.compat.dcnum import QueueWriterThread
+    path, frames = tmp_path / "compat.rtdc", 6
+    event_queue = CTX.Queue()
+    feat_nevents = np.array([1, 2, 1, 3, 1, 2])
+    for frame in range(frames):
+        n = int(feat_nevents[frame])
+        event_queue.put((frame, {"deform": np.full(n, 0.1 * frame), "area_um": np.arange(n)}))
+    writer = QueueWriterThread(event_queue=event_queue, write_queue_size=CTX.Value("L", 0),
+                               feat_nevents=feat_nevents, path_out=path, write_threshold=2)
+    writer.run()
+    result = cli("inspect", str(path))
+    assert result.returncode == 0, result.stdout
+    assert "complete     yes" in result.stdout
+    assert "written by   dcnum queue writer" in result.stdout
+    doc = cli_json("inspect", str(path))
+    assert doc["origin"] == "dcnum queue writer" and doc["events"] == int(feat_nevents.sum())
