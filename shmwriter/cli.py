@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+from . import __version__
 from .errors import ShmWriterError
 
 __all__ = ["main"]
@@ -58,6 +59,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "one .rtdc (HDF5) file through shared memory.",
         epilog="example: shmwriter demo --frames 5000")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo(sub)
     _add_bench(sub)
@@ -96,6 +99,9 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    if os.path.isdir(args.output):
+        raise _UserError(f"--output {args.output!r} is a directory; expected the path of the "
+                         f".rtdc file to write")
     kwargs = {"compression": None} if args.no_compression else None
     with _progress_bar(args.frames, "frames", args.quiet) as update:
         summary = run_demo(args.output, frames=args.frames, producers=args.producers,
@@ -363,6 +369,7 @@ def _run_replay(args: argparse.Namespace) -> int:
         raise _UserError(str(exc)) from None
     print(summary.line())
     return 0
+
 
 def _positive_float(text: str) -> float:
     try:

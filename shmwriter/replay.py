@@ -88,10 +88,14 @@ class ReplayPlan:
         ------
         FileNotFoundError
             If ``path`` does not exist.
+        IsADirectoryError
+            If ``path`` is a directory.
         ReplayInputError
             If it is not an HDF5 file with events grouped by a ``frame`` feature.
         """
         path = os.fspath(path)
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{path!r} is a directory; expected an .rtdc file")
         if not os.path.exists(path):
             raise FileNotFoundError(f"no such file: {path!r}")
         try:
@@ -145,8 +149,9 @@ def replay(plan: ReplayPlan | str | os.PathLike[str], path_out: str | os.PathLik
 
     Raises
     ------
-    FileNotFoundError, ReplayInputError
-        For an unusable input (see :meth:`ReplayPlan.from_file`) or output path.
+    FileNotFoundError, IsADirectoryError, ReplayInputError
+        For an unusable input (see :meth:`ReplayPlan.from_file`) or output path: an output
+        that is a directory, in a directory that does not exist, or that is the input.
     RuntimeError
         If a producer process failed.
     """
@@ -155,6 +160,9 @@ def replay(plan: ReplayPlan | str | os.PathLike[str], path_out: str | os.PathLik
     path_out = os.fspath(path_out)
     if isinstance(producers, bool) or not isinstance(producers, int) or producers < 1:
         raise ValueError(f"producers must be a positive int; got {producers!r}")
+    if os.path.isdir(path_out):
+        raise IsADirectoryError(f"the output {path_out!r} is a directory; expected the path of "
+                                f"the .rtdc file to write")
     if os.path.exists(path_out) and os.path.samefile(path_out, plan.path):
         raise ReplayInputError(f"the output {path_out!r} is the input file; choose another path")
     shares = _deal(plan.frames, producers, seed)

@@ -1,12 +1,45 @@
-"""Shared fixtures: a /dev/shm leak check around every test, and small schemas."""
+"""Shared fixtures: a /dev/shm leak check around every test, small schemas, the real data."""
 
 from __future__ import annotations
 
 import os
+import pathlib
 
 import pytest
 
 import shmwriter
+
+#: Environment variable that points the tests at another folder of dcnum's test data.
+TESTDATA_ENV = "SHMWRITER_TESTDATA"
+#: Where the real measurements sit next to a checkout: ``../shared/data/dcnum-testdata``.
+DEFAULT_TESTDATA = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+                    / "dcnum-testdata")
+_TESTDATA_ORIGIN = ("dcnum's test data, MIT licensed, from tests/data of "
+                    "https://github.com/DC-analysis/dcnum")
+
+
+def testdata_dir() -> pathlib.Path:
+    """The folder of the zipped real measurements (``$SHMWRITER_TESTDATA`` or the default)."""
+    return pathlib.Path(os.environ.get(TESTDATA_ENV) or DEFAULT_TESTDATA)
+
+
+@pytest.fixture
+def dcnum_testdata() -> pathlib.Path:
+    """The folder of dcnum's zipped real measurements, for the tests that need them.
+
+    When it is missing the test is skipped with a one-line reason naming the path and
+    where the data come from; under CI (``$CI`` set) it fails instead: CI has the data
+    and must never skip these tests silently.
+    """
+    folder = testdata_dir()
+    if not folder.is_dir():
+        problem = (f"needs the real measurements: no folder {str(folder)!r} "
+                   f"({_TESTDATA_ORIGIN}; ${TESTDATA_ENV} may name another folder)")
+        if os.environ.get("CI"):
+            pytest.fail(f"{problem}; CI must have them, so this fails instead of skipping",
+                        pytrace=False)
+        pytest.skip(problem)
+    return folder
 
 
 def _own_segments() -> set[str]:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-import subprocess
 
 import h5py
 import numpy as np
+from _cli_workers import shmwriter_cli
 from dclab.rtdc_dataset import check_dataset
 
 from shmwriter.demo import DEMO_SCHEMA, demo_events
@@ -14,8 +14,8 @@ from shmwriter.demo import DEMO_SCHEMA, demo_events
 
 def test_demo_command_writes_a_valid_measurement(tmp_path):
     path = tmp_path / "demo.rtdc"
-    result = subprocess.run(["shmwriter", "demo", "--frames", "300", "--producers", "2",
-                             "--output", str(path)], capture_output=True, text=True, timeout=120)
+    result = shmwriter_cli("demo", "--frames", "300", "--producers", "2", "--output", str(path),
+                           timeout=120)
     assert result.returncode == 0, result.stderr
     line = result.stdout.strip()
     match = re.fullmatch(r"(\d+) events, [\d.]+ MB of event data \([\d.]+ MB on disk\) in "
@@ -36,20 +36,17 @@ def test_demo_command_writes_a_valid_measurement(tmp_path):
 
 
 def test_demo_user_mistakes_are_one_line(tmp_path):
-    result = subprocess.run(["shmwriter", "demo", "--frames", "-3"], capture_output=True,
-                            text=True, timeout=60)
+    result = shmwriter_cli("demo", "--frames", "-3")
     assert result.returncode == 2
     assert "expected a positive integer; got '-3'" in result.stderr
     assert "Traceback" not in result.stderr
-    result = subprocess.run(["shmwriter", "demo", "--output", str(tmp_path / "no" / "x.rtdc")],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode != 0
+    result = shmwriter_cli("demo", "--output", str(tmp_path / "no" / "x.rtdc"))
+    assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_help_has_examples():
-    result = subprocess.run(["shmwriter", "demo", "--help"], capture_output=True, text=True,
-                            timeout=60)
+    result = shmwriter_cli("demo", "--help")
     assert result.returncode == 0
     assert "examples:" in result.stdout

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 import subprocess
+import sys
 import zipfile
 
 import dclab
 import h5py
 import numpy as np
 import pytest
+from _cli_workers import shmwriter_cli
 
 from shmwriter.replay import ReplayInputError, ReplayPlan, replay
 
-DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "dcnum-testdata"
-ZIPS = sorted(DATA.glob("*.zip"))
+#: The zip files of dcnum's test data that the tests replay (fixture ``dcnum_testdata``).
+MEASUREMENTS = ("fmt-hdf5_cytoshot_full-features_2023", "fmt-hdf5_cytoshot_full-features_2024",
+                "fmt-hdf5_shapein_raw-with-variable-length-logs")
 
 
 def unzip(archive: pathlib.Path, folder: pathlib.Path) -> pathlib.Path:
@@ -52,13 +56,14 @@ def assert_same_measurement(path_out: pathlib.Path, path_in: pathlib.Path) -> No
             assert dst["tables"][name][()].tobytes() == table[()].tobytes(), name
 
 
-def test_the_three_measurements_are_there():
-    assert len(ZIPS) == 3, f"expected the dcnum test data in {DATA}"
+def test_the_three_measurements_are_there(dcnum_testdata):
+    found = sorted(path.stem for path in dcnum_testdata.glob("*.zip"))
+    assert found == sorted(MEASUREMENTS), f"expected dcnum's test data in {dcnum_testdata}"
 
 
-@pytest.mark.parametrize("archive", ZIPS, ids=[z.stem for z in ZIPS])
-def test_replay_reproduces_the_measurement(tmp_path, archive):
-    path_in = unzip(archive, tmp_path)
+@pytest.mark.parametrize("name", MEASUREMENTS)
+def test_replay_reproduces_the_measurement(tmp_path, dcnum_testdata, name):
+    path_in = unzip(dcnum_testdata / f"{name}.zip", tmp_path)
     path_out = tmp_path / "replayed.rtdc"
     plan = ReplayPlan.from_file(path_in)
     seen = []
@@ -74,8 +79,8 @@ def test_replay_reproduces_the_measurement(tmp_path, archive):
         assert ds.config["experiment"]["event count"] == plan.events
 
 
-def test_frames_are_runs_of_the_frame_feature(tmp_path):
-    path_in = unzip(next(z for z in ZIPS if "cytoshot_full-features_2024" in z.name), tmp_path)
+def test_frames_are_runs_of_the_frame_feature(tmp_path, dcnum_testdata):
+    path_in = unzip(dcnum_testdata / "fmt-hdf5_cytoshot_full-features_2024.zip", tmp_path)
     plan = ReplayPlan.from_file(path_in)
     with h5py.File(path_in, "r") as h5:
         frame = h5["events/frame"][:]
@@ -86,12 +91,12 @@ def test_frames_are_runs_of_the_frame_feature(tmp_path):
     assert "shmwriter_replay_nevents" in plan.schema and "nevents" not in plan.schema
 
 
-def test_replay_command_in_a_subprocess(tmp_path):
-    path_in = unzip(next(z for z in ZIPS if "shapein" in z.name), tmp_path)
+def test_replay_command_in_a_subprocess(tmp_path, dcnum_testdata):
+    path_in = unzip(dcnum_testdata / "fmt-hdf5_shapein_raw-with-variable-length-logs.zip",
+                    tmp_path)
     path_out = tmp_path / "out.rtdc"
-    result = subprocess.run(["shmwriter", "replay", str(path_in), str(path_out),
-                             "--producers", "3", "--quiet"],
-                            capture_output=True, text=True, timeout=120)
+    result = shmwriter_cli("replay", str(path_in), str(path_out), "--producers", "3", "--quiet",
+                           timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert re.fullmatch(rf"20 events in 20 frames replayed by 3 producer\(s\) in [\d.]+ s -> "
@@ -111,17 +116,53 @@ def test_replay_command_user_mistakes_are_one_line(tmp_path, setup, message):
     elif setup == "no-frame":
         with h5py.File(path_in, "w") as h5:
             h5["events/deform"] = np.ones(3)
-    result = subprocess.run(["shmwriter", "replay", str(path_in), str(tmp_path / "out.rtdc")],
-                            capture_output=True, text=True, timeout=60)
+    result = shmwriter_cli("replay", str(path_in), str(tmp_path / "out.rtdc"))
     assert result.returncode == 2
     assert result.stdout == ""
     assert len(result.stderr.splitlines()) == 1 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_replay_refuses_to_overwrite_its_input(tmp_path):
-    path_in = unzip(ZIPS[0], tmp_path)
+def test_replay_refuses_to_overwrite_its_input(tmp_path, dcnum_testdata):
+    path_in = unzip(dcnum_testdata / f"{MEASUREMENTS[0]}.zip", tmp_path)
     with pytest.raises(ReplayInputError, match="is the input file; choose another path"):
         replay(path_in, path_in)
     with pytest.raises(ValueError, match="producers must be a positive int; got 0"):
         replay(path_in, tmp_path / "out.rtdc", producers=0)
+
+
+
+#: The tests above that need the real measurements.
+DATA_TESTS = 7
+
+
+@pytest.mark.parametrize(("ci", "outcome", "summary"), [
+    ("", "skipped", f"3 passed, {DATA_TESTS} skipped, 2 deselected in "),
+    ("true", "errors", f"3 passed, 2 deselected, {DATA_TESTS} errors in "),
+], ids=["here", "ci"])
+def test_missing_data_skip_here_and_fail_on_ci(tmp_path, ci, outcome, summary):
+    """Without the data each such test says so in one line: skipped here, an error on CI."""
+    missing = tmp_path / "no-such-testdata"
+    env = {**os.environ, "SHMWRITER_TESTDATA": str(missing), "CI": ci}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-p", "no:cacheprovider", "-q", "-rsE",
+         "-k", "not missing_data"], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=120)
+    lines = result.stdout.splitlines()
+    problem = (f"needs the real measurements: no folder {str(missing)!r} (dcnum's test data, "
+               f"MIT licensed, from tests/data of https://github.com/DC-analysis/dcnum; "
+               f"$SHMWRITER_TESTDATA may name another folder)")
+    if outcome == "skipped":
+        assert result.returncode == 0, result.stdout
+        reasons = [line for line in lines if line.startswith("SKIPPED")]
+        assert reasons and all(line.endswith(f": {problem}") for line in reasons), reasons
+        assert sum(int(line.split()[1].strip("[]")) for line in reasons) == DATA_TESTS
+    else:
+        assert result.returncode == 1, result.stdout
+        errors = [line for line in lines if line.startswith("ERROR")]
+        assert len(errors) == DATA_TESTS, result.stdout
+        expected = f" - Failed: {problem}; CI must have them, so this fails instead of skipping"
+        assert all(line.endswith(expected) for line in errors), errors
+        assert "Traceback" not in result.stdout
+    assert "empty parameter set" not in result.stdout
+    assert lines[-1].startswith(summary), lines[-1]
