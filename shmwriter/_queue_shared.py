@@ -30,6 +30,19 @@ consumers may share it.
 frames) returns the slots of dead holders to the pipe. The two things that
 must happen once (publishing the schema, reclaiming) are guarded by ``fcntl``
 record locks on the segment, which the kernel drops when the holder dies.
+
+A producer waiting for a slot must know whether anyone will ever free one.
+Every process that takes a frame (``get``, ``lease``) registers as a consumer
+once: it opens the segment anew (its own open file description, through
+``/proc/self/fd``) and holds a shared open-file-description lock
+(``F_OFD_SETLK``) on one byte of it, and stamps its pid in the header. The
+kernel drops that lock when the consumer closes the queue or dies, however it
+dies. A waiting producer asks the kernel (``F_OFD_GETLK``) whether any such
+lock is held: no lock after a consumer had registered means the consumers are
+gone (:meth:`QueueShared.consumers_alive`). Until the first consumer
+registers, the queue's creator stands for it. Being per open file
+description, the lock is neither lost when this process closes another
+descriptor of the segment nor hidden from producers in the same process.
 BEWARE: a process killed in the few instructions between taking a token and
 stamping its pid (or between receiving a descriptor and stamping its own)
 takes that slot with it; the queue goes on with one slot fewer.
@@ -52,6 +65,7 @@ import threading
 import time
 from array import array
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import posix_ipc
@@ -81,6 +95,8 @@ _TOKEN_PIPE_NBYTES = 65536
 _TOKENS_PER_WRITE = select.PIPE_BUF // 4
 _SOCKET_BUFFER_NBYTES = 4 * 2**20
 _LOCK_PUBLISH, _LOCK_RECLAIM = 0, 1  # byte offsets locked in the segment file
+_LOCK_CONSUMER = 2  # byte every consumer holds a shared OFD lock on
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock on 64-bit Linux: type, whence, start, len, pid
 _STARTING, _READY = 0, 1
 
 
@@ -95,6 +111,7 @@ class Q(enum.IntEnum):
     SCHEMA_NBYTES = 5    # nonzero once the schema text is complete
     PUBLISHER_PID = 6
     INFERRED = 7         # 1 if the schema was inferred from events
+    CONSUMER_PID = 8     # pid of the latest process that registered as a consumer; 0: none yet
 
 
 def segment_nbytes(layout: SlotLayout, slots: int) -> int:
@@ -137,6 +154,8 @@ class QueueShared:
         self._schema_text = base[tail + _OWNERS_NBYTES:]
         self.ring: SlotRing | None = None
         self._thread_locks = (threading.Lock(), threading.Lock())
+        self._consumer_fd: int | None = None  # our own open file description, once a consumer
+        self._consumer_lock = threading.Lock()
 
     # -- creation and attachment ---------------------------------------------------
     @classmethod
@@ -192,7 +211,10 @@ class QueueShared:
 
     def close(self) -> None:
         """Release this process's descriptors and mapping (views handed out keep it mapped)."""
+        consumer_fd, self._consumer_fd = self._consumer_fd, None
         fds, self._fds = self._fds, ()
+        if consumer_fd is not None:
+            fds = (consumer_fd, *fds)  # closing it drops our consumer lock
         for fd in fds:
             try:
                 os.close(fd)
@@ -351,6 +373,53 @@ class QueueShared:
             return len(slots)
         finally:
             self.unlock(_LOCK_RECLAIM)
+
+    # -- consumers ---------------------------------------------------------------------------
+    def register_consumer(self) -> None:
+        """Mark this process as a consumer until it closes the queue or exits. Idempotent.
+
+        Raises
+        ------
+        OSError
+            If the segment cannot be opened anew through ``/proc/self/fd``.
+        """
+        if self._consumer_fd is not None:
+            return
+        with self._consumer_lock:
+            if self._consumer_fd is not None:
+                return
+            fd = os.open(f"/proc/self/fd/{self.segment_fd}", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                # shared locks never conflict with each other and nobody takes an exclusive
+                # one (producers only ask), so this never waits
+                fcntl.fcntl(fd, fcntl.F_OFD_SETLK,
+                            _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, _LOCK_CONSUMER, 1, 0))
+            except BaseException:
+                os.close(fd)
+                raise
+            self._consumer_fd = fd
+            self.header[Q.CONSUMER_PID] = os.getpid()  # after the lock: seen => locked
+
+    def consumers_alive(self) -> Literal["alive", "none yet", "gone"]:
+        """Whether some process that takes frames from the queue is still there. Never waits.
+
+        ``"none yet"``: no process has registered as a consumer so far (the
+        queue's creator then stands for one, see :meth:`creator_alive`).
+        """
+        if self._consumer_fd is not None:
+            return "alive"  # we are one
+        seen = int(self.header[Q.CONSUMER_PID])  # read before asking: a consumer registering
+        # between the two then counts as "none yet", never as "gone"
+        raw = fcntl.fcntl(self.segment_fd, fcntl.F_OFD_GETLK,
+                          _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, _LOCK_CONSUMER, 1, 0))
+        if _FLOCK.unpack(raw)[0] != fcntl.F_UNLCK:
+            return "alive"  # some consumer holds its shared lock
+        return "gone" if seen else "none yet"
+
+    def creator_alive(self) -> bool:
+        """Whether the process that created the queue is alive."""
+        pid = int(self.header[Q.CREATOR_PID])
+        return pid == os.getpid() or is_alive(pid)
 
     # -- descriptors -------------------------------------------------------------------------
     def send(self, record: bytes, timeout_s: float) -> None:

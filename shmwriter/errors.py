@@ -8,15 +8,18 @@ data handed to a producer was rejected and nothing of that frame was accepted.
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Sequence
 
 from ._ranges import as_ranges
 
 __all__ = [
+    "AttachError",
     "BrokenError",
     "ClosedError",
     "FrameError",
     "MissingFramesError",
+    "QueueFullError",
     "RingFullError",
     "ShmSpaceError",
     "ShmWriterError",
@@ -33,6 +36,10 @@ class ClosedError(ShmWriterError, RuntimeError):
 
 class BrokenError(ShmWriterError, RuntimeError):
     """The other side (writer or producer) died or failed; ``__cause__`` says why."""
+
+
+class AttachError(ShmWriterError, ConnectionRefusedError):
+    """A ticket could not attach: another host or PID namespace, or the writer refused it."""
 
 
 class RingFullError(ShmWriterError, TimeoutError):
@@ -69,6 +76,15 @@ class MissingFramesError(ShmWriterError):
             f"{len(self.missing_frames)} frame(s) were never delivered: "
             f"{self.missing_frames.summary(limit=10)}; pass allow_gaps=True to Writer to "
             f"accept gaps")
+
+
+class QueueFullError(RingFullError, queue.Full):
+    """No slot (or no room for the descriptor) came free in time: ``queue.Full`` of an EventQueue.
+
+    Raised by :meth:`shmwriter.EventQueue.put` with a ``timeout`` or ``block=False`` and
+    by :meth:`shmwriter.EventQueue.put_nowait`. It is a ``queue.Full`` (as
+    ``mp.Queue.put`` raises) and a :class:`~shmwriter.RingFullError`.
+    """
 
 
 class ShmSpaceError(ShmWriterError, MemoryError):

@@ -15,6 +15,7 @@ another forever, is described in :mod:`shmwriter._queue_shared`.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import threading
@@ -39,7 +40,7 @@ from ._queue_shared import (
 )
 from ._ring import SlotRing
 from ._spec import Feature, Schema, SlotLayout, _check_positive_int
-from .errors import BrokenError, ClosedError, FrameError, RingFullError
+from .errors import BrokenError, ClosedError, FrameError, QueueFullError
 from .producer import _check_events
 
 __all__ = ["EventLease", "EventQueue"]
@@ -51,7 +52,7 @@ DEFAULT_BUDGET_NBYTES = 64 * 2**20
 _DEFAULT_SLOTS = 64
 #: Event count sent for a frame put as ``(index, None)``, so that get() returns None again.
 _NO_EVENTS = 2**32 - 1
-_WAIT_SLICE_S = 0.5  # longest single wait: dead holders are looked for between waits
+_WAIT_SLICE_S = 0.5  # longest single wait: dead holders and consumers are looked for between
 
 
 class EventQueue:
@@ -70,9 +71,6 @@ class EventQueue:
         Bytes for the slots. With a ``schema`` it sets the number of slots
         (overriding ``slots``); without one, the slots are cut from it once the
         schema is known (default 64 MiB). The memory is reserved up front.
-    timeout_s
-        How long :meth:`put` waits for a free slot, and for the descriptor
-        channel, before it raises :class:`~shmwriter.RingFullError`.
 
     Raises
     ------
@@ -105,8 +103,16 @@ class EventQueue:
     tuples. Arrays come back in the schema's dtypes (in native byte order).
     A frame without events comes back as ``None`` if it was put as ``None``,
     otherwise as a dict of empty arrays of the schema's features.
-    :meth:`put` can wait (for a free slot) and raises ``RingFullError`` after
-    ``timeout_s``. :meth:`qsize` is not available (as on macOS).
+    :meth:`qsize` is not available (as on macOS).
+
+    **Waiting.** :meth:`put` waits for a free slot as the ``put`` of a bounded
+    ``mp.Queue`` does: without a ``timeout`` for as long as it takes, with one
+    until it runs out (then :class:`QueueFullError`, a ``queue.Full``). It
+    never waits for a consumer that is gone: every 0.5 s it takes back the
+    slots of dead holders and checks that some process that takes frames
+    (``get`` or ``lease``) is still there, and raises
+    :class:`~shmwriter.BrokenError` if none is (before the first frame was
+    taken, the queue's creator stands for the consumer).
     """
 
     _shared: QueueShared | None = None
@@ -114,11 +120,8 @@ class EventQueue:
     _closed = False
 
     def __init__(self, schema: Schema | None = None, *, slots: int | None = None,
-                 slot_events: int = 4, memory_budget_nbytes: int | None = None,
-                 timeout_s: float = 30.0) -> None:
+                 slot_events: int = 4, memory_budget_nbytes: int | None = None) -> None:
         slot_events = _check_positive_int("slot_events", slot_events)
-        #: How long put() waits for a free slot (or room for its descriptor).
-        self.timeout_s = _check_timeout(timeout_s)
         nbytes = _parse_size(schema, slots, slot_events, memory_budget_nbytes)
         self._shared = QueueShared.create(nbytes, slot_events)
         self._setup()
@@ -146,22 +149,35 @@ class EventQueue:
             ``(frame_index, {feature: array of shape (nevents, *shape)})``, or
             ``(frame_index, None)`` for a frame without events.
         block, timeout
-            As for ``mp.Queue.put``; ``timeout=None`` waits up to ``timeout_s``.
+            As for ``mp.Queue.put``: with ``block=True`` and ``timeout=None``
+            (the default) wait for a free slot as long as the queue's consumer
+            lives; with a ``timeout`` at most that many seconds; with
+            ``block=False`` not at all.
 
         Raises
         ------
         FrameError
             If the events do not fit the schema (see the class Notes); nothing was sent.
-        RingFullError
-            If no slot (or no room in the descriptor channel) came free in time.
+        QueueFullError
+            A ``queue.Full`` (and :class:`~shmwriter.RingFullError`): no slot,
+            or no room in the descriptor channel, came free within ``timeout``
+            (at once with ``block=False``).
+        BrokenError
+            If put would have to wait for a consumer and none is left: every
+            process that took frames from the queue closed it or died (or,
+            before any did, the queue's creator is gone).
         TypeError
             If ``obj`` is not a ``(frame_index, events)`` pair.
         ClosedError
             If this queue was closed in this process.
         """
         frame_index, events = _unpack(obj)
-        wait_s = self.timeout_s if timeout is None else float(timeout)
-        deadline = time.monotonic() + (wait_s if block else 0.0)
+        if not block:
+            deadline = time.monotonic()
+        elif timeout is None:
+            deadline = math.inf
+        else:
+            deadline = time.monotonic() + max(0.0, float(timeout))
         shared = self._check_open()
         nevents, arrays = self._prepare(frame_index, events, deadline)
         if nevents == 0:
@@ -179,7 +195,7 @@ class EventQueue:
         self._send(frame_index, record, slots, deadline)
 
     def put_nowait(self, obj: tuple[int, Mapping[str, npt.ArrayLike] | None]) -> None:
-        """Like :meth:`put` with ``block=False``."""
+        """Like :meth:`put` with ``block=False``: :class:`QueueFullError` if no slot is free."""
         self.put(obj, block=False)
 
     def get(self, block: bool = True,
@@ -236,7 +252,9 @@ class EventQueue:
 
         The returned :class:`EventLease` holds the frame's slots until
         :meth:`EventLease.release` (or the end of a ``with`` block); copy out
-        what you need before that.
+        what you need before that. The first call makes this process one of
+        the queue's consumers (until it closes the queue or exits), whom
+        waiting producers check for (see the class Notes).
 
         Raises
         ------
@@ -244,6 +262,7 @@ class EventQueue:
             If nothing arrived within ``timeout`` (or at once, with ``block=False``).
         """
         shared = self._check_open()
+        shared.register_consumer()
         if not block:
             deadline: float | None = time.monotonic()
         elif timeout is None:
@@ -309,7 +328,7 @@ class EventQueue:
     def __reduce__(self) -> tuple[Any, ...]:
         shared = self._check_open()
         fds = tuple(reduction.DupFd(fd) for fd in shared.fds())
-        return (_rebuild_queue, (shared.name, shared.nbytes, fds, self.timeout_s))
+        return (_rebuild_queue, (shared.name, shared.nbytes, fds))
 
     def __repr__(self) -> str:
         if self._closed or self._shared is None:
@@ -376,8 +395,10 @@ class EventQueue:
         if schema is not None:
             return schema
         shared = self._check_open()
-        # the schema is being published by someone else: wait at least a little
-        if lock_publish(shared, max(deadline, time.monotonic() + 5.0)):
+        # the schema is being published by someone else (that takes microseconds, and the
+        # kernel drops the lock of a publisher that dies): wait at least a little
+        soon = time.monotonic() + 5.0
+        if lock_publish(shared, soon if deadline == math.inf else max(deadline, soon)):
             try:
                 shared.publish(_infer_schema(frame_index, arrays), inferred=True)
             finally:
@@ -396,19 +417,25 @@ class EventQueue:
                 f"frame {frame_index} has {nevents} events but one frame can hold at most "
                 f"{most * slot_events} (slots × slot_events); raise slot_events or the "
                 f"queue's memory budget", frame_index=frame_index)
-        started = time.monotonic()
+        started = next_check = time.monotonic()
         while not (slots := shared.take_slots(nslots)):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RingFullError(
-                    f"frame {frame_index}: waited {time.monotonic() - started:.1f} s for "
-                    f"{nslots} free slot(s); {shared.free_tokens()} of {total} are free: the "
-                    f"consumer is behind or stuck")
-            self._reclaim_now_and_then()
+            now = time.monotonic()
+            if now >= deadline:
+                raise QueueFullError(
+                    f"frame {frame_index}: waited {now - started:.1f} s for {nslots} free "
+                    f"slot(s); {shared.free_tokens()} of {total} are free: the consumer is "
+                    f"behind or stuck")
+            if now >= next_check:
+                next_check = now + _WAIT_SLICE_S
+                if shared.reclaim_dead():
+                    continue  # slots of dead holders came back: try them first
+                self._check_consumer(frame_index)
+            wait = min(deadline, next_check) - now
             if 0 < shared.free_tokens() < nslots:
-                time.sleep(min(0.002, remaining))  # some are free, not enough: poll
+                # some are free, not enough: no wait on the pipe says "n tokens", so poll
+                time.sleep(min(0.002, wait))
             else:
-                shared.wait_for_tokens(min(remaining, _WAIT_SLICE_S))
+                shared.wait_for_tokens(wait)  # blocks until a token comes (or the slice ends)
         return slots
 
     def _copy_into_slots(self, slots: list[int], arrays: Mapping[str, np.ndarray[Any, Any]],
@@ -423,16 +450,39 @@ class EventQueue:
 
     def _send(self, frame_index: int, record: bytes, slots: list[int], deadline: float) -> None:
         shared = self._check_open()
+        started = time.monotonic()
         try:
-            shared.send(record, max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
-            shared.give_slots(slots)
-            raise RingFullError(f"frame {frame_index}: no consumer took a frame for "
-                                f"{self.timeout_s:.1f} s and the descriptor channel is "
-                                f"full") from None
+            while True:
+                now = time.monotonic()
+                try:
+                    shared.send(record, max(0.0, min(deadline, now + _WAIT_SLICE_S) - now))
+                    return
+                except TimeoutError:
+                    if time.monotonic() >= deadline:
+                        raise QueueFullError(
+                            f"frame {frame_index}: no consumer took a frame for "
+                            f"{time.monotonic() - started:.1f} s and the descriptor channel "
+                            f"is full") from None
+                    self._check_consumer(frame_index)
         except BaseException:
             shared.give_slots(slots)
             raise
+
+    def _check_consumer(self, frame_index: int) -> None:
+        """Raise BrokenError if no process that takes frames from the queue is left."""
+        shared = self._check_open()
+        state = shared.consumers_alive()
+        if state == "alive":
+            return
+        if state == "none yet":
+            if shared.creator_alive():
+                return  # no frame was taken yet: the creator stands for the consumer
+            raise BrokenError(
+                f"frame {frame_index}: no process has taken a frame from this queue and its "
+                f"creator (pid {int(shared.header[Q.CREATOR_PID])}) is gone")
+        pid = int(shared.header[Q.CONSUMER_PID])
+        raise BrokenError(f"frame {frame_index}: the queue's consumer (pid {pid}) is gone: no "
+                          f"process takes frames from it any more")
 
     def _reclaim_now_and_then(self) -> None:
         now = time.monotonic()
@@ -571,17 +621,8 @@ def _parse_size(schema: Schema | None, slots: int | None, slot_events: int,
     return segment_nbytes(layout, count)
 
 
-def _check_timeout(timeout_s: object) -> float:
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float):
-        raise TypeError(f"timeout_s must be a number of seconds; got {timeout_s!r}")
-    if not 0 < timeout_s < float("inf"):
-        raise ValueError(f"timeout_s must be a positive number of seconds; got {timeout_s!r}")
-    return float(timeout_s)
-
-
-def _rebuild_queue(name: str, nbytes: int, fds: tuple[Any, ...], timeout_s: float) -> EventQueue:
+def _rebuild_queue(name: str, nbytes: int, fds: tuple[Any, ...]) -> EventQueue:
     queue_ = EventQueue.__new__(EventQueue)
-    queue_.timeout_s = timeout_s
     segment, send, recv, token_read, token_write = (fd.detach() for fd in fds)
     queue_._shared = QueueShared.from_fds(name, nbytes,
                                           (segment, send, recv, token_read, token_write))

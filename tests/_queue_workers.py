@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import numpy as np
 
@@ -72,8 +73,32 @@ def lease_then_die(event_queue) -> None:
 
 def publish_lock_then_die(event_queue) -> None:
     """A process killed while it holds the lock for publishing the inferred schema."""
-    import time
-
     from shmwriter._queue_shared import lock_publish
     assert lock_publish(event_queue._check_open(), time.monotonic() + 5)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def lease_slowly_then_get(event_queue, leased, release_after_s: float, report) -> None:
+    """A slow consumer: lease a frame, say so, keep its slots a while, then get one more."""
+    lease = event_queue.lease(timeout=30)
+    leased.put(lease.frame_index)
+    time.sleep(release_after_s)  # a writer stall: the producer must wait, not give up
+    lease.release()
+    report.put(event_queue.get(timeout=30)[0])
+
+
+def get_one_then_wait(event_queue, got, stop) -> None:
+    """A consumer that takes one frame, says so, then takes nothing more until told to stop."""
+    got.put(event_queue.get(timeout=30)[0])
+    stop.wait(60)
+
+
+def put_and_report(event_queue, frame: int, started, report) -> None:
+    """Put one frame without a timeout; report how the put ended (None or the exception)."""
+    started.set()
+    try:
+        event_queue.put((frame, {"deform": np.full(1, frame, np.float64)}))
+    except Exception as exc:
+        report.put((type(exc).__name__, str(exc)))
+    else:
+        report.put(None)

@@ -18,7 +18,15 @@ from _queue_workers import dcnum_events, put_like_dcnum
 from dcnum.write import QueueWriterThread as DcnumQueueWriterThread
 
 import shmwriter
-from shmwriter.compat.dcnum import QueueWriterBase, QueueWriterProcess, QueueWriterThread
+from shmwriter.compat.dcnum import (
+    DCNUM_LOG_DATEFMT,
+    DCNUM_LOG_FORMAT,
+    QueueWriterBase,
+    QueueWriterProcess,
+    QueueWriterThread,
+    end_of_data_message,
+    fit_log_text,
+)
 
 CTX = multiprocessing.get_context("spawn")
 FRAMES = 60
@@ -236,8 +244,12 @@ def test_a_feature_appearing_late_is_named(tmp_path):
         assert h5["events/deform"].shape == (2,)
 
 
-def test_process_writer_logs_its_failure_to_the_log_queue(tmp_path, dcnum_info):
-    """As dcnum's QueueWriterProcess: errors go to log_queue as a traceback, exit code 0."""
+def test_process_writer_logs_its_failure_to_the_log_queue_and_exits_nonzero(tmp_path, dcnum_info):
+    """A failed writer process says so twice: a traceback in log_queue and exit code 1.
+
+    (dcnum's own QueueWriterProcess logs the traceback but exits with 0, so its
+    parent cannot tell a failed writer from a finished one.)
+    """
     event_queue, feat_nevents, log_queue = CTX.Queue(), new_feat_nevents(2), CTX.Queue()
     feat_nevents[:] = [1, 1]
     event_queue.put((0, {"deform": np.ones(1)}))
@@ -246,14 +258,113 @@ def test_process_writer_logs_its_failure_to_the_log_queue(tmp_path, dcnum_info):
                                                            tmp_path / "o.rtdc"))
     writer.start()
     writer.join(60)
-    assert writer.exitcode == 0
+    assert writer.exitcode == 1
     records = []
     while not log_queue.empty():
         records.append(log_queue.get(timeout=5))
     assert records[0].getMessage() == "Ready"
+    assert {r.name for r in records} == {"dcnum.write.QueueWriterProcess"}
     errors = [r.getMessage() for r in records if r.levelno == logging.ERROR]
     expected = "ValueError: frame 1: feat_nevents[1] is 1 but the event queue delivered 2 event(s)"
-    assert len(errors) == 1 and expected in errors[0]
+    assert len(errors) == 1 and "Traceback (most recent call last)" in errors[0]
+    assert expected in errors[0].replace("\n", "")  # the line may be wrapped to fit the log
+    assert not any(r.getMessage().startswith("Counted ") for r in records)
+
+
+def dcnum_log_lines(records):
+    """The lines dcnum's runner writes for ``records`` (its log file, later /logs in the output)."""
+    formatter = logging.Formatter(fmt=DCNUM_LOG_FORMAT, datefmt=DCNUM_LOG_DATEFMT)
+    return [line for record in records for line in formatter.format(record).split("\n")]
+
+
+class ListHandler(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.mark.parametrize("name_length", [5, 30, 60, 80])
+def test_log_lines_fit_dcnums_limit_for_any_logger_name(tmp_path, name_length):
+    """Every record of a run, failures' tracebacks included, fits 100 characters a line.
+
+    The runs go through a caller's logger (``run(logger=...)``) whose name is
+    ``name_length`` characters long: one fails at a frame, one cannot create
+    its file in a missing directory with a 150-character name (a long path in
+    the traceback, without a space to break at).
+    """
+    logger = logging.getLogger(("dcnum." + "x" * 90)[:name_length])
+    logger.setLevel(logging.DEBUG)
+    handler = ListHandler()
+    logger.addHandler(handler)
+    missing = tmp_path / ("d" * 150) / "o.rtdc"
+    try:
+        event_queue, feat_nevents = CTX.Queue(), new_feat_nevents(3)
+        feat_nevents[:] = [1, 1, 1]
+        for frame in range(3):
+            event_queue.put((frame, {"deform": np.ones(1 if frame < 2 else 2)}))
+        writer = QueueWriterThread(**writer_kwargs(event_queue, feat_nevents, tmp_path / "o.rtdc"))
+        writer.write_threshold = 2
+        with pytest.raises(ValueError, match="frame 2"):
+            writer.run(writer_dq=collections.deque(), logger=logger)
+        writer = QueueWriterThread(**writer_kwargs(CTX.Queue(), new_feat_nevents(1), missing))
+        with pytest.raises(OSError, match="d" * 150):
+            writer.run(logger=logger)
+    finally:
+        logger.removeHandler(handler)
+    messages = [r.getMessage() for r in handler.records]
+    errors = [m for m in messages if "Traceback" in m]
+    assert len(errors) == 2 and any("writer_dq" in m for m in messages), messages
+    lines = dcnum_log_lines(handler.records)
+    assert max(len(line) for line in lines) <= 100, [line for line in lines if len(line) > 100]
+    # nothing was cut off: once unwrapped, the tracebacks hold the error and the path in full
+    unwrapped = ["".join(error.split()) for error in errors]
+    assert "ValueError:frame2:feat_nevents[2]is1buttheeventqueuedelivered2event(s)" in unwrapped[0]
+    assert str(missing) in unwrapped[1]
+
+
+@pytest.mark.parametrize("total", [40, 10**6, 10**15, 10**18])
+def test_end_of_data_message_fits_for_any_run_length(total):
+    """The longest message of a run, "Reached dataset end (frame N of N)", for huge N."""
+    for cls in ("QueueWriterThread", "QueueWriterProcess", "A" * 60):
+        name = f"dcnum.write.{cls}"
+        text = fit_log_text(name, logging.INFO, end_of_data_message(total, total))
+        record = logging.LogRecord(name, logging.INFO, __file__, 1, text, None, None)
+        lines = dcnum_log_lines([record])
+        assert max(len(line) for line in lines) <= 100, lines
+        assert "".join(text.split()) == f"Reacheddatasetend(frame{total}of{total})"
+    assert end_of_data_message(40, 40) == "Reached dataset end (frame 40 of 40)"  # as dcnum
+
+
+def test_thread_writer_records_reach_dcnums_logger_errors_included(tmp_path, dcnum_info):
+    """As dcnum's runner does, a handler on the 'dcnum' logger receives the writer's records."""
+    handler = ListHandler()
+    dcnum_logger = logging.getLogger("dcnum")
+    dcnum_logger.addHandler(handler)
+    try:
+        event_queue, feat_nevents = CTX.Queue(), new_feat_nevents(4)
+        feat_nevents[:] = [1, 2, 1, 1]
+        for frame in range(4):
+            event_queue.put((frame, {"deform": np.ones(1)}))  # frame 1 brings 1 event, not 2
+        writer = QueueWriterThread(**writer_kwargs(event_queue, feat_nevents,
+                                                   tmp_path / "o.rtdc"))
+        with pytest.raises(ValueError, match=r"frame 1: feat_nevents\[1\] is 2"):
+            writer.run()
+        good_queue, good_nevents = CTX.Queue(), new_feat_nevents()
+        fill(good_queue, good_nevents)
+        good = QueueWriterThread(**writer_kwargs(good_queue, good_nevents, tmp_path / "g.rtdc"))
+        good.run()
+    finally:
+        dcnum_logger.removeHandler(handler)
+    assert {r.name for r in handler.records} == {"dcnum.write.QueueWriterThread"}
+    errors = [r.getMessage() for r in handler.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "Traceback" in errors[0]
+    assert "ValueError: frame 1: feat_nevents[1] is 2" in errors[0].replace("\n", "")
+    infos = [r.getMessage() for r in handler.records if r.levelno == logging.INFO]
+    assert infos == [f"Reached dataset end (frame {FRAMES} of {FRAMES})",
+                     f"Counted {good.written_events.value} events"]
 
 
 @pytest.mark.parametrize("events_from", [20, None], ids=["first-windows-empty", "no-events"])

@@ -15,8 +15,11 @@ import pytest
 from _queue_workers import (
     dcnum_events,
     get_frames,
+    get_one_then_wait,
+    lease_slowly_then_get,
     lease_then_die,
     publish_lock_then_die,
+    put_and_report,
     put_events,
     take_slots_then_die,
 )
@@ -130,8 +133,6 @@ def test_put_arguments_are_checked():
             q.put((2, [1, 2]))
     with pytest.raises(ValueError, match="slots=8 needs a schema"):
         EventQueue(slots=8)
-    with pytest.raises(ValueError, match="timeout_s must be a positive number of seconds; got 0"):
-        EventQueue(timeout_s=0)
     with pytest.raises(TypeError, match=r"schema must be a shmwriter\.Schema or None"):
         EventQueue({"deform": Feature("float64")})
 
@@ -149,23 +150,67 @@ def test_too_small_budget_and_too_large_frames_raise():
         assert list(q.get(timeout=5)[1]["deform"]) == list(range(6))
 
 
-def test_put_times_out_when_no_slot_frees_and_get_when_nothing_comes():
-    with EventQueue(Schema({"deform": Feature("float64")}), slots=2, slot_events=1,
-                    timeout_s=0.3) as q:
+def test_put_with_a_timeout_raises_queue_full_and_get_raises_empty():
+    """As mp.Queue: put(timeout=...) and put_nowait raise queue.Full (also a RingFullError)."""
+    with EventQueue(Schema({"deform": Feature("float64")}), slots=2, slot_events=1) as q:
         q.put((0, {"deform": np.ones(1)}))
         q.put((1, {"deform": np.ones(1)}))
         assert q.full()
-        with pytest.raises(RingFullError, match=r"frame 2: waited .* for 1 free slot.*0 of 2 "
-                                                r"are free"):
-            q.put((2, {"deform": np.ones(1)}))
-        with pytest.raises(RingFullError, match=r"frame 2: .* 0 of 2 are free"):
+        with pytest.raises(queue.Full, match=r"frame 2: waited .* for 1 free slot.*0 of 2 "
+                                             r"are free") as info:
+            q.put((2, {"deform": np.ones(1)}), timeout=0.3)
+        assert isinstance(info.value, RingFullError)
+        with pytest.raises(queue.Full, match=r"frame 2: .* 0 of 2 are free"):
             q.put_nowait((2, {"deform": np.ones(1)}))
+        with pytest.raises(queue.Full):
+            q.put((2, {"deform": np.ones(1)}), block=False)
         q.put((2, None))  # a frame without events needs no slot
         assert [q.get_nowait()[0] for _ in range(3)] == [0, 1, 2]
         with pytest.raises(queue.Empty):
             q.get_nowait()
         with pytest.raises(queue.Empty):
             q.get(timeout=0.1)
+
+
+def test_put_without_timeout_waits_for_a_slow_consumer():
+    """put() blocks like a bounded mp.Queue's while the consumer holds every slot, then goes on.
+
+    The consumer keeps the only slot for 1.5 s, several of put's liveness checks.
+    """
+    with EventQueue(Schema({"deform": Feature("float64")}), slots=1, slot_events=1) as q:
+        leased, report = CTX.Queue(), CTX.Queue()
+        q.put((0, {"deform": np.zeros(1)}))
+        consumer = CTX.Process(target=lease_slowly_then_get, args=(q, leased, 1.5, report))
+        consumer.start()
+        assert leased.get(timeout=30) == 0  # the consumer holds the only slot now
+        assert q.free_slots == 0
+        q.put((1, {"deform": np.ones(1)}))  # no timeout: waits until the lease is released
+        assert report.get(timeout=30) == 1
+        consumer.join(30)
+        assert consumer.exitcode == 0
+        assert q.free_slots == 1
+
+
+def test_put_raises_broken_error_when_the_consumer_is_killed_meanwhile():
+    """A producer blocked in put() must not wait for a consumer that no longer exists."""
+    with EventQueue(Schema({"deform": Feature("float64")}), slots=1, slot_events=1) as q:
+        got, stop, started, report = CTX.Queue(), CTX.Event(), CTX.Event(), CTX.Queue()
+        q.put((0, {"deform": np.zeros(1)}))
+        consumer = CTX.Process(target=get_one_then_wait, args=(q, got, stop))
+        consumer.start()
+        assert got.get(timeout=30) == 0  # the consumer took a frame: it is the queue's consumer
+        q.put((1, {"deform": np.ones(1)}))  # the ring is full again; the consumer takes no more
+        producer = CTX.Process(target=put_and_report, args=(q, 2, started, report))
+        producer.start()
+        assert started.wait(30)
+        os.kill(consumer.pid, signal.SIGKILL)
+        consumer.join(30)
+        assert consumer.exitcode == -signal.SIGKILL
+        name, message = report.get(timeout=30)  # the safety bound; detection takes ~0.5 s
+        assert name == "BrokenError", message
+        assert f"frame 2: the queue's consumer (pid {consumer.pid}) is gone" in message
+        producer.join(30)
+        assert producer.exitcode == 0
 
 
 def test_lease_gives_views_into_shared_memory_until_released():
@@ -251,8 +296,7 @@ def test_slots_of_a_killed_producer_come_back():
 
 
 def test_slots_of_a_killed_consumer_come_back():
-    with EventQueue(Schema({"deform": Feature("float64")}), slots=2, slot_events=1,
-                    timeout_s=10) as q:
+    with EventQueue(Schema({"deform": Feature("float64")}), slots=2, slot_events=1) as q:
         q.put((0, {"deform": np.ones(1)}))
         q.put((1, {"deform": np.ones(1)}))
         dying = CTX.Process(target=lease_then_die, args=(q,))

@@ -15,6 +15,15 @@ and counts ``written_events`` / ``written_frames``. It stops after the last
 frame of ``feat_nevents``. Unlike dcnum it keeps taking frames from the queue
 while it waits for ``feat_nevents``, so an EventQueue's slots keep moving;
 frames it holds beyond half of the queue's slots are copied out of them.
+
+Logging, as in dcnum: the records come from the logger
+``dcnum.write.<class name>`` at the level of the ``dcnum`` logger, so they
+reach the handlers dcnum's pipeline puts on ``dcnum`` (a thread writer) or
+its ``log_queue`` (a process writer). A failure is logged as a traceback.
+Every record is cut into lines that fit dclab's limit for log lines
+(:data:`LOG_LINE_MAX`) once dcnum's format (:data:`DCNUM_LOG_FORMAT`) has put
+time, level and logger name in front, so the pipeline's log, which dcnum
+stores in the output file, passes ``dclab``'s ``check_dataset``.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import multiprocessing
 import os
 import queue
 import threading
+import time
 import traceback
 from collections.abc import Iterable, MutableMapping
 from logging.handlers import QueueHandler
@@ -42,6 +52,73 @@ _MP_SPAWN = multiprocessing.get_context("spawn")
 _CHUNK_QUEUE_SIZE = 4       # chunks waiting for the disk before collecting waits too
 _WAIT_NEVENTS_S = 0.03      # dcnum's pause while feat_nevents has -1 in the window
 _WAIT_FRAMES_S = 0.3        # dcnum's event_queue.get timeout
+
+#: The format of dcnum's pipeline log (``dcnum.logic.ctrl.DCNumJobRunner`` writes its log
+#: file with it and stores the file's lines in the output file's /logs).
+DCNUM_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: The time format of dcnum's pipeline log: always 8 characters.
+DCNUM_LOG_DATEFMT = "%H:%M:%S"
+#: The longest log line ``dclab.rtdc_dataset.check_dataset`` accepts without an alert.
+LOG_LINE_MAX = 100
+_MIN_FIRST_LINE = 20        # less room than this after the prefix: start on the next line
+
+
+def fit_log_text(logger_name: str, level: int, text: str) -> str:
+    """``text`` cut into lines that fit :data:`LOG_LINE_MAX` in dcnum's pipeline log.
+
+    dcnum's format puts ``"HH:MM:SS LEVEL logger.name: "`` before the first
+    line of a record; the other lines of a record stand alone. Lines too long
+    are broken at a space where there is one (else anywhere) and continue,
+    indented by two spaces, on the next line. When the prefix leaves less than
+    20 characters, the text starts on the line after it. Every line then fits
+    for logger names of up to ``LOG_LINE_MAX - 20`` (80) characters.
+
+    Parameters
+    ----------
+    logger_name
+        The name of the logger the record goes through.
+    level
+        Its level (``logging.INFO`` ...).
+    text
+        The message; may have several lines (a traceback); a final newline is dropped.
+
+    Returns
+    -------
+    str
+        The message to log.
+    """
+    prefix = len(time.strftime(DCNUM_LOG_DATEFMT, time.gmtime(0)))  # "HH:MM:SS"
+    prefix += 1 + len(logging.getLevelName(level)) + 1 + len(logger_name) + 2
+    first = LOG_LINE_MAX - prefix
+    lines: list[str] = [] if first >= _MIN_FIRST_LINE else [""]
+    for line in text.rstrip("\n").split("\n"):
+        lines.extend(_wrap_line(line, first if not lines else LOG_LINE_MAX))
+    return "\n".join(lines)
+
+
+def _wrap_line(line: str, width: int) -> list[str]:
+    """``line`` as pieces of at most ``width`` (then LOG_LINE_MAX) characters."""
+    pieces = []
+    while len(line) > width:
+        cut = line.rfind(" ", 1, width + 1)
+        if cut <= 0 or not line[:cut].strip():
+            cut = width  # no space to break at (a long path): break anywhere
+        pieces.append(line[:cut].rstrip())
+        line = "  " + line[cut:].lstrip()
+        width = LOG_LINE_MAX
+    pieces.append(line)
+    return pieces
+
+
+def end_of_data_message(last: int, total: int) -> str:
+    """What the writer logs when it reached the end of ``feat_nevents`` (dcnum's words)."""
+    return f"Reached dataset end (frame {last} of {total})"
+
+
+def _log(logger: logging.Logger, level: int, text: str) -> None:
+    """Log ``text`` through ``logger``, cut to fit dcnum's pipeline log (:func:`fit_log_text`)."""
+    if logger.isEnabledFor(level):
+        logger.log(level, fit_log_text(logger.name, level, text))
 
 
 class QueueWriterBase:
@@ -99,8 +176,12 @@ class QueueWriterBase:
         self.written_frames = _MP_SPAWN.Value("Q", 0)
 
     def get_logger(self) -> logging.Logger:
-        """This writer's logger, at :attr:`log_level` (made in ``run``: it must not be pickled)."""
-        logger = logging.getLogger(f"{__name__}.{type(self).__name__}")
+        """This writer's logger, ``dcnum.write.<class name>`` at :attr:`log_level`, as dcnum's.
+
+        Being under ``dcnum``, its records reach the handlers dcnum's pipeline
+        puts there. Made in ``run``: a logger must not be pickled.
+        """
+        logger = logging.getLogger(f"dcnum.write.{type(self).__name__}")
         logger.setLevel(self.log_level)
         return logger
 
@@ -125,10 +206,24 @@ class QueueWriterBase:
             the frame); what was collected before is in the file.
         OSError
             If writing the file failed.
+
+        Notes
+        -----
+        A failure (anything but ``KeyboardInterrupt``) is logged as a
+        traceback at ERROR before it is raised.
         """
         logger = logger or self.get_logger()
+        try:
+            self._run(buffer_dq, writer_dq, logger)
+        except KeyboardInterrupt:
+            raise
+        except BaseException:
+            _log(logger, logging.ERROR, traceback.format_exc())
+            raise
+
+    def _run(self, buffer_dq: Any, writer_dq: Any, logger: logging.Logger) -> None:
         if writer_dq is not None:
-            logger.warning("writer_dq has no effect on shmwriter's queue writer")
+            _log(logger, logging.WARNING, "Specifying `writer_dq` has no effect")
         cancel = getattr(self.event_queue, "cancel_join_thread", None)
         if cancel is not None:
             cancel()  # we never put into the queue: do not wait for its feeder at exit
@@ -146,8 +241,8 @@ class QueueWriterBase:
                 arrived.release()
             sink.finish()
         sink.raise_if_failed()
-        logger.info("Counted %d events", self.written_events.value)
-        logger.debug("Counted %d frames", self.written_frames.value)
+        _log(logger, logging.INFO, f"Counted {self.written_events.value} events")
+        _log(logger, logging.DEBUG, f"Counted {self.written_frames.value} frames")
 
     def _collect(self, source: _Source, pending: dict[int, Arrived], sink: _SinkThread,
                  logger: logging.Logger) -> None:
@@ -160,8 +255,7 @@ class QueueWriterBase:
                 sink.raise_if_failed()
                 continue
             if len(window) == 0:
-                logger.info("Reached the end of the data (frame %d of %d)", last,
-                            len(self.feat_nevents))
+                _log(logger, logging.INFO, end_of_data_message(last, len(self.feat_nevents)))
                 return
             wanted = set(range(last, last + len(window))) - pending.keys()
             while wanted:
@@ -196,6 +290,13 @@ class QueueWriterProcess(QueueWriterBase, SpawnProcess):
         (through a ``QueueHandler``), like dcnum's.
     *args, **kwargs
         As for :class:`QueueWriterBase`.
+
+    Notes
+    -----
+    A writer that fails logs the traceback to ``log_queue`` (as dcnum's does)
+    and its process exits with code 1 (dcnum's exits with 0), so that
+    ``exitcode`` tells a failed writer from a finished one; so does one
+    stopped by ``KeyboardInterrupt``.
     """
 
     def __init__(self, log_queue: Any, *args: Any, **kwargs: Any) -> None:
@@ -204,28 +305,43 @@ class QueueWriterProcess(QueueWriterBase, SpawnProcess):
         super().__init__(*args, name="QueueWriterProcess", **kwargs)
 
     def run(self, **kwargs: Any) -> None:  # type: ignore[override]
-        """Run the writer with its log records going to ``log_queue``; errors are logged there."""
+        """Run the writer with its log records going to ``log_queue``.
+
+        Raises
+        ------
+        SystemExit
+            With code 1 after a failure, in the writer's own process (after
+            the traceback went to ``log_queue``). Called directly in another
+            process, the failure itself is raised instead.
+        """
         logger = self.get_logger()
         logger.handlers.clear()
         handler = QueueHandler(self.log_queue)
         handler.setLevel(self.log_level)
         logger.addHandler(handler)
-        logger.info("Ready")
+        _log(logger, logging.INFO, "Ready")
         for key, value in kwargs.items():
             if value is not None:
-                logger.warning("Specifying %r in QueueWriterProcess.run has no effect", key)
+                _log(logger, logging.WARNING,
+                     f"Specifying `{key}` in `QueueWriterProcess.run` has no effect")
+        failure: BaseException | None = None
         try:
-            super().run(logger=logger)
-        except KeyboardInterrupt:
+            super().run(logger=logger)  # logs a failure's traceback itself
+        except KeyboardInterrupt as exc:
             self.log_queue.cancel_join_thread()
             self.event_queue.cancel_join_thread()
-        except BaseException:
-            logger.error(traceback.format_exc())
+            failure = exc
+        except BaseException as exc:
+            failure = exc
         handler.flush()
         handler.close()
         logger.removeHandler(handler)
         self.log_queue.close()
         self.log_queue.join_thread()
+        if failure is not None:
+            if multiprocessing.current_process() is self:
+                raise SystemExit(1) from failure  # exit code 1, no second traceback on stderr
+            raise failure
 
 
 # -- sources: where frames come from -----------------------------------------------------------
@@ -279,7 +395,7 @@ def _keep(pending: MutableMapping[int, Arrived], index: int, arrived: Arrived,
           logger: logging.Logger) -> set[int]:
     old = pending.get(index)
     if old is not None:
-        logger.warning("frame %d arrived twice; the later one is kept", index)
+        _log(logger, logging.WARNING, f"frame {index} arrived twice; the later one is kept")
         old.release()
     pending[index] = arrived
     return {index}
@@ -308,15 +424,16 @@ class _SinkThread(threading.Thread):
                     try:
                         self._file.append(chunk)
                     except BaseException as exc:
-                        self._logger.error("writing %s failed: %s", self._file.path, exc)
-                        self.error = exc
+                        self.error = exc  # raised (and so logged) by the collector
                 self._publish()
         finally:
             self._publish()
             try:
                 self._file.close()
             except BaseException as exc:
-                self._logger.error("closing %s failed: %s", self._file.path, exc)
+                if self.error is not None:  # only the first error is raised: log this one
+                    _log(self._logger, logging.ERROR,
+                         f"closing {self._file.path} failed after an error: {exc}")
                 self.error = self.error or exc
 
     def put(self, chunk: dict[str, np.ndarray[Any, Any]] | None) -> None:
