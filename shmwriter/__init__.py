@@ -6,6 +6,8 @@ The data flow, module by module::
     _segment   the named shared-memory segment, reserved up front
     _ring      SlotRing: header + per-frame flags + slots in that segment
     _channel   per-producer pipes: descriptors in, slot grants out
+    _attach    Ticket, attach: a producer joins a run from any process, pipes by SCM_RIGHTS
+    _control   the messages between a Writer and its writer loop
     producer   Producer.put / .frame: copy into slots, send a descriptor
     _reorder   ReorderBuffer: frames back into frame order
     _ranges    FrameRanges: missing frames kept as ranges (one entry per gap)
@@ -27,14 +29,18 @@ top of the same ring and channel ideas.
 
 from __future__ import annotations
 
+from ._attach import Ticket as Ticket
+from ._attach import attach as attach
 from ._ranges import FrameRanges as FrameRanges
 from ._spec import Feature as Feature
 from ._spec import Schema as Schema
 from ._stats import RunStatistics as RunStatistics
+from .errors import AttachError as AttachError
 from .errors import BrokenError as BrokenError
 from .errors import ClosedError as ClosedError
 from .errors import FrameError as FrameError
 from .errors import MissingFramesError as MissingFramesError
+from .errors import QueueFullError as QueueFullError
 from .errors import RingFullError as RingFullError
 from .errors import ShmSpaceError as ShmSpaceError
 from .errors import ShmWriterError as ShmWriterError
@@ -46,6 +52,7 @@ from .writer import Writer as Writer
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttachError",
     "BrokenError",
     "ClosedError",
     "EventQueue",
@@ -54,10 +61,13 @@ __all__ = [
     "FrameRanges",
     "MissingFramesError",
     "Producer",
+    "QueueFullError",
     "RingFullError",
     "RunStatistics",
     "Schema",
     "ShmSpaceError",
     "ShmWriterError",
+    "Ticket",
     "Writer",
+    "attach",
 ]

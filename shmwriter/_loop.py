@@ -4,12 +4,14 @@ One thread runs :class:`WriterLoop` (in the caller's process or in a writer
 process of its own) and a second thread writes chunks to the file, so copying
 out of the ring never waits for the disk longer than the bounded chunk queue
 allows. The loop talks to the :class:`~shmwriter.Writer` over a control
-socket: it receives each new producer's pipe ends there, and sends back a
-start notice and, at the end, the :class:`RunResult`.
+socket (see :mod:`._control`): it sends a start notice, its log records and,
+at the end, the :class:`RunResult`. Producers attach on the loop's attach
+socket (see :mod:`._attach`), which hands each its own pipes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -17,7 +19,6 @@ import queue
 import selectors
 import signal
 import socket
-import struct
 import threading
 import time
 import zlib
@@ -29,7 +30,16 @@ from typing import Any
 
 import numpy as np
 
+from ._attach import AttachServer, Ticket
 from ._channel import GRANT_REFUSED, Kind, Record, decode_records
+from ._control import (
+    MESSAGE_NBYTES,
+    MSG_ABORT,
+    MSG_HANDOUT_OVER,
+    MSG_LOG,
+    MSG_RESULT,
+    MSG_STARTED,
+)
 from ._gather import Chunk, ChunkGatherer
 from ._h5sink import RUN_LOG, H5Sink
 from ._liveness import is_alive
@@ -51,12 +61,6 @@ _LIVENESS_INTERVAL_S = 0.5
 #: copies waiting frames out of the ring for it, beyond the reorder budget if need be.
 _PATIENCE_S = 0.5
 _CHUNK_QUEUE_SIZE = 1  # one chunk waits while one is written: bounded memory
-_CONTROL_MESSAGE_NBYTES = 4096
-# control messages, main -> loop: new producer (fds attached), hand-out over, abort (the
-# reason follows, UTF-8)
-MSG_PRODUCER, MSG_HANDOUT_OVER, MSG_ABORT = b"P", b"H", b"A"
-# loop -> main: started, result (a pickled RunResult follows), log record (pickled dict)
-MSG_STARTED, MSG_RESULT, MSG_LOG = b"S", b"R", b"L"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -67,6 +71,8 @@ class RunConfig:
     """The .rtdc file to write."""
     ring: RingSpec
     """The ring to attach to."""
+    ticket: Ticket
+    """The run's ticket: the loop listens at its address and checks its secret."""
     write_threshold: int
     """Frames per chunk."""
     flush_interval_s: float
@@ -160,6 +166,8 @@ class WriterLoop:
         self.abort_reason: str | None = None
         self.rejected = self.written_frames = 0
         self.sink: H5Sink | None = None
+        self.attach_server: AttachServer | None = None
+        self._next_producer_id = 0
         self.sink_error: BaseException | None = None
         #: What made the run fail, in one line (the errno's text first), or None.
         self.failure: str | None = None
@@ -187,6 +195,7 @@ class WriterLoop:
             writer_thread = threading.Thread(target=self._write_chunks, name="shmwriter-sink",
                                              daemon=True)
             writer_thread.start()
+            self.attach_server = AttachServer(self.config.ticket)
             self.ring.set(Field.STATE, State.RUNNING)
             self.control.send(MSG_STARTED)
             self._serve()
@@ -214,12 +223,16 @@ class WriterLoop:
 
     def _serve(self) -> None:
         self.selector.register(self.control, selectors.EVENT_READ, None)
+        assert self.attach_server is not None
+        self.selector.register(self.attach_server.sock, selectors.EVENT_READ, self.attach_server)
         next_liveness = time.monotonic() + _LIVENESS_INTERVAL_S
         while not self._run_complete():
             timeout = min(next_liveness, self._last_emit + self.config.flush_interval_s)
             for key, _ in self.selector.select(max(0.0, timeout - time.monotonic())):
                 if key.data is None:
                     self._on_control()
+                elif key.data is self.attach_server:
+                    self._on_attach()
                 else:
                     self._on_readable(key.data)
             self._raise_if_sink_failed()
@@ -247,6 +260,7 @@ class WriterLoop:
         received missing (up to ``total_frames``); an aborted run does not: it
         never reached them.
         """
+        self._stop_attaching()
         if aborted:
             self._take_what_was_sent()
         while (lowest := self.reorder.lowest_waiting()) is not None:
@@ -280,6 +294,7 @@ class WriterLoop:
                    error: str | None) -> tuple[State, str | None]:
         # producers whose channel closes from here on read the header to learn why
         self._announce(state, error)
+        self._stop_attaching()
         for channel in list(self.channels.values()):
             self._retire(channel, "the run ended")
         if writer_thread is not None:
@@ -344,24 +359,40 @@ class WriterLoop:
     # -- control socket -----------------------------------------------------------
     def _on_control(self) -> None:
         try:
-            message, fds, _, _ = socket.recv_fds(self.control, _CONTROL_MESSAGE_NBYTES, 2)
+            message = self.control.recv(MESSAGE_NBYTES)
         except (ConnectionError, OSError):
-            message, fds = b"", []
+            message = b""
         if not message:  # the Writer (the main process) is gone
             logger.warning("the controlling process went away; aborting the run")
             self.request_abort("the owner process went away")
             self.selector.unregister(self.control)
             return
         kind = message[:1]
-        if kind == MSG_PRODUCER:
-            (producer_id,) = struct.unpack("<q", message[1:9])
-            channel = _Channel(producer_id, fds[0], fds[1])
-            self.channels[producer_id] = channel
-            self.selector.register(channel.desc_fd, selectors.EVENT_READ, channel)
-        elif kind == MSG_HANDOUT_OVER:
+        if kind == MSG_HANDOUT_OVER:
             self.handout_over = True
+            if self.attach_server is not None:
+                self.attach_server.closed_to_new = True
         elif kind == MSG_ABORT:
             self.request_abort(message[1:].decode("utf-8", "replace") or "aborted by the owner")
+
+    # -- attaching ------------------------------------------------------------------
+    def _on_attach(self) -> None:
+        assert self.attach_server is not None
+        attached = self.attach_server.serve_one(self._next_producer_id)
+        if attached is not None:
+            desc_fd, grant_fd, _pid = attached
+            channel = _Channel(self._next_producer_id, desc_fd, grant_fd)
+            self.channels[channel.id] = channel
+            self.selector.register(channel.desc_fd, selectors.EVENT_READ, channel)
+            self._next_producer_id += 1
+
+    def _stop_attaching(self) -> None:
+        """Close the attach socket: a ticket used from now on finds the run ended."""
+        if self.attach_server is not None:
+            server, self.attach_server = self.attach_server, None
+            with contextlib.suppress(KeyError):  # registered only once serving began
+                self.selector.unregister(server.sock)
+            server.close()
 
     # -- producers ----------------------------------------------------------------
     def _on_readable(self, channel: _Channel) -> bool:
@@ -370,7 +401,11 @@ class WriterLoop:
             raw = os.read(channel.desc_fd, 65536)
         except BlockingIOError:
             return False
-        if not raw:
+        if not raw:  # every copy of its pipe end is closed: no CLOSE came first
+            if channel.pid:  # a process used it: it died (or dropped it unclosed)
+                logger.warning("producer %d (pid %d) went away without closing; taking back "
+                               "its %d slot(s)", channel.id, channel.pid, len(channel.granted))
+                self.producer_died = True
             self._retire(channel, "closed its end")
             return False
         self.ring.header[Field.DESCRIPTOR_NBYTES] += len(raw)  # type: ignore[union-attr]
@@ -715,12 +750,9 @@ def _drain_control(control: socket.socket) -> None:
     control.setblocking(False)
     while True:
         try:
-            message, fds, _, _ = socket.recv_fds(control, _CONTROL_MESSAGE_NBYTES, 2)
-        except BlockingIOError:
-            return
-        for fd in fds:
-            os.close(fd)
-        if not message:
+            if not control.recv(MESSAGE_NBYTES):
+                return
+        except (BlockingIOError, ConnectionError):
             return
 
 

@@ -13,8 +13,8 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from multiprocessing import reduction
-from typing import Any
+from multiprocessing import context, reduction
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -32,6 +32,9 @@ from ._ring import Field, RingSpec, SlotRing, State
 from ._spec import Schema
 from .errors import BrokenError, ClosedError, FrameError, RingFullError
 
+if TYPE_CHECKING:
+    from ._attach import Ticket
+
 __all__ = ["Producer"]
 
 EventArrays = Mapping[str, npt.ArrayLike]
@@ -45,10 +48,13 @@ _STOPPED = frozenset({int(State.ABORTING), int(State.ABORTED), int(State.FAILED)
 class Producer:
     """Puts frames into the writer's ring. Use it in one process; close it when done.
 
-    Parameters are internal: get producers from :meth:`shmwriter.Writer.producer`.
+    Parameters are internal: get producers from :meth:`shmwriter.Writer.producer`
+    or :func:`shmwriter.attach`.
 
-    A producer pickles as its ring's name and two pipe file descriptors, so it
-    can be passed as an argument to a ``spawn``-ed process. Give every worker
+    Passed as an argument to a ``spawn``-ed ``multiprocessing`` process, a
+    producer pickles as its ring's name and two pipe file descriptors, which
+    the child inherits. Pickled any other way (a Ray or Dask task, a queue), it
+    pickles as its run's ticket and attaches anew where it is unpickled. Give every worker
     process its own producer: the writer refuses a producer used by two
     processes at once. Threads of one process may share one. A producer
     unpickled in a new process tells the writer that process's pid at once,
@@ -65,8 +71,9 @@ class Producer:
     _closed = False
 
     def __init__(self, spec: RingSpec, producer_id: int, desc_fd: int, grant_fd: int,
-                 timeout_s: float) -> None:
+                 timeout_s: float, ticket: Ticket | None = None) -> None:
         self._spec, self._id, self._timeout_s = spec, producer_id, timeout_s
+        self._ticket = ticket
         self._desc_fd, self._grant_fd = desc_fd, grant_fd
         self._lock = threading.RLock()
         self._pid = 0  # the process that said HELLO
@@ -206,8 +213,12 @@ class Producer:
         if self._closed:
             raise ClosedError("a closed Producer cannot be pickled; get a new one from "
                               "Writer.producer()")
+        if context.get_spawning_popen() is None and self._ticket is not None:
+            from ._attach import attach_on_unpickle  # the child is not being started here
+            return (attach_on_unpickle, (self._ticket,))
         return (_rebuild_producer, (self._spec, self._id, reduction.DupFd(self._desc_fd),
-                                    reduction.DupFd(self._grant_fd), self._timeout_s))
+                                    reduction.DupFd(self._grant_fd), self._timeout_s,
+                                    self._ticket))
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -450,8 +461,8 @@ def _raise_for_names(features: Mapping[str, Any], frame_index: int,
 
 
 def _rebuild_producer(spec: RingSpec, producer_id: int, desc: Any, grant: Any,
-                      timeout_s: float) -> Producer:
-    producer = Producer(spec, producer_id, desc.detach(), grant.detach(), timeout_s)
+                      timeout_s: float, ticket: Ticket | None) -> Producer:
+    producer = Producer(spec, producer_id, desc.detach(), grant.detach(), timeout_s, ticket)
     producer._say_hello()
     return producer
 

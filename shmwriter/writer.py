@@ -10,27 +10,15 @@ import pickle
 import queue
 import signal
 import socket
-import struct
 import threading
 import time
 import zlib
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from ._channel import open_pipe_pair
-from ._loop import (
-    MSG_ABORT,
-    MSG_HANDOUT_OVER,
-    MSG_LOG,
-    MSG_PRODUCER,
-    MSG_RESULT,
-    MSG_STARTED,
-    RunConfig,
-    RunResult,
-    WriterLoop,
-    run_in_process,
-    serve,
-)
+from ._attach import Ticket, new_ticket, open_channel
+from ._control import MSG_HANDOUT_OVER, MSG_LOG, MSG_RESULT, MSG_STARTED, abort_message
+from ._loop import RunConfig, RunResult, WriterLoop, run_in_process, serve
 from ._ranges import FrameRanges
 from ._recover import make_readable
 from ._ring import Field, SlotRing, State
@@ -71,7 +59,8 @@ class Writer:
         The ring has ``slots`` slots of ``slot_events`` events each; a frame
         with more events spans several slots.
     memory_budget_nbytes
-        Size the ring by bytes instead: as many slots as fit (overrides ``slots``).
+        Size the ring by bytes instead: as many slots as fit, at most 16000
+        (overrides ``slots``).
     write_threshold
         Frames gathered into one chunk before it is written.
     hdf5_dataset_kwargs
@@ -158,8 +147,10 @@ class Writer:
         try:
             self._ring.set(Field.OWNER_PID, os.getpid())
             self._ring.set_path_text(os.path.abspath(self.path))
+            self._ticket = new_ticket(self._ring.spec, self._timeout_s)
             config = RunConfig(
-                path=self.path, ring=self._ring.spec, write_threshold=int(write_threshold),
+                path=self.path, ring=self._ring.spec, ticket=self._ticket,
+                write_threshold=int(write_threshold),
                 flush_interval_s=float(flush_interval_s),
                 hdf5_dataset_kwargs=dict(hdf5_dataset_kwargs or {}) or None,
                 metadata=dict(metadata or {}), derived=_derived(schema, index_feature),
@@ -205,28 +196,42 @@ class Writer:
     def producer(self) -> Producer:
         """A new producer endpoint; give each worker process its own.
 
+        Pass it to a ``multiprocessing`` child as a ``Process`` argument: the child
+        inherits its pipes. Pickled any other way (a Ray or Dask task, a queue),
+        it attaches anew where it is unpickled, as :func:`shmwriter.attach` does.
+
+        Raises
+        ------
+        ClosedError
+            If the writer was closed.
+        BrokenError
+            If the writer is gone.
+        """
+        self._check_open()
+        try:
+            producer = open_channel(self._ticket)
+        except ClosedError as exc:
+            raise BrokenError(f"the writer is gone; no producer can be added: {exc}") from exc
+        self._producers.append(producer)
+        return producer
+
+    def ticket(self) -> Ticket:
+        """What any process of this user on this host needs to attach a producer.
+
+        The ticket is a small picklable value without file descriptors: hand it
+        to a script started by hand, by ``subprocess`` or by a scheduler, or to
+        a Ray or Dask worker, which turns it into a :class:`~shmwriter.Producer`
+        with :func:`shmwriter.attach`. That producer's pipes live only in its
+        process, so the writer notices at once if the process dies. An open-ended
+        run ends when every attached producer has closed, after :meth:`close`.
+
         Raises
         ------
         ClosedError
             If the writer was closed.
         """
         self._check_open()
-        assert self._control is not None and self._ring is not None
-        producer_id = len(self._producers)
-        producer_fds, writer_fds = open_pipe_pair()
-        try:
-            socket.send_fds(self._control, [MSG_PRODUCER + struct.pack("<q", producer_id)],
-                            list(writer_fds))
-        except OSError as exc:
-            for fd in producer_fds:
-                os.close(fd)
-            raise BrokenError("the writer is gone; no producer can be added") from exc
-        finally:
-            for fd in writer_fds:
-                os.close(fd)
-        producer = Producer(self._ring.spec, producer_id, *producer_fds, self._timeout_s)
-        self._producers.append(producer)
-        return producer
+        return self._ticket
 
     def close(self, timeout_s: float | None = None) -> None:
         """End the run: wait until every frame is written (or every producer is done).
@@ -288,7 +293,7 @@ class Writer:
             self._clean_up()
 
     def _abort_and_wait(self, reason: str) -> RunResult:
-        self._send(MSG_ABORT + reason.encode("utf-8")[:1000])
+        self._send(abort_message(reason))
         return self._wait_for_result(_ABORT_TIMEOUT_S)
 
     def __enter__(self) -> Writer:
@@ -476,7 +481,7 @@ def _read_control(control: socket.socket, messages: queue.Queue[bytes]) -> None:
 def _parse_slots(slots: int, memory_budget_nbytes: int | None, layout: SlotLayout) -> int:
     if memory_budget_nbytes is not None:
         budget = _check_positive_int("memory_budget_nbytes", memory_budget_nbytes)
-        slots = budget // layout.slot_nbytes
+        slots = min(budget // layout.slot_nbytes, MAX_SLOTS)  # small events: many fit
         if slots < 1:
             raise ValueError(f"memory_budget_nbytes={budget} cannot hold one slot of "
                              f"{layout.slot_nbytes} bytes; raise it or lower slot_events")

@@ -191,10 +191,11 @@ def test_one_producer_in_two_processes_tells_the_second_it_was_refused(tmp_path)
         producer = writer.producer()
         first = CTX.Process(target=put_when_told, args=(producer, [0, 2], gates[0::2], report))
         second = CTX.Process(target=put_when_told, args=(producer, [1, 3], gates[1::2], report))
-        for process in (first, second):
-            process.start()
+        first.start()
         outcomes = {}
         for frame in range(4):  # 0: first, 1: second, 2: first again, 3: second again
+            if frame == 1:  # the second starts once the first has used the producer
+                second.start()
             gates[frame].set()
             if frame != 3 or outcomes.get(1) == "ok":
                 got_frame, outcome = report.get(timeout=60)

@@ -275,3 +275,13 @@ def test_live_reading_with_h5py_and_dclab(tmp_path):
             assert len(ds) >= len(expected)
             np.testing.assert_array_equal(ds["deform"][:len(expected)], expected)
         producer.close()
+
+
+def test_a_memory_budget_for_small_events_takes_at_most_the_most_slots(tmp_path):
+    """64 MiB of 4 KiB slots would be 16384 slots; the ring takes the most it may have."""
+    schema = shmwriter.Schema({"deform": shmwriter.Feature("float32")})
+    with shmwriter.Writer(tmp_path / "out.rtdc", schema, total_frames=1,
+                          memory_budget_nbytes=64 * 2**20) as writer:
+        assert writer.statistics().slots == 16000
+        with writer.producer() as producer:
+            producer.put(0, {"deform": np.ones(2, np.float32)})
