@@ -1,7 +1,8 @@
 """The descriptor channel between one producer and the writer: two pipes.
 
 ``desc`` carries fixed-format records from the producer to the writer (a
-16-byte header plus 4 bytes per slot); ``grant`` carries int32 slot indices
+16-byte header plus 4 bytes per slot; a batch of frames adds 12 bytes per
+frame); ``grant`` carries int32 slot indices
 from the writer to the producer. Every record is written with one ``write`` of
 at most ``PIPE_BUF`` bytes, which POSIX makes atomic, so no lock is needed
 between processes and a killed producer cannot leave a torn record or a held
@@ -21,10 +22,11 @@ from dataclasses import dataclass
 
 from .errors import BrokenError
 
-__all__ = ["MAX_SLOTS_PER_RECORD", "Kind", "Record", "decode_records", "encode_record",
-           "open_pipe_pair", "read_grants", "write_record"]
+__all__ = ["MAX_SLOTS_PER_RECORD", "Kind", "Record", "batch_nbytes", "decode_records",
+           "encode_batch", "encode_record", "open_pipe_pair", "read_grants", "write_record"]
 
 _HEADER = struct.Struct("<BxHIq")
+_BATCH_FRAME = struct.Struct("<qI")
 #: Most slots a single frame record can list (the record must fit PIPE_BUF).
 MAX_SLOTS_PER_RECORD = (select.PIPE_BUF - _HEADER.size) // 4
 #: Grant value telling a producer the writer refuses it (see the header's error text).
@@ -39,6 +41,8 @@ class Kind(enum.IntEnum):
     FRAME = 3     # value = frame index, nevents, slots listed
     RELEASE = 4   # slots listed are given back unused
     CLOSE = 5     # the producer is done
+    BATCH = 6     # nevents = frames listed as (frame, nevents), then their slots in order
+    MALFORMED = 255  # what decode_records makes of a record that cannot be one
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +56,9 @@ class Record:
     nevents: int
     """Events of the frame (FRAME), slots wanted (REQUEST), or 0."""
     slots: tuple[int, ...]
-    """Slot indices (FRAME, RELEASE)."""
+    """Slot indices (FRAME, RELEASE, BATCH)."""
+    frames: tuple[tuple[int, int], ...] = ()
+    """``(frame, nevents)`` of each frame of a BATCH, in the order their slots are listed."""
 
 
 def encode_record(kind: Kind, value: int = 0, nevents: int = 0,
@@ -63,19 +69,45 @@ def encode_record(kind: Kind, value: int = 0, nevents: int = 0,
     return _HEADER.pack(kind, len(slots), nevents, value) + array("i", slots).tobytes()
 
 
+def batch_nbytes(nframes: int, nslots: int) -> int:
+    """Bytes of a BATCH record of ``nframes`` frames and ``nslots`` slots."""
+    return _HEADER.size + _BATCH_FRAME.size * nframes + 4 * nslots
+
+
+def encode_batch(frames: Sequence[tuple[int, int]], slots: Sequence[int]) -> bytes:
+    """Bytes of one BATCH record: ``(frame, nevents)`` pairs, then every frame's slots."""
+    if batch_nbytes(len(frames), len(slots)) > select.PIPE_BUF:
+        raise ValueError(f"a batch of {len(frames)} frames and {len(slots)} slots does not fit "
+                         f"one record of {select.PIPE_BUF} bytes")
+    body = b"".join(_BATCH_FRAME.pack(frame, nevents) for frame, nevents in frames)
+    return (_HEADER.pack(Kind.BATCH, len(slots), len(frames), 0) + body
+            + array("i", slots).tobytes())
+
+
 def decode_records(buffer: bytearray) -> Iterator[Record]:
-    """Yield the complete records at the start of ``buffer`` and remove them from it."""
+    """Yield the complete records at the start of ``buffer`` and remove them from it.
+
+    A record whose header announces more than fits one write (a forged one)
+    comes out as ``Kind.MALFORMED``, so that the writer can refuse its sender.
+    """
     pos, end = 0, len(buffer)
     view = memoryview(buffer)
     try:
         while end - pos >= _HEADER.size:
             kind, nslots, nevents, value = _HEADER.unpack_from(view, pos)
-            stop = pos + _HEADER.size + 4 * nslots
+            nframes = nevents if kind == Kind.BATCH else 0
+            if batch_nbytes(nframes, nslots) > select.PIPE_BUF:
+                pos = end  # nothing after it can be trusted
+                yield Record(Kind.MALFORMED, value, nevents, ())
+                break
+            start = pos + _HEADER.size + _BATCH_FRAME.size * nframes
+            stop = start + 4 * nslots
             if stop > end:
                 break
-            slots = tuple(array("i", bytes(view[pos + _HEADER.size:stop]))) if nslots else ()
+            slots = tuple(array("i", bytes(view[start:stop]))) if nslots else ()
+            frames = tuple(_BATCH_FRAME.iter_unpack(bytes(view[pos + _HEADER.size:start])))
             pos = stop
-            yield Record(kind, value, nevents, slots)
+            yield Record(kind, value, nevents, slots, frames)
     finally:
         view.release()
         del buffer[:pos]

@@ -421,6 +421,8 @@ class WriterLoop:
         kind = record.kind
         if kind == Kind.FRAME:
             self._on_frame(channel, record)
+        elif kind == Kind.BATCH:
+            self._on_batch(channel, record)
         elif kind == Kind.REQUEST:
             if not 1 <= record.nevents <= self.config.ring.slots:
                 self._refuse(channel, f"asked for {record.nevents} slots")
@@ -433,6 +435,8 @@ class WriterLoop:
             self._on_hello(channel, record.value)
         elif kind == Kind.CLOSE:
             self._retire(channel, "closed")
+        elif kind == Kind.MALFORMED:
+            self._refuse(channel, "sent a record larger than one write can be (forged?)")
         else:
             self._refuse(channel, f"sent a record of unknown kind {kind}")
 
@@ -465,6 +469,22 @@ class WriterLoop:
             # it waits in its slots (no copy) until the frontier reaches it, unless
             # the ring runs short: then _relieve_ring copies waiting frames out
             self.reorder.hold(arrival)
+
+    def _on_batch(self, channel: _Channel, record: Record) -> None:
+        """A batch is its frames in a row, each with its own slots, listed in order."""
+        layout = self.config.ring.layout
+        needed = [layout.slots_for(nevents) for _, nevents in record.frames]
+        if sum(needed) != len(record.slots):
+            self._refuse(channel, f"sent a batch of {len(record.frames)} frames needing "
+                                  f"{sum(needed)} slots with {len(record.slots)} slots")
+            return
+        at = 0
+        for (frame, nevents), count in zip(record.frames, needed, strict=True):
+            self._on_frame(channel, Record(Kind.FRAME, frame, nevents,
+                                           record.slots[at:at + count]))
+            at += count
+            if channel.done:
+                return
 
     def _check_frame(self, channel: _Channel, frame: int, nevents: int,
                      slots: list[int]) -> str | None:

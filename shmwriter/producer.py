@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from multiprocessing import context, reduction
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,8 @@ from ._channel import (
     GRANT_REFUSED,
     MAX_SLOTS_PER_RECORD,
     Kind,
+    batch_nbytes,
+    encode_batch,
     encode_record,
     read_grants,
     write_record,
@@ -138,6 +141,44 @@ class Producer:
                 raise
             self._send_frame(index, nevents, slots)
 
+    def put_many(self, frames: Sequence[int] | npt.NDArray[np.integer[Any]],
+                 nevents: Sequence[int] | npt.NDArray[np.integer[Any]],
+                 events: EventArrays | None, *, timeout_s: float | None = None) -> None:
+        """Put a batch of frames in one call: checked once, sent as one descriptor (or a few).
+
+        Parameters
+        ----------
+        frames
+            The frame indices, in any order, each put once.
+        nevents
+            The event count of each of those frames (0 for a frame without events).
+        events
+            ``{feature: array of shape (sum(nevents), *feature.shape)}``: the events
+            of those frames, concatenated in the order of ``frames``. None if there
+            are no events at all.
+        timeout_s
+            How long to wait for free slots, each time; defaults to the writer's.
+
+        Raises
+        ------
+        FrameError
+            If a frame index, an event count or any feature is invalid, naming the
+            frame or the feature; nothing of the batch was sent.
+        RingFullError
+            If no slots became free within the timeout. A batch needing more than
+            half the ring goes in parts: the frames before the one named were put.
+        BrokenError, ClosedError
+            As for :meth:`put`.
+        """
+        with self._lock:
+            self._check_open()
+            pairs = self._check_batch(frames, nevents)
+            arrays = self._check_batch_events(pairs, events)
+            start = 0
+            for part in self._batch_parts(pairs):
+                self._put_part(part, arrays, start, timeout_s)
+                start += sum(count for _, count in part)
+
     def put_nowait(self, frame_index: int, events: EventArrays | None) -> None:
         """Like :meth:`put`, but raise :class:`RingFullError` at once if no slot is free."""
         self.put(frame_index, events, timeout_s=0.0)
@@ -225,12 +266,82 @@ class Producer:
         return (f"<Producer {self._id} of {self._spec.name!r} ({state}): "
                 f"{self.frames_put} frames, {self.events_put} events put>")
 
+    # -- batches ----------------------------------------------------------------
+    def _check_batch(self, frames: object, nevents: object) -> list[tuple[int, int]]:
+        """The batch's ``(frame, nevents)``, each frame index checked and fitting the ring."""
+        pairs, seen = [], set()
+        for frame, count in _check_counts(frames, nevents):
+            index = self._check_frame_index(frame)
+            if index in seen:
+                raise FrameError(f"frame {index} is in the batch twice", frame_index=index)
+            seen.add(index)
+            self._check_fits(index, count, self._spec.layout.slots_for(count))
+            pairs.append((index, count))
+        return pairs
+
+    def _check_batch_events(self, pairs: list[tuple[int, int]], events: EventArrays | None,
+                            ) -> dict[str, np.ndarray[Any, Any]]:
+        total = sum(count for _, count in pairs)
+        if not pairs:
+            return {}
+        first = pairs[0][0]
+        where = f"the batch of {len(pairs)} frames from frame {first}"
+        if events is None:
+            if total:
+                raise FrameError(f"{where}: events is None but nevents adds up to {total}",
+                                 frame_index=first)
+            return {}
+        nevents, arrays = _check_events(self.schema, first, events, where)
+        if nevents != total:
+            name = next(iter(arrays))
+            raise FrameError(f"{where}: feature {name!r} has {nevents} events but nevents adds "
+                             f"up to {total}", frame_index=first, feature=name)
+        return arrays
+
+    def _batch_parts(self, pairs: list[tuple[int, int]]) -> Iterator[list[tuple[int, int]]]:
+        """The batch cut into parts that fit one record and at most half the ring."""
+        most = max(1, self._spec.slots // 2)
+        part: list[tuple[int, int]] = []
+        nslots = 0
+        for frame, count in pairs:
+            need = self._spec.layout.slots_for(count)
+            if part and (nslots + need > most
+                         or batch_nbytes(len(part) + 1, nslots + need) > select.PIPE_BUF):
+                yield part
+                part, nslots = [], 0
+            part.append((frame, count))
+            nslots += need
+        if part:
+            yield part
+
+    def _put_part(self, part: list[tuple[int, int]], arrays: Mapping[str, np.ndarray[Any, Any]],
+                  start: int, timeout_s: float | None) -> None:
+        layout = self._spec.layout
+        nslots = sum(layout.slots_for(count) for _, count in part)
+        slots = self._take_slots(part[0][0], nslots, timeout_s) if nslots else []
+        try:
+            at_slot, at_event = 0, start
+            for _, count in part:
+                need = layout.slots_for(count)
+                if count:
+                    rows = {name: a[at_event:at_event + count] for name, a in arrays.items()}
+                    self._copy_into_slots(slots[at_slot:at_slot + need], rows, count)
+                at_slot, at_event = at_slot + need, at_event + count
+        except BaseException:
+            self._cache.extend(slots)
+            raise
+        self._send_described(part, slots, encode_batch(part, slots))
+
     # -- slots ------------------------------------------------------------------
     def _acquire(self, frame_index: int, nevents: int, timeout_s: float | None) -> list[int]:
         nslots = self._spec.layout.slots_for(nevents)
         if nslots == 0:
             return []
         self._check_fits(frame_index, nevents, nslots)
+        return self._take_slots(frame_index, nslots, timeout_s)
+
+    def _take_slots(self, frame_index: int, nslots: int, timeout_s: float | None) -> list[int]:
+        """``nslots`` granted slots, asked for on behalf of ``frame_index``."""
         if len(self._cache) < nslots and self._owed == 0:
             # give back what we hold and ask for all at once: a waiting
             # producer then holds no slot, so producers cannot deadlock
@@ -299,26 +410,34 @@ class Producer:
 
     # -- descriptors ------------------------------------------------------------
     def _send_frame(self, frame_index: int, nevents: int, slots: list[int]) -> None:
-        claimed = self._attached_ring().claimed
-        if self._spec.total_frames is not None:
-            if claimed[frame_index]:  # another producer put it meanwhile
-                self._cache.extend(slots)
-                raise FrameError(f"frame {frame_index} was already put", frame_index=frame_index)
-            claimed[frame_index] = 1
+        self._send_described([(frame_index, nevents)], slots,
+                             encode_record(Kind.FRAME, frame_index, nevents, slots))
+
+    def _send_described(self, frames: list[tuple[int, int]], slots: list[int],
+                        record: bytes) -> None:
+        """Claim ``frames``, send their ``record``; on failure the slots go back to the cache."""
+        claimed = self._attached_ring().claimed if self._spec.total_frames is not None else None
+        indices = [frame for frame, _ in frames]
+        if claimed is not None:
+            for frame in indices:
+                if claimed[frame]:  # another producer put it meanwhile
+                    self._cache.extend(slots)
+                    raise FrameError(f"frame {frame} was already put", frame_index=frame)
+            claimed[indices] = 1
         try:
-            self._send(encode_record(Kind.FRAME, frame_index, nevents, slots))
+            self._send(record)
         except BaseException:
-            if self._spec.total_frames is not None:
-                claimed[frame_index] = 0
+            if claimed is not None:
+                claimed[indices] = 0
             self._cache.extend(slots)
             raise
         # the writer says ABORTING before it reads the last descriptors: seen after
-        # sending, the frame may have come too late, so this put() must not return
+        # sending, the frames may have come too late, so this put() must not return
         if int(self._attached_ring().header[Field.STATE]) in _STOPPED:
-            raise BrokenError(f"frame {frame_index} was sent while the run stopped, so it may "
+            raise BrokenError(f"frame {indices[0]} was sent while the run stopped, so it may "
                               f"be missing from the file: {self._ring_error()}")
-        self.frames_put += 1
-        self.events_put += nevents
+        self.frames_put += len(frames)
+        self.events_put += sum(count for _, count in frames)
 
     def _send(self, message: bytes) -> None:
         if not self._pid:  # the first record from this process says who we are
@@ -412,52 +531,74 @@ class Producer:
             self._ring = None
 
 
-def _check_events(schema: Schema, frame_index: int,
-                  events: EventArrays | None) -> tuple[int, dict[str, np.ndarray[Any, Any]]]:
-    """Validate one frame's events; return its event count and the arrays."""
+def _check_events(schema: Schema, frame_index: int, events: EventArrays | None,
+                  where: str | None = None) -> tuple[int, dict[str, np.ndarray[Any, Any]]]:
+    """Validate one frame's events (or a batch's); return the event count and the arrays.
+
+    ``where`` starts every message (default ``frame <frame_index>``).
+    """
+    where = where or f"frame {frame_index}"
     if events is None:
         return 0, {}
     if not isinstance(events, Mapping):
-        raise TypeError(f"frame {frame_index}: events must be a mapping of feature name to "
-                        f"array, or None; got {type(events).__name__}")
+        raise TypeError(f"{where}: events must be a mapping of feature name to array, or "
+                        f"None; got {type(events).__name__}")
     features = schema.features
     if len(events) != len(features) or not all(name in features for name in events):
-        _raise_for_names(features, frame_index, events)
+        _raise_for_names(features, frame_index, events, where)
     arrays: dict[str, np.ndarray[Any, Any]] = {}
     nevents = -1
     for name, feature in features.items():
         array = np.asarray(events[name])
         if array.shape[1:] != feature.shape or array.ndim != 1 + len(feature.shape):
             raise FrameError(
-                f"frame {frame_index}: feature {name!r} has shape {array.shape}; expected "
+                f"{where}: feature {name!r} has shape {array.shape}; expected "
                 f"(nevents, {', '.join(map(str, feature.shape))})".replace(", )", ")"),
                 frame_index=frame_index, feature=name)
         if array.dtype != feature.dtype and not np.can_cast(array.dtype, feature.dtype,
                                                             casting="safe"):
             raise FrameError(
-                f"frame {frame_index}: feature {name!r} has dtype {array.dtype}, which cannot "
-                f"be cast safely to {feature.dtype}; convert it or change the schema",
+                f"{where}: feature {name!r} has dtype {array.dtype}, which cannot be cast "
+                f"safely to {feature.dtype}; convert it or change the schema",
                 frame_index=frame_index, feature=name)
         if nevents < 0:
             nevents = len(array)
         elif len(array) != nevents:
             raise FrameError(
-                f"frame {frame_index}: feature {name!r} has {len(array)} events but "
+                f"{where}: feature {name!r} has {len(array)} events but "
                 f"{next(iter(arrays))!r} has {nevents}", frame_index=frame_index, feature=name)
         arrays[name] = array
     return max(nevents, 0), arrays
 
 
-def _raise_for_names(features: Mapping[str, Any], frame_index: int,
-                     events: EventArrays) -> None:
+def _raise_for_names(features: Mapping[str, Any], frame_index: int, events: EventArrays,
+                     where: str) -> None:
     for name in events:
         if name not in features:
-            raise FrameError(f"frame {frame_index}: unknown feature {name!r}; the schema has "
+            raise FrameError(f"{where}: unknown feature {name!r}; the schema has "
                              f"{list(features)}", frame_index=frame_index, feature=str(name))
     for name in features:
         if name not in events:
-            raise FrameError(f"frame {frame_index}: feature {name!r} is missing",
+            raise FrameError(f"{where}: feature {name!r} is missing",
                              frame_index=frame_index, feature=name)
+
+
+def _check_counts(frames: object, nevents: object) -> list[tuple[int, int]]:
+    """``(frame, nevents)`` pairs of a batch, checked for types and lengths."""
+    if not isinstance(frames, Sequence | np.ndarray) or isinstance(frames, str | bytes):
+        raise TypeError(f"frames must be a sequence of frame indices; got {frames!r}")
+    if not isinstance(nevents, Sequence | np.ndarray) or isinstance(nevents, str | bytes):
+        raise TypeError(f"nevents must be a sequence of event counts; got {nevents!r}")
+    if len(frames) != len(nevents):
+        raise ValueError(f"frames and nevents must be as long as each other; got "
+                         f"{len(frames)} and {len(nevents)}")
+    pairs = []
+    for frame, count in zip(frames, nevents, strict=True):
+        if isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 0:
+            raise FrameError(f"frame {frame}: nevents must be an int >= 0; got {count!r}",
+                             frame_index=frame)
+        pairs.append((frame, int(count)))
+    return pairs
 
 
 def _rebuild_producer(spec: RingSpec, producer_id: int, desc: Any, grant: Any,

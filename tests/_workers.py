@@ -169,3 +169,28 @@ def own_a_run_then_wait(path: str, frames: int) -> None:
     child.start()
     print(writer.statistics().writer_pid, child.pid, flush=True)
     sys.stdin.read()  # until killed
+
+
+def batch_of(frames: list[int], most: int = 3) -> tuple[list[int], dict[str, np.ndarray] | None]:
+    """``(nevents, events)`` of ``frames`` for put_many: their events concatenated."""
+    counts = [nevents_of(frame, most) for frame in frames]
+    parts = [events_of(frame, most) for frame in frames]
+    present = [p for p in parts if p is not None]
+    if not present:
+        return counts, None
+    return counts, {name: np.concatenate([p[name] for p in present]) for name in present[0]}
+
+
+def put_batches(producer: shmwriter.Producer, frames: list[int], batch: int,
+                most: int = 3) -> None:
+    """Put ``frames`` in batches of ``batch`` with put_many; every third batch frame by
+    frame with put instead, so the two mix on one producer."""
+    with producer:
+        for k, at in enumerate(range(0, len(frames), batch)):
+            block = frames[at:at + batch]
+            if k % 3 == 2:
+                for frame in block:
+                    producer.put(frame, events_of(frame, most))
+            else:
+                counts, events = batch_of(block, most)
+                producer.put_many(block, counts, events)

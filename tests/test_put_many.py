@@ -1,0 +1,151 @@
+"""put_many: a batch of frames, checked once and sent as one descriptor (or a few)."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import struct
+
+import h5py
+import numpy as np
+import pytest
+from _workers import SCHEMA, batch_of, events_of, expected_arrays, put_batches
+
+import shmwriter
+from shmwriter._channel import Kind, encode_batch
+
+CTX = multiprocessing.get_context("spawn")
+
+
+def assert_file_holds(path, frames, most: int = 3) -> None:
+    expected = expected_arrays(frames, most)
+    with h5py.File(path, "r") as h5:
+        for name, array in expected.items():
+            np.testing.assert_array_equal(h5["events"][name][:], array, err_msg=name)
+
+
+@pytest.mark.parametrize("mode", ["process", "thread"])
+def test_batches_from_spawned_producers_mixed_with_put(tmp_path, mode):
+    """Two producers, batches of 25 in shuffled order, frames spanning slots, empty frames
+    inside batches, every third batch put frame by frame."""
+    path, frames = tmp_path / "out.rtdc", 600
+    order = np.random.default_rng(3).permutation(frames).tolist()
+    shares = [sorted(order[k::2]) for k in range(2)]
+    with shmwriter.Writer(path, SCHEMA, total_frames=frames, slots=16, slot_events=2,
+                          write_threshold=50, mode=mode) as writer:
+        workers = [CTX.Process(target=put_batches, args=(writer.producer(), share, 25, 5))
+                   for share in shares]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(120)
+            assert worker.exitcode == 0
+    assert writer.written_frames == frames
+    assert_file_holds(path, range(frames), most=5)
+
+
+def test_a_batch_larger_than_the_ring_goes_in_parts(tmp_path):
+    path, frames = tmp_path / "out.rtdc", 300
+    with shmwriter.Writer(path, SCHEMA, total_frames=frames, slots=8, slot_events=2) as writer:
+        with writer.producer() as producer:
+            counts, events = batch_of(list(range(frames)), 5)
+            producer.put_many(list(range(frames)), counts, events)
+            assert producer.frames_put == frames
+    assert_file_holds(path, range(frames), most=5)
+
+
+def test_a_batch_of_empty_frames_needs_no_events(tmp_path):
+    path = tmp_path / "out.rtdc"
+    with shmwriter.Writer(path, SCHEMA, total_frames=50) as writer:
+        with writer.producer() as producer:
+            producer.put_many(np.arange(50), np.zeros(50, int), None)
+    assert writer.written_frames == 50 and writer.written_events == 0
+
+
+def test_one_descriptor_per_batch(tmp_path):
+    path, frames = tmp_path / "out.rtdc", 100
+    with shmwriter.Writer(path, SCHEMA, total_frames=frames, slots=256) as writer:
+        with writer.producer() as producer:
+            counts, events = batch_of(list(range(frames)))
+            producer.put_many(list(range(frames)), counts, events)
+            stats = writer.statistics()
+    # per-frame put() sends a 20 B descriptor (plus requests) for every frame
+    assert stats.descriptor_nbytes < frames * 20, stats.descriptor_nbytes
+    assert_file_holds(path, range(frames))
+
+
+def bad_batches():
+    frames = list(range(10, 20))
+    counts, events = batch_of(frames)
+    wrong_shape = dict(events, image=events["image"][:, :4])
+    short = dict(events, deform=events["deform"][:-1])
+    extra = dict(events, volume=events["deform"])
+    return [
+        (frames, counts, wrong_shape, "feature 'image' has shape", "image", 10),
+        (frames, counts, short, "feature 'deform' has", "deform", 10),
+        (frames, counts, extra, "unknown feature 'volume'", "volume", 10),
+        (frames, [*counts[:-1], counts[-1] + 1], events, "nevents adds up to", "area", 10),
+        ([*frames[:5], 500, *frames[6:]], counts, events, "frame index 500 is out of range",
+         None, 500),
+        ([*frames[:5], 12, *frames[6:]], counts, events, "frame 12 is in the batch twice",
+         None, 12),
+        (frames, [*counts[:3], -1, *counts[4:]], events, "nevents must be an int >= 0", None,
+         13),
+    ]
+
+
+@pytest.mark.parametrize(("frames", "counts", "events", "match", "feature", "frame"),
+                         bad_batches())
+def test_a_bad_batch_is_refused_as_a_whole(tmp_path, frames, counts, events, match, feature,
+                                           frame):
+    path = tmp_path / "out.rtdc"
+    with shmwriter.Writer(path, SCHEMA, total_frames=30, slots=8) as writer:
+        with writer.producer() as producer:
+            with pytest.raises(shmwriter.FrameError, match=match) as info:
+                producer.put_many(frames, counts, events)
+            assert info.value.frame_index == frame
+            if feature is not None and feature != "area":
+                assert info.value.feature == feature
+            assert producer.frames_put == 0  # nothing of it was sent
+            # so every frame can still be put, and the run goes on
+            good = list(range(30))
+            good_counts, good_events = batch_of(good)
+            producer.put_many(good, good_counts, good_events)
+    assert_file_holds(path, range(30))
+
+
+def test_a_frame_put_already_refuses_the_batch(tmp_path):
+    path = tmp_path / "out.rtdc"
+    with shmwriter.Writer(path, SCHEMA, total_frames=10) as writer:
+        with writer.producer() as producer:
+            producer.put(4, events_of(4))
+            counts, events = batch_of(list(range(10)))
+            with pytest.raises(shmwriter.FrameError, match="frame 4 was already put"):
+                producer.put_many(list(range(10)), counts, events)
+            rest = [f for f in range(10) if f != 4]
+            counts, events = batch_of(rest)
+            producer.put_many(rest, counts, events)
+    assert_file_holds(path, range(10))
+
+
+@pytest.mark.parametrize(("record", "why"), [
+    (encode_batch([(3, 2), (4, 1)], [0]), "sent a batch of 2 frames needing 2 slots with 1"),
+    (struct.pack("<BxHIq", Kind.BATCH, 0, 10**6, 0), "sent a record larger than one write"),
+])
+def test_a_forged_batch_refuses_its_sender_and_the_run_goes_on(tmp_path, caplog, record, why):
+    caplog.set_level(logging.ERROR, logger="shmwriter")
+    path = tmp_path / "out.rtdc"
+    with shmwriter.Writer(path, SCHEMA, total_frames=10, slots=4) as writer:
+        forger, honest = writer.producer(), writer.producer()
+        forger.put(0, None)  # says HELLO
+        os.write(forger._desc_fd, record)
+        with pytest.raises(shmwriter.BrokenError, match=f"refused this producer: producer 0 "
+                                                        f"{why}"):
+            forger.put(1, events_of(1), timeout_s=10)  # has events: it asks for a slot
+        counts, events = batch_of(list(range(1, 10)))
+        honest.put_many(list(range(1, 10)), counts, events)
+        forger.close()
+        honest.close()
+    assert any(why in r.getMessage() for r in caplog.records)
+    assert_file_holds(path, range(10))
