@@ -208,10 +208,20 @@ class Job:
     write_threshold: int
     dcnum: bool = True
     """Whether the ``dcnum`` writer is dcnum's own (else the pickling fallback)."""
+    batch_frames: int = 100
+    """Frames per ``put_many`` call (and per block of a producer's share) when batched."""
 
     def shares(self) -> list[list[int]]:
         """Frames of each producer: dealt in turn, as a pipeline's workers get them."""
         return [list(range(k, self.frames, self.producers)) for k in range(self.producers)]
+
+    def block_shares(self) -> list[list[int]]:
+        """Frames of each producer: blocks of ``batch_frames`` dealt in turn."""
+        shares: list[list[int]] = [[] for _ in range(self.producers)]
+        for k, at in enumerate(range(0, self.frames, self.batch_frames)):
+            shares[k % self.producers].extend(range(at, min(at + self.batch_frames,
+                                                            self.frames)))
+        return shares
 
     def shmwriter_kwargs(self) -> dict[str, Any] | None:
         """shmwriter's ``hdf5_dataset_kwargs`` of the filter setting (None: its defaults)."""
@@ -249,6 +259,16 @@ def run_shmwriter(job: Job, mode: Literal["thread", "process"]) -> Measured:
                     hdf5_dataset_kwargs=job.shmwriter_kwargs())
     return _run_writer(writer, work.put_into_ring,
                        [(job.workload, share) for share in job.shares()],
+                       lambda: writer.written_events)
+
+
+def run_shmwriter_batched(job: Job) -> Measured:
+    """``job`` through a process-mode Writer, producers putting blocks with ``put_many``."""
+    writer = Writer(job.path, work.BENCH_SCHEMA, total_frames=job.frames, mode="process",
+                    write_threshold=job.write_threshold,
+                    hdf5_dataset_kwargs=job.shmwriter_kwargs())
+    return _run_writer(writer, work.put_batches_into_ring,
+                       [(job.workload, share, job.batch_frames) for share in job.block_shares()],
                        lambda: writer.written_events)
 
 

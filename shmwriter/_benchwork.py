@@ -250,6 +250,40 @@ def put_into_ring(producer: Producer, workload: Workload, frames: list[int], rea
     _report_and_exit(report, row, started, time.monotonic())
 
 
+def put_batches_into_ring(producer: Producer, workload: Workload, frames: list[int],
+                          batch: int, ready: Semaphore, start: Event, report: Any,
+                          row: int) -> None:
+    """Worker: put ``frames`` through ``Producer.put_many``, ``batch`` frames a call.
+
+    Its share is blocks of consecutive frames, the way pipelines hand out work;
+    the batches are built before the start signal, like the other workers' frames.
+    """
+    blocks = [frames[at:at + batch] for at in range(0, len(frames), batch)]
+    built: dict[tuple[int, int], tuple[list[int], Events | None]] = {}
+    for block in blocks:
+        key = (block[0] % PERIOD_FRAMES, len(block))
+        if key not in built:
+            built[key] = _batch_events(workload, block)
+    started = _wait_for_start(ready, start)
+    with producer:
+        for block in blocks:
+            counts, events = built[(block[0] % PERIOD_FRAMES, len(block))]
+            producer.put_many(block, counts, events)
+    _report_and_exit(report, row, started, time.monotonic())
+
+
+def _batch_events(workload: Workload, frames: list[int]) -> tuple[list[int], Events | None]:
+    """Event counts and concatenated events of ``frames``, for put_many."""
+    templates = workload.templates_for(frames)
+    parts = [templates[frame % PERIOD_FRAMES] for frame in frames]
+    counts = [0 if part is None else len(part["image"]) for part in parts]
+    present = [part for part in parts if part is not None]
+    if not present:
+        return counts, None
+    return counts, {name: np.concatenate([part[name] for part in present])
+                    for name in present[0]}
+
+
 def put_into_queue(event_queue: Any, feat_nevents: Any, workload: Workload, frames: list[int],
                    ready: Semaphore, start: Event, report: Any, row: int) -> None:
     """Worker: put ``frames`` into an mp.Queue the way dcnum's extractors do.

@@ -13,7 +13,11 @@ start signal to the closed file:
 The writers are
 
 ``shmwriter-thread``, ``shmwriter-process``
-    :class:`shmwriter.Writer` end to end, with spawned producers.
+    :class:`shmwriter.Writer` end to end, with spawned producers putting frame by
+    frame, dealt to them in turn.
+``shmwriter-batched``
+    the same in process mode, producers working through blocks of
+    ``batch_frames`` frames and putting each block with one ``put_many``.
 ``dcnum``
     dcnum's ``QueueWriterThread`` fed by spawned producers through an
     ``mp.Queue``, as dcnum's pipeline feeds it (or, without dcnum, an
@@ -106,11 +110,15 @@ class BenchConfig:
     """Frame counts of the memory-scaling runs."""
     write_threshold: int = 500
     """Frames per block, for every writer."""
+    batch_frames: int = 100
+    """Frames per ``put_many`` call of the ``shmwriter-batched`` row, whose producers work
+    through blocks of that many frames (0 leaves the row out)."""
 
     def __post_init__(self) -> None:
         for name in ("frames", "producers", "repeat", "write_threshold"):
             _check_count(name, getattr(self, name), minimum=1)
         _check_count("overhead_frames", self.overhead_frames, minimum=0)
+        _check_count("batch_frames", self.batch_frames, minimum=0)
         for frames in self.scaling_frames:
             _check_count("scaling_frames", frames, minimum=1)
         bad_modes = [m for m in self.modes if m not in ("thread", "process")]
@@ -125,7 +133,8 @@ class BenchConfig:
     @property
     def writers(self) -> tuple[str, ...]:
         """Writer names of the comparison, in the order they run."""
-        return (*(f"shmwriter-{mode}" for mode in self.modes), "dcnum", "h5py")
+        batched = ("shmwriter-batched",) if self.batch_frames else ()
+        return (*(f"shmwriter-{mode}" for mode in self.modes), *batched, "dcnum", "h5py")
 
     @property
     def runs_total(self) -> int:
@@ -403,7 +412,9 @@ def _measure(writer: str, job: runner.Job, repetition: int, keep: bool) -> RunFi
 
 
 def _measure_here(writer: str, job: runner.Job, repetition: int, keep: bool) -> RunFigures:
-    if writer.startswith("shmwriter-"):
+    if writer == "shmwriter-batched":
+        measured = runner.run_shmwriter_batched(job)
+    elif writer.startswith("shmwriter-"):
         mode: Literal["thread", "process"] = (
             "process" if writer == "shmwriter-process" else "thread")
         measured = runner.run_shmwriter(job, mode)
@@ -486,7 +497,8 @@ def run_bench(config: BenchConfig | None = None, progress: ProgressFn | None = N
         nonlocal done
         job = runner.Job(workload=workload, frames=frames, producers=config.producers,
                          filters=filters, path=workdir / f"{name}.rtdc",
-                         write_threshold=config.write_threshold, dcnum=warning is None)
+                         write_threshold=config.write_threshold, dcnum=warning is None,
+                         batch_frames=config.batch_frames or 100)
         figures = _measure(writer, job, repetition, config.keep_files)
         done += 1
         if progress is not None:

@@ -159,6 +159,9 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     parser.add_argument("--overhead-frames", type=_count, default=defaults.overhead_frames,
                         metavar="N", help="empty frames of the descriptor-path micro-benchmark;"
                         " 0 skips it (default: %(default)s)")
+    parser.add_argument("--batch-frames", type=_count, default=defaults.batch_frames,
+                        metavar="N", help="frames per put_many call of the batched shmwriter "
+                        "row; 0 leaves it out (default: %(default)s)")
     parser.add_argument("--memory-scaling", action="store_true",
                         help="also run shmwriter and dcnum (Zstd-5) once for each of "
                         "--scaling-frames and compare their peak memory")
@@ -191,7 +194,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         frames=args.frames, producers=args.producers, repeat=args.repeat, modes=args.modes,
         filters=args.filters, seed=args.seed, data_dir=args.data, workdir=args.workdir,
         keep_files=args.keep_files, overhead_frames=args.overhead_frames,
-        memory_scaling=args.memory_scaling, scaling_frames=args.scaling_frames)
+        memory_scaling=args.memory_scaling, scaling_frames=args.scaling_frames,
+        batch_frames=args.batch_frames)
     warning = dcnum_warning()
     if warning:
         print(f"WARNING: {warning}", file=sys.stderr)
