@@ -19,9 +19,13 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import queue
 import secrets
+import selectors
 import socket
 import struct
+import threading
+import time
 from dataclasses import dataclass, field
 
 import posix_ipc
@@ -31,7 +35,7 @@ from ._ring import RingSpec, SlotRing, State
 from .errors import AttachError, ClosedError
 from .producer import Producer
 
-__all__ = ["AttachServer", "Ticket", "attach", "attach_on_unpickle", "new_ticket",
+__all__ = ["AttachServer", "Attached", "Ticket", "attach", "attach_on_unpickle", "new_ticket",
            "open_channel"]
 
 logger = logging.getLogger(__name__)
@@ -42,6 +46,8 @@ _OK, _REFUSED, _CLOSED = b"K", b"R", b"C"
 _REPLY_NBYTES = 1024
 #: How long the writer waits for a connected peer's hello before it drops the peer.
 _HELLO_TIMEOUT_S = 0.5
+_BACKLOG = 1024
+_STOP_TIMEOUT_S = 5.0
 _CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -115,25 +121,35 @@ def open_channel(ticket: Ticket, timeout_s: float = 10.0) -> Producer:
         raise TypeError(f"ticket must be a shmwriter Ticket; got {type(ticket).__name__}")
     _check_same_host(ticket)
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
-        conn.settimeout(timeout_s)
-        try:
-            conn.connect("\0" + ticket.address)
-        except (ConnectionRefusedError, FileNotFoundError):
-            raise ClosedError(_ended_text(ticket)) from None
-        conn.sendall(_HELLO.pack(_MAGIC, bytes.fromhex(ticket.secret)))
-        try:
-            reply, fds, _, _ = socket.recv_fds(conn, _REPLY_NBYTES, 2)
-        except TimeoutError:
-            raise TimeoutError(f"the writer did not answer within {timeout_s} s") from None
+        reply, fds = _ask(conn, ticket, timeout_s)
     if reply[:1] == _OK and len(fds) == 2:
         (producer_id,) = struct.unpack("<q", reply[1:9])
         return Producer(ticket.ring, producer_id, fds[0], fds[1], ticket.timeout_s, ticket)
     for fd in fds:
         os.close(fd)
     text = reply[1:].decode("utf-8", "replace")
-    if reply[:1] == _CLOSED:
-        raise ClosedError(text)
+    if reply[:1] == _CLOSED or not reply:
+        raise ClosedError(text or _ended_text(ticket))
     raise AttachError(f"the writer refused the ticket: {text or 'no reason given'}")
+
+
+def _ask(conn: socket.socket, ticket: Ticket, timeout_s: float) -> tuple[bytes, list[int]]:
+    """Connect, show the secret, return the writer's reply and the descriptors it passed."""
+    # a blocking connect waits for room in a full backlog, for at most SO_SNDTIMEO
+    seconds = max(timeout_s, 0.001)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                    struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
+    try:
+        conn.connect("\0" + ticket.address)
+        conn.settimeout(timeout_s)
+        conn.sendall(_HELLO.pack(_MAGIC, bytes.fromhex(ticket.secret)))
+        reply, fds, _, _ = socket.recv_fds(conn, _REPLY_NBYTES, 2)
+    except (ConnectionRefusedError, FileNotFoundError, ConnectionResetError,
+            BrokenPipeError):  # nobody listens (any more): the run has ended
+        raise ClosedError(_ended_text(ticket)) from None
+    except (BlockingIOError, TimeoutError):
+        raise TimeoutError(f"the writer did not answer within {timeout_s} s") from None
+    return reply, fds
 
 
 def attach_on_unpickle(ticket: Ticket) -> Producer:
@@ -141,11 +157,31 @@ def attach_on_unpickle(ticket: Ticket) -> Producer:
     return attach(ticket)
 
 
-class AttachServer:
-    """The writer's attach socket: checks each peer and hands it a new channel.
+@dataclass(frozen=True, slots=True)
+class Attached:
+    """A channel the attach thread made: the writer's pipe ends and the producer's pid."""
 
-    The writer loop owns it, polls :attr:`sock` for readability and calls
-    :meth:`serve_one`; :meth:`close` (idempotent) stops listening.
+    producer_id: int
+    """The new producer's id."""
+    desc_fd: int
+    """The writer's (read) end of the descriptor pipe."""
+    grant_fd: int
+    """The writer's (write) end of the grant pipe."""
+    pid: int
+    """The peer's pid, as the kernel gave it."""
+
+
+class AttachServer:
+    """The writer's attach socket, served by a thread of its own.
+
+    The thread accepts peers and checks each: its user id at once (the kernel
+    says it), then its hello, with a deadline per peer, so that a silent, slow
+    or hostile peer delays neither the writer loop nor other peers. For a good
+    peer it makes the pipes of a new channel, queues the writer's ends for the
+    loop and passes the producer's ends to the peer. The writer loop owns the
+    server: it watches :attr:`wakeup_fd`, collects new channels with
+    :meth:`take`, calls :meth:`close_to_new` when the run takes no more
+    producers and :meth:`close` (idempotent) at the end.
     """
 
     _sock: socket.socket | None = None
@@ -155,77 +191,167 @@ class AttachServer:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             sock.bind("\0" + self._address)
-            sock.listen(64)
+            sock.listen(_BACKLOG)
             sock.setblocking(False)
         except BaseException:
             sock.close()
             raise
         self._sock = sock
-        #: Whether attaching is refused from now on (the run takes no new producers).
-        self.closed_to_new = False
+        self._lock = threading.Lock()  # between the thread's queueing and close_to_new
+        self._closed_to_new = False
+        self._attached: queue.SimpleQueue[Attached] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._refusals = _RefusalLog()
+        self._next_id = 0
+        self._thread = threading.Thread(target=self._serve, name="shmwriter-attach",
+                                        daemon=True)
+        self._thread.start()
 
     @property
-    def sock(self) -> socket.socket:
-        """The listening socket, for the loop's selector."""
-        assert self._sock is not None
-        return self._sock
+    def wakeup_fd(self) -> int:
+        """Readable when new channels wait to be taken."""
+        return self._wake_r
 
-    def serve_one(self, producer_id: int) -> tuple[int, int, int] | None:
-        """Answer one waiting peer; ``(desc_fd, grant_fd, peer pid)`` if it got a channel.
-
-        ``producer_id`` is the id the new producer gets if it is accepted.
-        """
+    def take(self) -> list[Attached]:
+        """The channels attached since the last call."""
         try:
-            conn, _ = self.sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return None
-        with conn:
-            conn.settimeout(_HELLO_TIMEOUT_S)
-            pid, uid, _ = _CREDENTIALS.unpack(
-                conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size))
-            problem = self._check(conn, uid)
-            if problem is not None:
-                kind, why = problem
-                if kind == _REFUSED:
-                    logger.error("refused to attach pid %d: %s", pid, why)
-                _reply(conn, kind + why.encode("utf-8"))
-                return None
-            (desc_write, grant_read), (desc_read, grant_write) = open_pipe_pair()
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        taken = []
+        while True:
             try:
-                socket.send_fds(conn, [_OK + struct.pack("<q", producer_id)],
-                                [desc_write, grant_read])
-            except OSError as exc:  # the peer is gone already
-                logger.warning("pid %d went away while attaching: %s", pid, exc)
-                for fd in (desc_read, grant_write):
-                    os.close(fd)
-                return None
-            finally:
-                os.close(desc_write)
-                os.close(grant_read)
-        logger.debug("producer %d attached from pid %d", producer_id, pid)
-        return desc_read, grant_write, pid
+                taken.append(self._attached.get_nowait())
+            except queue.Empty:
+                return taken
 
-    def _check(self, conn: socket.socket, uid: int) -> tuple[bytes, str] | None:
-        try:
-            hello = conn.recv(_HELLO.size + 1)
-        except (TimeoutError, OSError):
-            return _REFUSED, "no hello within the time allowed"
-        if uid != os.getuid():
-            return _REFUSED, f"user {uid} is not the run's user"
-        if len(hello) != _HELLO.size or not hello.startswith(_MAGIC):
-            return _REFUSED, "not a shmwriter attach request"
-        _, secret = _HELLO.unpack(hello)
-        if not hmac.compare_digest(secret, self._secret):
-            return _REFUSED, "wrong secret: this ticket is not this run's"
-        if self.closed_to_new:
-            return _CLOSED, "the run no longer takes producers: its Writer is closing it"
-        return None
+    def close_to_new(self) -> list[Attached]:
+        """Refuse attaching from now on; return the channels attached until now."""
+        with self._lock:
+            self._closed_to_new = True
+        return self.take()
 
     def close(self) -> None:
-        """Stop listening (idempotent)."""
-        if self._sock is not None:
-            sock, self._sock = self._sock, None
-            sock.close()
+        """Stop the thread and the socket; close the channels no one took (idempotent)."""
+        if self._sock is None:
+            return
+        os.write(self._stop_w, b"x")
+        self._thread.join(_STOP_TIMEOUT_S)
+        sock, self._sock = self._sock, None
+        sock.close()
+        for attached in self.take():
+            os.close(attached.desc_fd)
+            os.close(attached.grant_fd)
+        for fd in (self._wake_r, self._wake_w, self._stop_r, self._stop_w):
+            os.close(fd)
+
+    # -- the thread ---------------------------------------------------------------------
+    def _serve(self) -> None:
+        assert self._sock is not None
+        peers: dict[socket.socket, float] = {}  # connected, hello not read yet: deadline
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._sock, selectors.EVENT_READ, None)
+            selector.register(self._stop_r, selectors.EVENT_READ, "stop")
+            while True:
+                wait = max(0.0, min(peers.values()) - time.monotonic()) if peers else None
+                for key, _ in selector.select(wait):
+                    if key.data == "stop":
+                        for peer in peers:
+                            peer.close()
+                        return
+                    if key.data is None:
+                        self._accept_all(selector, peers)
+                    else:
+                        selector.unregister(key.data)
+                        del peers[key.data]
+                        with key.data:
+                            self._answer(key.data)
+                now = time.monotonic()
+                for peer in [p for p, deadline in peers.items() if deadline <= now]:
+                    selector.unregister(peer)
+                    del peers[peer]
+                    with peer:
+                        self._refuse(peer, _peer_pid(peer), "no hello within the time allowed")
+
+    def _accept_all(self, selector: selectors.BaseSelector,
+                    peers: dict[socket.socket, float]) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                peer, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors, say: try again at the next event
+                logger.warning("could not accept a peer on the attach socket: %s", exc)
+                return
+            pid, uid = _peer_pid(peer), _peer_uid(peer)
+            if uid != os.getuid():  # refused before anything is read from it
+                with peer:
+                    self._refuse(peer, pid, f"user {uid} is not the run's user")
+                continue
+            peer.setblocking(False)
+            selector.register(peer, selectors.EVENT_READ, peer)
+            peers[peer] = time.monotonic() + _HELLO_TIMEOUT_S
+
+    def _answer(self, peer: socket.socket) -> None:
+        pid = _peer_pid(peer)
+        try:
+            hello = peer.recv(_HELLO.size + 1)
+        except OSError:
+            return  # gone already
+        if len(hello) != _HELLO.size or not hello.startswith(_MAGIC):
+            self._refuse(peer, pid, "not a shmwriter attach request")
+            return
+        if not hmac.compare_digest(_HELLO.unpack(hello)[1], self._secret):
+            self._refuse(peer, pid, "wrong secret: this ticket is not this run's")
+            return
+        (desc_write, grant_read), (desc_read, grant_write) = open_pipe_pair()
+        with self._lock:
+            admitted = not self._closed_to_new
+            producer_id = self._next_id
+            if admitted:
+                self._next_id += 1
+                # queued before the peer hears of it: the loop cannot end the run meanwhile
+                self._attached.put(Attached(producer_id, desc_read, grant_write, pid))
+        try:
+            if not admitted:
+                os.close(desc_read)
+                os.close(grant_write)
+                _reply(peer, _CLOSED + b"the run no longer takes producers: its Writer is "
+                                       b"closing it")
+                return
+            _wake(self._wake_w)
+            socket.send_fds(peer, [_OK + struct.pack("<q", producer_id)],
+                            [desc_write, grant_read])
+            logger.debug("producer %d attached from pid %d", producer_id, pid)
+        except OSError as exc:  # the peer went away: its channel ends at once (EOF)
+            logger.debug("pid %d went away while attaching: %s", pid, exc)
+        finally:
+            os.close(desc_write)
+            os.close(grant_read)
+
+    def _refuse(self, peer: socket.socket, pid: int, why: str) -> None:
+        self._refusals.note(pid, why)
+        _reply(peer, _REFUSED + why.encode("utf-8"))
+
+
+class _RefusalLog:
+    """Logs refused attaches, one line a second at most: a flood must not flood the log."""
+
+    def __init__(self) -> None:
+        self._last = -1.0
+        self._unlogged = 0
+
+    def note(self, pid: int, why: str) -> None:
+        now = time.monotonic()
+        if self._last >= 0 and now - self._last < 1.0:
+            self._unlogged += 1
+            return
+        more = f" ({self._unlogged} more refused since the last report)" if self._unlogged else ""
+        logger.error("refused to attach pid %d: %s%s", pid, why, more)
+        self._last, self._unlogged = now, 0
 
 
 def _reply(conn: socket.socket, message: bytes) -> None:
@@ -233,6 +359,33 @@ def _reply(conn: socket.socket, message: bytes) -> None:
         conn.send(message[:_REPLY_NBYTES])
     except OSError:
         pass  # the peer is gone; nothing to tell
+
+
+def _wake(fd: int) -> None:
+    try:
+        os.write(fd, b"x")
+    except BlockingIOError:
+        pass  # the pipe is full of wake-ups already
+
+
+def _peer_credentials(peer: socket.socket) -> tuple[int, int]:
+    pid, uid, _ = _CREDENTIALS.unpack(
+        peer.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size))
+    return pid, uid
+
+
+def _peer_pid(peer: socket.socket) -> int:
+    try:
+        return _peer_credentials(peer)[0]
+    except OSError:
+        return 0
+
+
+def _peer_uid(peer: socket.socket) -> int:
+    try:
+        return _peer_credentials(peer)[1]
+    except OSError:
+        return -1
 
 
 def _check_same_host(ticket: Ticket) -> None:

@@ -175,13 +175,16 @@ class H5Sink:
         self._shutdown_pool()
         file, self._file = self._file, None
         file.close()
+        all_logs = dict(logs or {})
+        if missing_frames:  # one line per range: a gap of a million frames is one line
+            all_logs[MISSING_FRAMES_LOG] = as_ranges(missing_frames).lines()
+        run_log = all_logs.pop(RUN_LOG, None)
         with h5py.File(self.path, "a") as h5:
             h5.attrs["experiment:event count"] = np.int64(self.nevents)
-            all_logs = dict(logs or {})
-            if missing_frames:  # one line per range: a gap of a million frames is one line
-                all_logs[MISSING_FRAMES_LOG] = as_ranges(missing_frames).lines()
             for name, lines in all_logs.items():
                 _write_log(h5, name, lines)
+            if run_log is not None:  # last: until it is replaced, the reserved block can
+                _write_log(h5, RUN_LOG, run_log)  # still take a failure (record_failure)
 
     def abandon(self, run_log: Sequence[str] = ()) -> None:
         """Close the file after a failure, keeping what was flushed.
@@ -199,11 +202,20 @@ class H5Sink:
                 file.close()
             except Exception:  # the failure is reported already; the flushed data stays
                 logger.debug("closing %s after a failure", self.path, exc_info=True)
-        if run_log and self._run_log_offset is not None:
-            try:
-                _overwrite_run_log(self.path, self._run_log_offset, run_log)
-            except OSError as exc:
-                logger.warning("could not record the failure in %s: %s", self.path, exc)
+        if run_log:
+            self.record_failure(run_log)
+
+    def record_failure(self, run_log: Sequence[str]) -> None:
+        """Write ``run_log`` over the run log's reserved block, in place (no new space needed).
+
+        Only once the file is closed (after :meth:`abandon`, or a :meth:`close` that failed).
+        """
+        if self._run_log_offset is None or self._file is not None:
+            return
+        try:
+            _overwrite_run_log(self.path, self._run_log_offset, run_log)
+        except OSError as exc:
+            logger.warning("could not record the failure in %s: %s", self.path, exc)
 
     def _shutdown_pool(self) -> None:
         if self._pool is not None:

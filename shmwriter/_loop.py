@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ._attach import AttachServer, Ticket
+from ._attach import Attached, AttachServer, Ticket
 from ._channel import GRANT_REFUSED, Kind, Record, decode_records
 from ._control import (
     MESSAGE_NBYTES,
@@ -108,7 +108,7 @@ class RunResult:
     rejected_frames: int
     """Descriptors the writer refused (duplicates, forged or malformed)."""
     error: str | None = None
-    """What went wrong, for FAILED."""
+    """What went wrong, for FAILED; why, for ABORTED."""
 
 
 @dataclass(slots=True)
@@ -167,7 +167,6 @@ class WriterLoop:
         self.rejected = self.written_frames = 0
         self.sink: H5Sink | None = None
         self.attach_server: AttachServer | None = None
-        self._next_producer_id = 0
         self.sink_error: BaseException | None = None
         #: What made the run fail, in one line (the errno's text first), or None.
         self.failure: str | None = None
@@ -211,6 +210,8 @@ class WriterLoop:
             state, error = State.FAILED, f"{where}{self.failure}"
         finally:
             state, error = self._shut_down(writer_thread, state, error)
+        if state is State.ABORTED:
+            error = self.abort_reason
         return RunResult(state=state, written_events=self.sink.nevents if self.sink else 0,
                          written_frames=self.written_frames,
                          missing_frames=self.reorder.missing,
@@ -224,7 +225,8 @@ class WriterLoop:
     def _serve(self) -> None:
         self.selector.register(self.control, selectors.EVENT_READ, None)
         assert self.attach_server is not None
-        self.selector.register(self.attach_server.sock, selectors.EVENT_READ, self.attach_server)
+        self.selector.register(self.attach_server.wakeup_fd, selectors.EVENT_READ,
+                               self.attach_server)
         next_liveness = time.monotonic() + _LIVENESS_INTERVAL_S
         while not self._run_complete():
             timeout = min(next_liveness, self._last_emit + self.config.flush_interval_s)
@@ -232,7 +234,7 @@ class WriterLoop:
                 if key.data is None:
                     self._on_control()
                 elif key.data is self.attach_server:
-                    self._on_attach()
+                    self._add_channels(self.attach_server.take())
                 else:
                     self._on_readable(key.data)
             self._raise_if_sink_failed()
@@ -317,6 +319,7 @@ class WriterLoop:
                     self.failure = describe_failure(exc)
                     state = State.FAILED
                     error = f"closing {self.config.path} failed: {self.failure}"
+                    self.sink.record_failure(self._run_summary(state, error))
         if self.ring is not None:
             if error:
                 self.ring.set_error_text(error)
@@ -370,28 +373,28 @@ class WriterLoop:
         kind = message[:1]
         if kind == MSG_HANDOUT_OVER:
             self.handout_over = True
-            if self.attach_server is not None:
-                self.attach_server.closed_to_new = True
+            if self.attach_server is not None:  # those attached until now still count
+                self._add_channels(self.attach_server.close_to_new())
         elif kind == MSG_ABORT:
             self.request_abort(message[1:].decode("utf-8", "replace") or "aborted by the owner")
 
     # -- attaching ------------------------------------------------------------------
-    def _on_attach(self) -> None:
-        assert self.attach_server is not None
-        attached = self.attach_server.serve_one(self._next_producer_id)
-        if attached is not None:
-            desc_fd, grant_fd, _pid = attached
-            channel = _Channel(self._next_producer_id, desc_fd, grant_fd)
+    def _add_channels(self, attached: list[Attached]) -> None:
+        for new in attached:
+            channel = _Channel(new.producer_id, new.desc_fd, new.grant_fd)
             self.channels[channel.id] = channel
             self.selector.register(channel.desc_fd, selectors.EVENT_READ, channel)
-            self._next_producer_id += 1
 
     def _stop_attaching(self) -> None:
-        """Close the attach socket: a ticket used from now on finds the run ended."""
+        """Close the attach socket: a ticket used from now on finds the run ended.
+
+        Channels attached until now are taken: what their producers send still counts.
+        """
         if self.attach_server is not None:
             server, self.attach_server = self.attach_server, None
             with contextlib.suppress(KeyError):  # registered only once serving began
-                self.selector.unregister(server.sock)
+                self.selector.unregister(server.wakeup_fd)
+            self._add_channels(server.close_to_new())
             server.close()
 
     # -- producers ----------------------------------------------------------------

@@ -77,6 +77,9 @@ class MissingFramesError(ShmWriterError):
             f"{self.missing_frames.summary(limit=10)}; pass allow_gaps=True to Writer to "
             f"accept gaps")
 
+    def __reduce__(self) -> tuple[type[MissingFramesError], tuple[Sequence[int]]]:
+        return (MissingFramesError, (self.missing_frames,))
+
 
 class QueueFullError(RingFullError, queue.Full):
     """No slot (or no room for the descriptor) came free in time: ``queue.Full`` of an EventQueue.

@@ -29,6 +29,8 @@ EVENT_COUNT_ATTR = "experiment:event count"
 #: ``FileReport.origin`` of a file in dcnum's queue-writer layout (dcnum's own writer or
 #: shmwriter.compat.dcnum): it has ``index_unmapped`` and no shmwriter run log.
 DCNUM_ORIGIN = "dcnum queue writer"
+#: Most missing frames ``FileReport.to_dict`` lists one by one (``missing_ranges`` has all).
+JSON_MISSING_FRAMES_LIMIT = 10_000
 #: Per-event frame index features, in the order they are looked for.
 _INDEX_FEATURES = ("frame", "index_unmapped")
 _BUILTIN_FILTERS = {1: "gzip", 2: "shuffle", 3: "fletcher32", 4: "szip", 5: "nbit",
@@ -146,7 +148,10 @@ class FileReport:
                 "datasets": [d.to_dict() for d in self.datasets],
                 "groups": [g.to_dict() for g in self.groups],
                 "data_nbytes": self.data_nbytes, "compression_ratio": self.compression_ratio,
-                "metadata": self.metadata, "missing_frames": list(self.missing_frames),
+                "metadata": self.metadata,
+                # frame by frame only up to a limit: one far frame index can leave billions
+                "missing_frames": list(self.missing_frames[:JSON_MISSING_FRAMES_LIMIT]),
+                "missing_frames_count": len(self.missing_frames),
                 "missing_ranges": [[a, b - 1] for a, b in self.missing_frames.spans],
                 "origin": self.origin,
                 "logs": list(self.logs), "event_count": self.event_count,

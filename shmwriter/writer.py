@@ -158,7 +158,8 @@ class Writer:
                 prefetch=min(32, slots // 4), logs=dict(logs or {}),
                 log_level=logging.getLogger("shmwriter").getEffectiveLevel())
             self._start(config)
-        except BaseException:
+        except BaseException as exc:  # a Ctrl-C while starting, say: the writer must stop too
+            self._send(abort_message(_abort_reason(type(exc))))
             self._clean_up()
             raise
 
@@ -247,7 +248,8 @@ class Writer:
             If frames never arrived and ``allow_gaps`` is False (the file is
             complete otherwise).
         BrokenError
-            If the writer failed (for example the disk is full); what was
+            If the writer failed (for example the disk is full), or the run was
+            aborted from elsewhere (the writer process got SIGTERM); what was
             flushed before stays readable.
         TimeoutError
             If ``timeout_s`` passed; the run was aborted.
@@ -423,6 +425,9 @@ class Writer:
         if result.state is State.FAILED:
             self._release_file()
             raise BrokenError(f"the run failed: {result.error}")
+        if result.state is State.ABORTED:  # not by us (close() was waiting): SIGTERM, say
+            raise BrokenError(f"the run was aborted ({result.error}) after "
+                              f"{result.written_frames} frames; the file holds them")
         if result.missing_frames and not self.allow_gaps:
             raise MissingFramesError(result.missing_frames)
 

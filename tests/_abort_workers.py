@@ -57,3 +57,30 @@ def put_when_told(producer: shmwriter.Producer, frames: list[int], gates, report
 
 def spawn_context() -> multiprocessing.context.SpawnContext:
     return multiprocessing.get_context("spawn")
+
+
+def start_writers_until_stopped(path: str) -> None:
+    """Make Writers one after another (each run closed at once), printing ``go`` first, so
+    that a Ctrl-C can strike while one is starting."""
+    print("go", flush=True)
+    try:
+        for run in range(10**6):
+            with shmwriter.Writer(f"{path}.{run % 2}", SCHEMA, total_frames=1,
+                                  allow_gaps=True):
+                pass
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def sigterm_to_the_writer(path: str, report) -> None:
+    """A run whose writer process gets SIGTERM (a service manager, say): close() must say so."""
+    writer = shmwriter.Writer(path, SCHEMA, total_frames=1000, write_threshold=10)
+    with writer.producer() as producer:
+        for frame in range(100):
+            producer.put(frame, events_of(frame))
+        os.kill(writer.statistics().writer_pid, signal.SIGTERM)
+    try:
+        writer.close(timeout_s=60)
+        report.put("close() returned")
+    except shmwriter.ShmWriterError as exc:
+        report.put(f"{type(exc).__name__}: {exc}")

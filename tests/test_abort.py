@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -19,11 +20,17 @@ import h5py
 import numpy as np
 import psutil
 import pytest
-from _abort_workers import die_before_first_put, put_when_told, spawn_context
+from _abort_workers import (
+    die_before_first_put,
+    put_when_told,
+    sigterm_to_the_writer,
+    spawn_context,
+)
 from _workers import SCHEMA, events_of, expected_arrays, put_frames
 
 import shmwriter
 from shmwriter._h5sink import MISSING_FRAMES_LOG, RUN_LOG
+from shmwriter._ranges import FrameRanges
 from shmwriter.inspect import inspect_file
 
 CTX = spawn_context()
@@ -289,3 +296,80 @@ def test_normal_demo_runs_print_no_warning(tmp_path):
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
         assert result.stderr == "", result.stderr
+
+
+STARTER = ("import sys; sys.path.insert(0, sys.argv[1]); import _abort_workers; "
+           "_abort_workers.start_writers_until_stopped(sys.argv[2])")
+
+
+def test_ctrl_c_while_a_writer_starts_ends_the_owner_promptly(tmp_path):
+    """A Ctrl-C in Writer(...) (its writer process is starting, and ignores SIGINT): the
+    writer is told to stop, so the owner does not wait a minute for it."""
+    for attempt in range(3):
+        owner = subprocess.Popen([sys.executable, "-c", STARTER, HERE,
+                                  str(tmp_path / f"run{attempt}.rtdc")],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
+        assert owner.stdout.readline().strip() == "go"
+        time.sleep(0.5 + 0.2 * attempt)  # somewhere in the second or third run's start
+        started = time.monotonic()
+        os.killpg(owner.pid, signal.SIGINT)
+        _, err = owner.communicate(timeout=120)
+        waited = time.monotonic() - started
+        assert owner.returncode == 130, err
+        assert waited < 30, f"the owner took {waited:.1f} s to stop"  # it used to take 60 s
+
+
+def test_sigterm_to_the_writer_makes_close_raise(tmp_path):
+    report = CTX.Queue()
+    path = tmp_path / "out.rtdc"
+    owner = CTX.Process(target=sigterm_to_the_writer, args=(str(path), report))
+    owner.start()
+    outcome = report.get(timeout=120)
+    owner.join(30)
+    assert outcome.startswith("BrokenError: the run was aborted (the writer got SIGTERM) "
+                              "after 100 frames"), outcome
+    assert run_log(path)["reason"] == "the writer got SIGTERM"
+    assert frames_in(path) == {f for f in range(100) if events_of(f) is not None}
+
+
+def test_missing_frames_error_pickles(tmp_path):
+    error = shmwriter.MissingFramesError(FrameRanges([(3, 10**9)]))
+    again = pickle.loads(pickle.dumps(error))
+    assert again.missing_frames == error.missing_frames and str(again) == str(error)
+
+
+def test_a_far_frame_index_stays_small_in_inspect_json(tmp_path):
+    path = tmp_path / "out.rtdc"
+    with shmwriter.Writer(path, SCHEMA, allow_gaps=True) as writer:
+        with writer.producer() as producer:
+            producer.put(0, None)
+            producer.put(2**32 - 1, events_of(1))
+    doc = inspect_file(path).to_dict()
+    assert doc["missing_frames_count"] == 2**32 - 2
+    assert doc["missing_ranges"] == [[1, 2**32 - 2]]
+    assert doc["missing_frames"] == list(range(1, 10_001))  # only the first 10,000
+    assert len(json.dumps(doc)) < 200_000
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_disk_that_fills_while_the_file_closes_says_so_in_the_run_log(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
+    try:
+        path = mount / "out.rtdc"
+        writer = shmwriter.Writer(path, SCHEMA, flush_interval_s=0.05, allow_gaps=True,
+                                  logs={"big": ["x" * 99] * 20000},  # ~2 MB more at close
+                                  hdf5_dataset_kwargs={"compression": None})
+        with writer.producer() as producer:
+            for frame in range(20):
+                producer.put(frame, events_of(frame))
+        with pytest.raises(shmwriter.BrokenError, match="No space left on device"):
+            writer.close(timeout_s=60)
+        log = run_log(path)
+        assert log["state"] == "FAILED" and "No space left on device" in log["error"], log
+        report = inspect_file(path)
+        assert any(p.startswith("the run failed: ") for p in report.problems), report.problems
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount)], check=True)

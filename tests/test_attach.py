@@ -9,6 +9,7 @@ import logging
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -158,3 +159,98 @@ def test_a_producer_pickled_with_plain_pickle_attaches_where_it_is_unpickled(tmp
     with h5py.File(path, "r") as h5:
         np.testing.assert_array_equal(h5["events"]["area"][:],
                                       expected_arrays(range(frames))["area"])
+
+
+def test_silent_peers_on_the_attach_socket_delay_nobody(tmp_path):
+    """Peers that connect and say nothing are dropped after a while; meanwhile the writer
+    loop and honest producers go on (the attach socket has a thread of its own)."""
+    path, frames = tmp_path / "out.rtdc", 200
+    with shmwriter.Writer(path, SCHEMA, total_frames=frames) as writer:
+        address = "\0" + writer.ticket().address
+        silent = []
+        for _ in range(40):  # before: 0.5 s each, one after the other, in the writer loop
+            peer = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            peer.connect(address)
+            silent.append(peer)
+        try:
+            with shmwriter.attach(writer.ticket(), timeout_s=5) as producer:
+                for frame in range(frames):
+                    producer.put(frame, events_of(frame), timeout_s=5)
+        finally:
+            for peer in silent:
+                peer.close()
+    assert writer.written_frames == frames
+
+
+def test_many_producers_attaching_at_once_all_get_in(tmp_path):
+    path, frames = tmp_path / "out.rtdc", 300
+    with shmwriter.Writer(path, SCHEMA, total_frames=frames, slots=64) as writer:
+        ticket, errors = writer.ticket(), []
+        together = threading.Barrier(frames)
+
+        def put_one(frame: int) -> None:
+            together.wait(60)  # more at once than the socket's backlog held before
+            try:
+                with shmwriter.attach(ticket, timeout_s=60) as producer:
+                    producer.put(frame, events_of(frame))
+            except Exception as exc:  # collected: the test names them all
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+        threads = [threading.Thread(target=put_one, args=(frame,)) for frame in range(frames)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert errors == []
+    assert writer.written_frames == frames
+
+
+OTHER_USER = """
+import socket, sys
+peer = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+peer.settimeout(5)
+peer.connect("\\0" + sys.argv[1])
+print(peer.recv(1024)[1:].decode())
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running a peer as another user needs root")
+def test_another_users_peer_is_refused_before_anything_is_read(tmp_path, caplog):
+    caplog.set_level(logging.ERROR, logger="shmwriter")
+    with shmwriter.Writer(tmp_path / "out.rtdc", SCHEMA, total_frames=1) as writer:
+        result = subprocess.run(["/usr/bin/python3", "-c", OTHER_USER,
+                                 writer.ticket().address], user=65534,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "user 65534 is not the run's user"
+        with writer.producer() as producer:
+            producer.put(0, None)
+    assert any("refused to attach" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("mode", ["process", "thread"])
+def test_attaching_while_the_run_ends_gives_closed_error_only(tmp_path, mode):
+    """Attaches racing the end of the run: each gets in or gets ClosedError, nothing else."""
+    writer = shmwriter.Writer(tmp_path / "out.rtdc", SCHEMA, allow_gaps=True, mode=mode)
+    ticket, outcomes, stop = writer.ticket(), [], threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                shmwriter.attach(ticket, timeout_s=30).close()
+                outcomes.append("in")
+            except shmwriter.ClosedError:
+                outcomes.append("closed")
+                return
+            except Exception as exc:  # collected: the test names them all
+                outcomes.append(f"{type(exc).__name__}: {exc}")
+                return
+
+    threads = [threading.Thread(target=hammer) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    writer.close(timeout_s=60)
+    stop.set()
+    for thread in threads:
+        thread.join(60)
+    assert set(outcomes) <= {"in", "closed"}, [o for o in outcomes if o not in ("in", "closed")]
