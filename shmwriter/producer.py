@@ -330,7 +330,8 @@ class Producer:
         except BaseException:
             self._cache.extend(slots)
             raise
-        self._send_described(part, slots, encode_batch(part, slots))
+        self._send_described([frame for frame, _ in part], sum(count for _, count in part),
+                             slots, encode_batch(part, slots))
 
     # -- slots ------------------------------------------------------------------
     def _acquire(self, frame_index: int, nevents: int, timeout_s: float | None) -> list[int]:
@@ -410,34 +411,38 @@ class Producer:
 
     # -- descriptors ------------------------------------------------------------
     def _send_frame(self, frame_index: int, nevents: int, slots: list[int]) -> None:
-        self._send_described([(frame_index, nevents)], slots,
+        self._send_described([frame_index], nevents, slots,
                              encode_record(Kind.FRAME, frame_index, nevents, slots))
 
-    def _send_described(self, frames: list[tuple[int, int]], slots: list[int],
+    def _send_described(self, frames: list[int], nevents: int, slots: list[int],
                         record: bytes) -> None:
-        """Claim ``frames``, send their ``record``; on failure the slots go back to the cache."""
-        claimed = self._attached_ring().claimed if self._spec.total_frames is not None else None
-        indices = [frame for frame, _ in frames]
+        """Claim ``frames`` (``nevents`` in all), send their ``record``; on failure the
+        slots go back to the cache and the frames are unclaimed."""
+        ring = self._attached_ring()
+        claimed = ring.claimed if self._spec.total_frames is not None else None
+        # a single frame (the common case) by scalar indexing: a fancy index costs microseconds
+        index: int | list[int] = frames[0] if len(frames) == 1 else frames
         if claimed is not None:
-            for frame in indices:
-                if claimed[frame]:  # another producer put it meanwhile
-                    self._cache.extend(slots)
-                    raise FrameError(f"frame {frame} was already put", frame_index=frame)
-            claimed[indices] = 1
+            taken = claimed[index]
+            if taken if isinstance(index, int) else taken.any():  # put meanwhile elsewhere
+                frame = frames[int(np.argmax(taken))] if isinstance(index, list) else index
+                self._cache.extend(slots)
+                raise FrameError(f"frame {frame} was already put", frame_index=frame)
+            claimed[index] = 1
         try:
             self._send(record)
         except BaseException:
             if claimed is not None:
-                claimed[indices] = 0
+                claimed[index] = 0
             self._cache.extend(slots)
             raise
         # the writer says ABORTING before it reads the last descriptors: seen after
         # sending, the frames may have come too late, so this put() must not return
-        if int(self._attached_ring().header[Field.STATE]) in _STOPPED:
-            raise BrokenError(f"frame {indices[0]} was sent while the run stopped, so it may "
+        if int(ring.header[Field.STATE]) in _STOPPED:
+            raise BrokenError(f"frame {frames[0]} was sent while the run stopped, so it may "
                               f"be missing from the file: {self._ring_error()}")
         self.frames_put += len(frames)
-        self.events_put += sum(count for _, count in frames)
+        self.events_put += nevents
 
     def _send(self, message: bytes) -> None:
         if not self._pid:  # the first record from this process says who we are
