@@ -6,6 +6,9 @@ recompute what any frame must look like in the file.
 
 from __future__ import annotations
 
+import multiprocessing
+
+import h5py
 import numpy as np
 
 import shmwriter
@@ -194,3 +197,28 @@ def put_batches(producer: shmwriter.Producer, frames: list[int], batch: int,
             else:
                 counts, events = batch_of(block, most)
                 producer.put_many(block, counts, events)
+
+
+def run_workers(writer: shmwriter.Writer, shares: list[list[int]], target=put_frames,
+                most: int = 3, batch: int | None = None) -> None:
+    """One spawned worker per share, each with its own producer; they must all succeed."""
+    context = multiprocessing.get_context("spawn")
+    extra = (most,) if batch is None else (batch, most)
+    workers = [context.Process(target=target, args=(writer.producer(), share, *extra))
+               for share in shares]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+        assert worker.exitcode == 0
+
+
+def assert_file_holds(path, frames, most: int = 3) -> None:
+    """The file holds exactly the events of ``frames``, in order, and says how many."""
+    expected = expected_arrays(frames, most)
+    with h5py.File(path, "r") as h5:
+        events = h5["events"]
+        assert set(events) == set(expected)
+        for name, array in expected.items():
+            np.testing.assert_array_equal(events[name][:], array, err_msg=name)
+        assert h5.attrs["experiment:event count"] == len(expected["area"])

@@ -215,13 +215,22 @@ def test_one_producer_in_two_processes_tells_the_second_it_was_refused(tmp_path)
     assert outcomes.get(3, outcomes[1]).startswith(refused), outcomes
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
-def test_a_full_file_system_is_named_to_producers_and_in_the_file(tmp_path):
-    """A real full file system (a 2 MiB tmpfs): producers, close() and inspect say ENOSPC."""
+@contextlib.contextmanager
+def small_disk(tmp_path):
+    """A real file system of 2 MiB (tmpfs), mounted for the test."""
     mount = tmp_path / "small"
     mount.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
     try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount)], check=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_full_file_system_is_named_to_producers_and_in_the_file(tmp_path):
+    """A real full file system (a 2 MiB tmpfs): producers, close() and inspect say ENOSPC."""
+    with small_disk(tmp_path) as mount:
         path = mount / "out.rtdc"
         writer = shmwriter.Writer(path, SCHEMA, total_frames=100_000, slots=4,
                                   write_threshold=20, hdf5_dataset_kwargs={"compression": None},
@@ -246,8 +255,6 @@ def test_a_full_file_system_is_named_to_producers_and_in_the_file(tmp_path):
         result = subprocess.run(["shmwriter", "inspect", str(path)], capture_output=True,
                                 text=True, timeout=60)
         assert result.returncode == 1 and "No space left on device" in result.stdout
-    finally:
-        subprocess.run(["umount", "--lazy", str(mount)], check=True)
 
 
 def test_ctrl_c_in_the_demo_is_quiet_and_leaves_a_complete_interrupted_file(tmp_path):
@@ -354,10 +361,7 @@ def test_a_far_frame_index_stays_small_in_inspect_json(tmp_path):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_a_disk_that_fills_while_the_file_closes_says_so_in_the_run_log(tmp_path):
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
-    try:
+    with small_disk(tmp_path) as mount:
         path = mount / "out.rtdc"
         writer = shmwriter.Writer(path, SCHEMA, flush_interval_s=0.05, allow_gaps=True,
                                   logs={"big": ["x" * 99] * 20000},  # ~2 MB more at close
@@ -371,5 +375,3 @@ def test_a_disk_that_fills_while_the_file_closes_says_so_in_the_run_log(tmp_path
         assert log["state"] == "FAILED" and "No space left on device" in log["error"], log
         report = inspect_file(path)
         assert any(p.startswith("the run failed: ") for p in report.problems), report.problems
-    finally:
-        subprocess.run(["umount", "--lazy", str(mount)], check=True)

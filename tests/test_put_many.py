@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import struct
 
-import h5py
 import numpy as np
 import pytest
-from _workers import SCHEMA, batch_of, events_of, expected_arrays, put_batches
+from _workers import SCHEMA, assert_file_holds, batch_of, events_of, put_batches, run_workers
 
 import shmwriter
 from shmwriter._channel import Kind, encode_batch
-
-CTX = multiprocessing.get_context("spawn")
-
-
-def assert_file_holds(path, frames, most: int = 3) -> None:
-    expected = expected_arrays(frames, most)
-    with h5py.File(path, "r") as h5:
-        for name, array in expected.items():
-            np.testing.assert_array_equal(h5["events"][name][:], array, err_msg=name)
 
 
 @pytest.mark.parametrize("mode", ["process", "thread"])
@@ -34,13 +23,7 @@ def test_batches_from_spawned_producers_mixed_with_put(tmp_path, mode):
     shares = [sorted(order[k::2]) for k in range(2)]
     with shmwriter.Writer(path, SCHEMA, total_frames=frames, slots=16, slot_events=2,
                           write_threshold=50, mode=mode) as writer:
-        workers = [CTX.Process(target=put_batches, args=(writer.producer(), share, 25, 5))
-                   for share in shares]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join(120)
-            assert worker.exitcode == 0
+        run_workers(writer, shares, target=put_batches, most=5, batch=25)
     assert writer.written_frames == frames
     assert_file_holds(path, range(frames), most=5)
 

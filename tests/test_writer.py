@@ -11,7 +11,14 @@ import dclab
 import h5py
 import numpy as np
 import pytest
-from _workers import SCHEMA, events_of, expected_arrays, put_frames, put_frames_in_place
+from _workers import (
+    SCHEMA,
+    assert_file_holds,
+    events_of,
+    expected_arrays,
+    put_frames_in_place,
+    run_workers,
+)
 from dclab.rtdc_dataset import check_dataset
 
 import shmwriter
@@ -21,30 +28,9 @@ from shmwriter.demo import DEMO_METADATA, DEMO_SCHEMA, demo_events, produce_fram
 CTX = multiprocessing.get_context("spawn")
 
 
-def run_workers(writer: shmwriter.Writer, shares: list[list[int]], target=put_frames,
-                most: int = 3) -> None:
-    workers = [CTX.Process(target=target, args=(writer.producer(), share, most))
-               for share in shares]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(60)
-        assert worker.exitcode == 0
-
-
 def deal(frames: int, producers: int, seed: int = 0) -> list[list[int]]:
     order = np.random.default_rng(seed).permutation(frames)
     return [order[k::producers].tolist() for k in range(producers)]
-
-
-def assert_file_holds(path, frames, most: int = 3) -> None:
-    expected = expected_arrays(frames, most)
-    with h5py.File(path, "r") as h5:
-        events = h5["events"]
-        assert set(events) == set(expected)
-        for name, array in expected.items():
-            np.testing.assert_array_equal(events[name][:], array, err_msg=name)
-        assert h5.attrs["experiment:event count"] == len(expected["area"])
 
 
 @pytest.mark.parametrize(("producers", "mode"), [(1, "thread"), (2, "process"), (4, "thread"),
