@@ -3,6 +3,8 @@
 The data flow, module by module::
 
     _spec      Schema/Feature -> SlotLayout: where each feature sits in a slot
+    _validate  the argument checks every constructor shares
+    _rtdc      the .rtdc layout names: logs, attributes, image attributes, chunk rows
     _segment   the named shared-memory segment, reserved up front
     _ring      SlotRing: header + per-frame flags + slots in that segment
     _channel   per-producer pipes: descriptors in, slot grants out

@@ -35,6 +35,7 @@ import psutil
 
 from . import _benchwork as work
 from ._memory import TreeMemory
+from ._rtdc import chunk_rows
 from .writer import Writer
 
 __all__ = ["Job", "Measured", "ProducerReport", "Window", "read_back", "run_dcnum", "run_h5py",
@@ -360,7 +361,7 @@ def run_h5py(job: Job) -> Measured:
         datasets = {}
         for name, array in arrays.items():
             shape = array.shape[1:]
-            rows = work.chunk_rows(array.dtype.itemsize * int(np.prod(shape)))
+            rows = chunk_rows(array.dtype.itemsize * int(np.prod(shape)))
             datasets[name] = group.create_dataset(
                 name, shape=(0, *shape), maxshape=(None, *shape), chunks=(rows, *shape),
                 dtype=array.dtype, **job.filter_kwargs())

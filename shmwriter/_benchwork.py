@@ -31,10 +31,11 @@ from typing import Any
 import h5py
 import numpy as np
 
+from ._rtdc import chunk_rows
 from ._spec import Feature, Schema
 from .producer import Producer
 
-__all__ = ["BENCH_SCHEMA", "PERIOD_FRAMES", "PicklingQueueWriter", "Workload", "chunk_rows",
+__all__ = ["BENCH_SCHEMA", "PERIOD_FRAMES", "PicklingQueueWriter", "Workload",
            "load_workload"]
 
 logger = logging.getLogger(__name__)
@@ -57,11 +58,6 @@ BENCH_SCHEMA = Schema({
 })
 
 Events = dict[str, np.ndarray[Any, Any]]
-
-
-def chunk_rows(event_nbytes: int) -> int:
-    """Events per HDF5 chunk, the rule both shmwriter and dcnum use: ~1 MiB, 10 to 1000 rows."""
-    return min(1000, max(10, 2**20 // max(event_nbytes, 1)))
 
 
 class Workload:

@@ -38,20 +38,22 @@ from ._codec import ChunkCodec, codec_for
 from ._gather import DERIVED_DTYPES, Chunk
 from ._ranges import as_ranges
 from ._recover import discard_further_writes
+from ._rtdc import (
+    EVENT_COUNT_ATTR,
+    IMAGE_ATTRS,
+    LOG_LINE_LIMIT,
+    MISSING_FRAMES_LOG,
+    RUN_LOG,
+    chunk_rows,
+)
 from ._spec import Schema
 
-__all__ = ["MISSING_FRAMES_LOG", "RUN_LOG", "H5Sink", "chunk_rows", "dataset_kwargs"]
+__all__ = ["H5Sink", "dataset_kwargs"]
 
 logger = logging.getLogger(__name__)
 
-#: Name of the log (under ``/logs``) listing frames that never arrived.
-MISSING_FRAMES_LOG = "shmwriter-missing-frames"
-#: Name of the log (under ``/logs``) that says how the run ended, one ``key=value`` a line.
-RUN_LOG = "shmwriter-run"
 #: The run log's block while the run goes on: lines of at most dclab's 100 characters.
-_RUN_LOG_LINES, _RUN_LOG_LINE_NBYTES = 16, 100
-_IMAGE_ATTRS = {"CLASS": "IMAGE", "IMAGE_VERSION": "1.2", "IMAGE_SUBCLASS": "IMAGE_GRAYSCALE"}
-_CHUNK_NBYTES = 2**20
+_RUN_LOG_LINES, _RUN_LOG_LINE_NBYTES = 16, LOG_LINE_LIMIT
 #: Encoded chunks in flight per encoder thread.
 _WINDOW_PER_WORKER = 4
 
@@ -67,11 +69,6 @@ def dataset_kwargs(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
         if reserved in kwargs:
             raise ValueError(f"hdf5_dataset_kwargs must not set {reserved!r}; the writer does")
     return kwargs
-
-
-def chunk_rows(event_nbytes: int) -> int:
-    """Events per HDF5 chunk: about 1 MiB, between 10 and 1000 rows."""
-    return min(1000, max(10, _CHUNK_NBYTES // max(event_nbytes, 1)))
 
 
 class H5Sink:
@@ -133,7 +130,7 @@ class H5Sink:
         dataset = group.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape),
                                        chunks=(rows, *shape), dtype=dtype, **self._kwargs)
         if len(shape) == 2:
-            for key, value in _IMAGE_ATTRS.items():
+            for key, value in IMAGE_ATTRS.items():
                 dataset.attrs.create(key, np.bytes_(value))
         return dataset
 
@@ -180,7 +177,7 @@ class H5Sink:
             all_logs[MISSING_FRAMES_LOG] = as_ranges(missing_frames).lines()
         run_log = all_logs.pop(RUN_LOG, None)
         with h5py.File(self.path, "a") as h5:
-            h5.attrs["experiment:event count"] = np.int64(self.nevents)
+            h5.attrs[EVENT_COUNT_ATTR] = np.int64(self.nevents)
             for name, lines in all_logs.items():
                 _write_log(h5, name, lines)
             if run_log is not None:  # last: until it is replaced, the reserved block can

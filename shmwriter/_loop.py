@@ -41,19 +41,18 @@ from ._control import (
     MSG_STARTED,
 )
 from ._gather import Chunk, ChunkGatherer
-from ._h5sink import RUN_LOG, H5Sink
+from ._h5sink import H5Sink
 from ._liveness import is_alive
 from ._ranges import FrameRanges
 from ._reorder import Arrival, ReorderBuffer
 from ._ring import Field, RingSpec, SlotRing, State
+from ._rtdc import LOG_LINE_LIMIT, RUN_LOG
 
 __all__ = ["RunConfig", "RunResult", "WriterLoop", "run_in_process"]
 
 logger = logging.getLogger(__name__)
 
 _FREE, _HELD = -1, -2  # slot owner values besides producer ids
-#: Longest line dclab accepts in a file's logs.
-_LOG_LINE_LIMIT = 100
 #: Highest frame index: the file stores frame indices as uint32.
 MAX_FRAME_INDEX = 2**32 - 1
 _LIVENESS_INTERVAL_S = 0.5
@@ -803,9 +802,9 @@ def run_in_process(config: RunConfig, control: socket.socket) -> None:
 def _fit(line: str) -> str:
     """``line`` cut to dclab's log line limit (counted in bytes, so it also fits the block)."""
     raw = line.encode("utf-8")
-    if len(raw) <= _LOG_LINE_LIMIT:
+    if len(raw) <= LOG_LINE_LIMIT:
         return line
-    return raw[:_LOG_LINE_LIMIT - 3].decode("utf-8", "ignore") + "..."
+    return raw[:LOG_LINE_LIMIT - 3].decode("utf-8", "ignore") + "..."
 
 
 def describe_failure(exc: BaseException) -> str:

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from ._segment import attach_segment, create_segment, new_run_name, unlink_segment
-from ._spec import SlotLayout, _check_positive_int
+from ._spec import SlotLayout
+from ._validate import check_positive_int
 
 __all__ = ["Field", "RingSpec", "SlotRing", "State"]
 
@@ -105,9 +106,9 @@ class RingSpec:
     """Frames of the run, or None when open-ended."""
 
     def __post_init__(self) -> None:
-        _check_positive_int("slots", self.slots)
+        check_positive_int("slots", self.slots)
         if self.total_frames is not None:
-            _check_positive_int("total_frames", self.total_frames)
+            check_positive_int("total_frames", self.total_frames)
 
     @property
     def claimed_nbytes(self) -> int:

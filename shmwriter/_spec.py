@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ._validate import check_positive_int
+
 __all__ = ["Feature", "Schema", "SlotLayout"]
 
 #: Byte alignment of every feature block inside a slot (a cache line).
@@ -191,7 +193,7 @@ class SlotLayout:
     def __post_init__(self) -> None:
         if not isinstance(self.schema, Schema):
             raise TypeError(f"schema must be a shmwriter.Schema; got {self.schema!r}")
-        _check_positive_int("slot_events", self.slot_events)
+        check_positive_int("slot_events", self.slot_events)
         offsets, end = [], 0
         for feature in self.schema.values():
             offsets.append(end)
@@ -207,11 +209,3 @@ class SlotLayout:
         """Plain-type form, for HDF5 attributes and JSON."""
         return {"schema": self.schema.to_dict(), "slot_events": self.slot_events,
                 "slot_nbytes": self.slot_nbytes}
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int; got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    return int(value)

@@ -50,6 +50,7 @@ import psutil
 
 from . import _benchrun as runner
 from . import _benchwork as work
+from ._validate import check_count
 
 __all__ = ["DEFAULT_DATA_DIR", "FILTERS", "BenchConfig", "BenchResult", "OverheadFigures",
            "RunFigures", "WriterSummary", "dcnum_warning", "median_runs", "run_bench",
@@ -116,11 +117,11 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         for name in ("frames", "producers", "repeat", "write_threshold"):
-            _check_count(name, getattr(self, name), minimum=1)
-        _check_count("overhead_frames", self.overhead_frames, minimum=0)
-        _check_count("batch_frames", self.batch_frames, minimum=0)
+            check_count(name, getattr(self, name), minimum=1)
+        check_count("overhead_frames", self.overhead_frames, minimum=0)
+        check_count("batch_frames", self.batch_frames, minimum=0)
         for frames in self.scaling_frames:
-            _check_count("scaling_frames", frames, minimum=1)
+            check_count("scaling_frames", frames, minimum=1)
         bad_modes = [m for m in self.modes if m not in ("thread", "process")]
         if bad_modes or not self.modes:
             raise ValueError(f"modes must be a non-empty tuple of 'thread' and 'process'; "
@@ -141,13 +142,6 @@ class BenchConfig:
         """Runs (and micro-benchmarks) this configuration makes."""
         return (self.repeat * len(self.filters) * len(self.writers) + bool(self.overhead_frames)
                 + (2 * len(self.scaling_frames) if self.memory_scaling else 0))
-
-
-def _check_count(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int; got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}; got {value!r}")
 
 
 # -- figures ---------------------------------------------------------------------------------

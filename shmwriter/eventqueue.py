@@ -39,7 +39,8 @@ from ._queue_shared import (
     unlock_publish,
 )
 from ._ring import SlotRing
-from ._spec import Feature, Schema, SlotLayout, _check_positive_int
+from ._spec import Feature, Schema, SlotLayout
+from ._validate import check_positive_int
 from .errors import BrokenError, ClosedError, FrameError, QueueFullError
 from .producer import _check_events
 
@@ -121,7 +122,7 @@ class EventQueue:
 
     def __init__(self, schema: Schema | None = None, *, slots: int | None = None,
                  slot_events: int = 4, memory_budget_nbytes: int | None = None) -> None:
-        slot_events = _check_positive_int("slot_events", slot_events)
+        slot_events = check_positive_int("slot_events", slot_events)
         nbytes = _parse_size(schema, slots, slot_events, memory_budget_nbytes)
         self._shared = QueueShared.create(nbytes, slot_events)
         self._setup()
@@ -600,7 +601,7 @@ def _unpack(obj: object) -> tuple[int, object]:
 def _parse_size(schema: Schema | None, slots: int | None, slot_events: int,
                 memory_budget_nbytes: int | None) -> int:
     if memory_budget_nbytes is not None:
-        _check_positive_int("memory_budget_nbytes", memory_budget_nbytes)
+        check_positive_int("memory_budget_nbytes", memory_budget_nbytes)
     if schema is None:
         if slots is not None:
             raise ValueError(f"slots={slots!r} needs a schema (the slot size depends on it); "
@@ -615,7 +616,7 @@ def _parse_size(schema: Schema | None, slots: int | None, slot_events: int,
             raise ValueError(f"memory_budget_nbytes={memory_budget_nbytes} cannot hold one slot "
                              f"of {layout.slot_nbytes} bytes; raise it or lower slot_events")
     else:
-        count = _check_positive_int("slots", _DEFAULT_SLOTS if slots is None else slots)
+        count = check_positive_int("slots", _DEFAULT_SLOTS if slots is None else slots)
     if count > MAX_SLOTS:
         raise ValueError(f"slots must be at most {MAX_SLOTS}; got {count}")
     return segment_nbytes(layout, count)

@@ -18,14 +18,12 @@ import h5py
 import hdf5plugin
 import numpy as np
 
-from ._h5sink import MISSING_FRAMES_LOG, RUN_LOG
 from ._ranges import FrameRanges
+from ._rtdc import EVENT_COUNT_ATTR, MISSING_FRAMES_LOG, RUN_LOG
 from ._text import megabytes, shape_text, table
 
 __all__ = ["DatasetReport", "FileReport", "GroupReport", "format_report", "inspect_file"]
 
-#: The root attribute the writer sets only when a run closes cleanly.
-EVENT_COUNT_ATTR = "experiment:event count"
 #: ``FileReport.origin`` of a file in dcnum's queue-writer layout (dcnum's own writer or
 #: shmwriter.compat.dcnum): it has ``index_unmapped`` and no shmwriter run log.
 DCNUM_ORIGIN = "dcnum queue writer"

@@ -33,6 +33,7 @@ import h5py
 import hdf5plugin  # noqa: F401 - registers the filters of compressed input files
 import numpy as np
 
+from ._rtdc import EVENT_COUNT_ATTR
 from ._spec import Feature, Schema
 from .producer import Producer
 from .writer import Writer
@@ -41,7 +42,6 @@ __all__ = ["ReplayInputError", "ReplayPlan", "ReplaySummary", "replay"]
 
 #: Name under which the input's ``nevents`` travels through the producers.
 _NEVENTS_CARRIER = "shmwriter_replay_nevents"
-_COUNT_ATTR = "experiment:event count"
 _READ_CACHE_NBYTES = 64 * 2**20
 _RING_BUDGET_NBYTES = 64 * 2**20
 
@@ -230,7 +230,7 @@ def _plan(path: str, h5: h5py.File) -> ReplayPlan:
     metadata: dict[str, Any] = {}
     other_attrs: dict[str, Any] = {}
     for key, value in h5.attrs.items():
-        if key == _COUNT_ATTR:
+        if key == EVENT_COUNT_ATTR:
             continue  # the writer sets it (to the same number)
         target = metadata if key.count(":") == 1 else other_attrs
         target[key] = value

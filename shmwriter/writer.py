@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import multiprocessing
 import os
 import pickle
@@ -22,8 +21,9 @@ from ._loop import RunConfig, RunResult, WriterLoop, run_in_process, serve
 from ._ranges import FrameRanges
 from ._recover import make_readable
 from ._ring import Field, SlotRing, State
-from ._spec import Schema, SlotLayout, _check_positive_int
+from ._spec import Schema, SlotLayout
 from ._stats import RunStatistics, read_statistics
+from ._validate import check_positive_int, check_seconds
 from .errors import BrokenError, ClosedError, MissingFramesError
 from .producer import Producer
 
@@ -485,12 +485,12 @@ def _read_control(control: socket.socket, messages: queue.Queue[bytes]) -> None:
 
 def _parse_slots(slots: int, memory_budget_nbytes: int | None, layout: SlotLayout) -> int:
     if memory_budget_nbytes is not None:
-        budget = _check_positive_int("memory_budget_nbytes", memory_budget_nbytes)
+        budget = check_positive_int("memory_budget_nbytes", memory_budget_nbytes)
         slots = min(budget // layout.slot_nbytes, MAX_SLOTS)  # small events: many fit
         if slots < 1:
             raise ValueError(f"memory_budget_nbytes={budget} cannot hold one slot of "
                              f"{layout.slot_nbytes} bytes; raise it or lower slot_events")
-    slots = _check_positive_int("slots", slots)
+    slots = check_positive_int("slots", slots)
     if slots > MAX_SLOTS:
         raise ValueError(f"slots must be at most {MAX_SLOTS}; got {slots}")
     return slots
@@ -499,13 +499,10 @@ def _parse_slots(slots: int, memory_budget_nbytes: int | None, layout: SlotLayou
 def _check_run_args(total_frames: int | None, write_threshold: int, flush_interval_s: float,
                     mode: str, timeout_s: float) -> None:
     if total_frames is not None:
-        _check_positive_int("total_frames", total_frames)
-    _check_positive_int("write_threshold", write_threshold)
-    for name, value in (("flush_interval_s", flush_interval_s), ("timeout_s", timeout_s)):
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise TypeError(f"{name} must be a number of seconds; got {value!r}")
-        if not (value > 0 and math.isfinite(value)):
-            raise ValueError(f"{name} must be a positive number of seconds; got {value!r}")
+        check_positive_int("total_frames", total_frames)
+    check_positive_int("write_threshold", write_threshold)
+    check_seconds("flush_interval_s", flush_interval_s)
+    check_seconds("timeout_s", timeout_s)
     if mode not in ("thread", "process"):
         raise ValueError(f"mode must be 'thread' or 'process'; got {mode!r}")
 

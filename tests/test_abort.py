@@ -29,8 +29,8 @@ from _abort_workers import (
 from _workers import SCHEMA, events_of, expected_arrays, put_frames
 
 import shmwriter
-from shmwriter._h5sink import MISSING_FRAMES_LOG, RUN_LOG
 from shmwriter._ranges import FrameRanges
+from shmwriter._rtdc import MISSING_FRAMES_LOG, RUN_LOG
 from shmwriter.inspect import inspect_file
 
 CTX = spawn_context()

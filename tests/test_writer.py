@@ -22,7 +22,7 @@ from _workers import (
 from dclab.rtdc_dataset import check_dataset
 
 import shmwriter
-from shmwriter._h5sink import MISSING_FRAMES_LOG
+from shmwriter._rtdc import MISSING_FRAMES_LOG
 from shmwriter.demo import DEMO_METADATA, DEMO_SCHEMA, demo_events, produce_frames
 
 CTX = multiprocessing.get_context("spawn")

@@ -33,14 +33,14 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .._h5sink import chunk_rows, dataset_kwargs
+from .._h5sink import dataset_kwargs
+from .._rtdc import IMAGE_ATTRS, chunk_rows
 from ..eventqueue import EventLease
 
 __all__ = ["Arrived", "ChunkBuilder", "DcnumFile", "arrived_from_events", "arrived_from_lease"]
 
 #: Features the writer adds to every event itself.
 _DERIVED = ("index_unmapped", "nevents")
-_IMAGE_ATTRS = {"CLASS": "IMAGE", "IMAGE_VERSION": "1.2", "IMAGE_SUBCLASS": "IMAGE_GRAYSCALE"}
 
 Parts = Sequence[tuple[Mapping[str, np.ndarray[Any, Any]], int]]
 
@@ -235,7 +235,7 @@ class DcnumFile:
                                               chunks=(rows, *shape), dtype=data.dtype,
                                               **self._kwargs)
         if len(shape) == 2:
-            for key, value in _IMAGE_ATTRS.items():
+            for key, value in IMAGE_ATTRS.items():
                 dataset.attrs.create(key, np.bytes_(value))
         return dataset
 

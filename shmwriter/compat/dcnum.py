@@ -42,7 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from .._spec import _check_positive_int
+from .._rtdc import LOG_LINE_LIMIT
+from .._validate import check_positive_int
 from ..eventqueue import EventQueue
 from ._stash import Arrived, ChunkBuilder, DcnumFile, arrived_from_events, arrived_from_lease
 
@@ -59,7 +60,7 @@ DCNUM_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: The time format of dcnum's pipeline log: always 8 characters.
 DCNUM_LOG_DATEFMT = "%H:%M:%S"
 #: The longest log line ``dclab.rtdc_dataset.check_dataset`` accepts without an alert.
-LOG_LINE_MAX = 100
+LOG_LINE_MAX = LOG_LINE_LIMIT
 _MIN_FIRST_LINE = 20        # less room than this after the prefix: start on the next line
 
 
@@ -154,7 +155,7 @@ class QueueWriterBase:
                  hdf5_dataset_kwargs: dict[str, Any] | None = None, write_threshold: int = 500,
                  *args: Any, **kwargs: Any) -> None:
         # dcnum accepts any value and then writes an empty file; say so at once instead
-        _check_positive_int("write_threshold", write_threshold)
+        check_positive_int("write_threshold", write_threshold)
         #: Logging level, taken from the 'dcnum' logger (as dcnum does).
         self.log_level = logging.getLogger("dcnum").level
         super().__init__(*args, **kwargs)
