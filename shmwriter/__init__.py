@@ -22,7 +22,7 @@ The data flow, module by module::
 
 Around the pipeline: ``_recover`` (a dead writer's file opens plainly), ``_stats``
 (figures from the ring header), ``inspect`` and ``runs`` (the operator's commands),
-``demo``, ``replay``, ``bench`` (with ``_benchwork``, ``_benchrun``, ``_benchreport``),
+``demo``, ``replay``, ``bench`` (the benchmark lab, a subpackage only ``shmwriter bench`` imports),
 ``cli`` (with ``_text`` for its tables); ``_memory`` (PSS of a process tree),
 ``_liveness`` (is a pid alive);
 ``eventqueue`` (with ``_queue_shared``) and ``compat`` give dcnum's queue-writer API on

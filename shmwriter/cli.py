@@ -24,7 +24,10 @@ class _UserError(Exception):
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``shmwriter`` command line; returns the exit code."""
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "bench":  # bench parses its own options (see _add_bench)
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -129,10 +132,18 @@ class _progress_bar:  # named like a function: used as one in a with statement
 
 
 def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from .bench import BenchConfig
+    # only a name here: its options come from the benchmark's config, which the other
+    # commands must not import; _run_bench parses them (``--help`` included)
+    parser = sub.add_parser("bench", help="compare shmwriter with dcnum's writer and plain h5py",
+                            add_help=False)
+    parser.set_defaults(run=_run_bench)
+
+
+def _bench_parser() -> argparse.ArgumentParser:
+    from .bench.config import BenchConfig
     defaults = BenchConfig()
-    parser = sub.add_parser(
-        "bench", help="compare shmwriter with dcnum's writer and plain h5py",
+    parser = _Parser(
+        prog="shmwriter bench",
         description="Write the same events (~40 KB each, 0-3 per frame, real images when the "
         "dcnum test data are there) with shmwriter (spawned producers, writer thread and "
         "writer process), with dcnum's QueueWriterThread fed through an mp.Queue, and with "
@@ -170,7 +181,7 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         "(default: 6000,60000)")
     parser.add_argument("--data", default=defaults.data_dir, metavar="DIR",
                         help="folder of the dcnum test data zip files; synthetic events "
-                        "if absent (default: %(default)s)")
+                        "if absent (default: $SHMWRITER_TESTDATA, here %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed,
                         help="seed of the workload (default: %(default)s)")
     parser.add_argument("--workdir", metavar="DIR",
@@ -181,13 +192,15 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     parser.add_argument("--plot", metavar="PATH",
                         help="write a PNG of throughput and memory over time (matplotlib)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    parser.set_defaults(run=_run_bench)
+    return parser
 
 
-def _run_bench(args: argparse.Namespace) -> int:
+def _run_bench(options: argparse.Namespace) -> int:
     import importlib.util
 
-    from .bench import BenchConfig, dcnum_warning, run_bench, write_json, write_plot
+    from .bench.config import BenchConfig
+    from .bench.suite import dcnum_warning, run_bench, write_json, write_plot
+    args = _bench_parser().parse_args(options.rest)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise _UserError("--plot needs matplotlib: pip install 'shmwriter[bench]'")
     config = BenchConfig(

@@ -14,9 +14,12 @@ import sys
 import h5py
 import numpy as np
 import pytest
+from conftest import testdata_dir as data_folder
 
-from shmwriter._benchwork import BENCH_SCHEMA, PERIOD_FRAMES, Workload, load_workload
-from shmwriter.bench import DEFAULT_DATA_DIR, BenchConfig
+from shmwriter.bench._work import BENCH_SCHEMA, PERIOD_FRAMES, Workload, load_workload
+from shmwriter.bench.config import BenchConfig
+
+DATA_DIR = str(data_folder())
 
 FRAMES = 200
 WRITERS = ("shmwriter-thread", "shmwriter-process", "shmwriter-batched", "dcnum", "h5py")
@@ -57,7 +60,7 @@ def full_run(tmp_path_factory):
     out = tmp / "out.json"
     result, pid = bench("--frames", str(FRAMES), "--repeat", "1", "--overhead-frames", "500",
                         "--json", str(out), "--workdir", str(tmp / "files"), "--keep-files",
-                        "--quiet")
+                        "--data", DATA_DIR, "--quiet")
     assert result.returncode == 0, result.stderr
     assert segments_of(pid) == []
     return result, json.loads(out.read_text())
@@ -95,7 +98,7 @@ def test_every_figure_for_every_writer_and_filter_setting(full_run):
 
 def test_every_writer_wrote_the_same_events(full_run):
     _, data = full_run
-    expected = int(load_workload(DEFAULT_DATA_DIR).frame_nevents(FRAMES).sum())
+    expected = int(load_workload(DATA_DIR).frame_nevents(FRAMES).sum())
     assert expected > 0
     for filters in FILTERS:
         runs = [r for r in data["runs"] if r["filters"] == filters]
@@ -122,7 +125,7 @@ def test_every_writer_wrote_the_same_events(full_run):
 
 def test_report_names_the_workload_and_the_writers(full_run):
     result, data = full_run
-    assert data["workload"].startswith("real: ") == os.path.isdir(DEFAULT_DATA_DIR)
+    assert data["workload"].startswith("real: ") == os.path.isdir(DATA_DIR)
     assert f"workload: {data['workload']}" in result.stdout
     for label in ("shmwriter (thread)", "shmwriter (process)", "dcnum QueueWriterThread",
                   "plain h5py (limit)", "uncompressed + fletcher32", "Zstd-5 + fletcher32",
@@ -174,8 +177,8 @@ def test_config_checks_its_arguments(kwargs, error, message):
 
 
 def test_workload_is_reproducible_and_realistic():
-    workload = load_workload(DEFAULT_DATA_DIR, seed=7)
-    again = load_workload(DEFAULT_DATA_DIR, seed=7)
+    workload = load_workload(DATA_DIR, seed=7)
+    again = load_workload(DATA_DIR, seed=7)
     for index in range(PERIOD_FRAMES):
         first, second = workload.template(index), again.template(index)
         assert (first is None) == (second is None)
@@ -200,3 +203,20 @@ def test_workload_checks_its_pool():
         Workload(images[:, :10], np.zeros((2, 80, 10), bool), "test")
     with pytest.raises(ValueError, match="masks must be a bool array of shape"):
         Workload(images, np.zeros((2, 80, 250), np.uint8), "test")
+
+
+def test_the_other_commands_import_none_of_the_benchmark(tmp_path):
+    """The benchmark lab is a subpackage only ``shmwriter bench`` loads."""
+    probe = ("import sys\nfrom shmwriter.cli import main\n"
+             "code = main(['inspect', sys.argv[1]])\n"
+             "loaded = sorted(m for m in sys.modules if m.startswith('shmwriter.bench'))\n"
+             "print(loaded)\n")
+    path = tmp_path / "out.rtdc"
+    import shmwriter
+    with shmwriter.Writer(path, BENCH_SCHEMA, total_frames=1) as writer:
+        with writer.producer() as producer:
+            producer.put(0, None)
+    result = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"

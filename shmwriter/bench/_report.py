@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from .bench import BenchResult, RunFigures, WriterSummary
+    from .suite import BenchResult, RunFigures, WriterSummary
 
 __all__ = ["format_report", "plot_runs"]
 
@@ -27,7 +27,7 @@ def _label(writer: str, fallback: bool) -> str:
 
 def format_report(result: BenchResult) -> str:
     """The text ``shmwriter bench`` prints: header, table, descriptor path, memory scaling."""
-    from .bench import FILTERS
+    from .config import FILTERS
     config = result.config
     fallback = any(w.startswith("dcnum is not installed") for w in result.warnings)
     runs = result.runs or result.scaling
@@ -130,7 +130,8 @@ def plot_runs(result: BenchResult, path: Path) -> None:
     """Throughput (top) and memory (bottom) over time, one column per filter setting."""
     from matplotlib.figure import Figure
 
-    from .bench import FILTERS, median_runs
+    from .config import FILTERS
+    from .suite import median_runs
     chosen = median_runs(result)
     filters = list(dict.fromkeys(key[0] for key in chosen))
     fallback = any(w.startswith("dcnum is not installed") for w in result.warnings)

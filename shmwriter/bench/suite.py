@@ -1,6 +1,6 @@
-"""Side-by-side benchmark: shmwriter against dcnum's writer and plain h5py (``shmwriter bench``).
+"""The side-by-side runs: shmwriter against dcnum's writer and plain h5py, and the report.
 
-Every writer gets the same events (see :mod:`shmwriter._benchwork`): about
+Every writer gets the same events (see :mod:`shmwriter.bench._work`): about
 40 KB per event, 0-3 events per frame, from real images when the dcnum test
 data are there. For each writer and filter setting it measures, from the
 start signal to the closed file:
@@ -48,23 +48,15 @@ from typing import Any, Literal, TypeVar
 import h5py
 import psutil
 
-from . import _benchrun as runner
-from . import _benchwork as work
-from ._validate import check_count
+from . import _run as runner
+from . import _work as work
+from .config import BenchConfig
 
-__all__ = ["DEFAULT_DATA_DIR", "FILTERS", "BenchConfig", "BenchResult", "OverheadFigures",
-           "RunFigures", "WriterSummary", "dcnum_warning", "median_runs", "run_bench",
-           "write_json", "write_plot"]
+__all__ = ["BenchResult", "OverheadFigures", "RunFigures", "WriterSummary", "dcnum_warning",
+           "median_runs", "run_bench", "write_json", "write_plot"]
 
 logger = logging.getLogger(__name__)
 
-#: Where the dcnum test data sit next to a checkout (``../shared/data/dcnum-testdata``).
-DEFAULT_DATA_DIR = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "dcnum-testdata")
-#: Filter settings: name -> label. Both add fletcher32; ``zstd5`` is shmwriter's default.
-FILTERS: dict[str, str] = {
-    "uncompressed": "uncompressed + fletcher32",
-    "zstd5": "Zstd-5 + fletcher32",
-}
 ProgressFn = Callable[[int, int], None]
 _CTX = multiprocessing.get_context("spawn")
 _T = TypeVar("_T")
@@ -78,70 +70,6 @@ def dcnum_warning() -> str | None:
         return (f"dcnum is not installed ({exc}); the 'dcnum' rows use shmwriter.bench's own "
                 "pickling writer instead (pip install 'shmwriter[bench]' for the real one)")
     return None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class BenchConfig:
-    """What to run. Every field has a default that fits a 2-core machine in a few minutes."""
-
-    frames: int = 6000
-    """Frames per run (each has 0-3 events: about 9,200 events, 370 MB)."""
-    producers: int = 2
-    """Spawned producer processes for shmwriter and dcnum."""
-    repeat: int = 3
-    """Repetitions; the figures are their medians."""
-    modes: tuple[Literal["thread", "process"], ...] = ("process", "thread")
-    """shmwriter writer modes to run; the first also runs the descriptor-path and
-    memory-scaling measurements (default: the Writer's default first)."""
-    filters: tuple[str, ...] = ("uncompressed", "zstd5")
-    """Filter settings to run (keys of :data:`FILTERS`)."""
-    seed: int = 42
-    """Seed of the workload."""
-    data_dir: str | None = DEFAULT_DATA_DIR
-    """Folder of the dcnum test data zip files; synthetic events if absent."""
-    workdir: str | None = None
-    """Folder for the files written (default: a temporary folder)."""
-    keep_files: bool = False
-    """Keep the files written (one per writer, filter setting and repetition)."""
-    overhead_frames: int = 20000
-    """Empty frames of the descriptor-path micro-benchmark (0 skips it)."""
-    memory_scaling: bool = False
-    """Also run shmwriter and dcnum once for each of :attr:`scaling_frames` (Zstd-5)."""
-    scaling_frames: tuple[int, ...] = (6000, 60000)
-    """Frame counts of the memory-scaling runs."""
-    write_threshold: int = 500
-    """Frames per block, for every writer."""
-    batch_frames: int = 100
-    """Frames per ``put_many`` call of the ``shmwriter-batched`` row, whose producers work
-    through blocks of that many frames (0 leaves the row out)."""
-
-    def __post_init__(self) -> None:
-        for name in ("frames", "producers", "repeat", "write_threshold"):
-            check_count(name, getattr(self, name), minimum=1)
-        check_count("overhead_frames", self.overhead_frames, minimum=0)
-        check_count("batch_frames", self.batch_frames, minimum=0)
-        for frames in self.scaling_frames:
-            check_count("scaling_frames", frames, minimum=1)
-        bad_modes = [m for m in self.modes if m not in ("thread", "process")]
-        if bad_modes or not self.modes:
-            raise ValueError(f"modes must be a non-empty tuple of 'thread' and 'process'; "
-                             f"got {self.modes!r}")
-        bad_filters = [f for f in self.filters if f not in FILTERS]
-        if bad_filters or not self.filters:
-            raise ValueError(f"filters must be a non-empty tuple of {sorted(FILTERS)}; "
-                             f"got {self.filters!r}")
-
-    @property
-    def writers(self) -> tuple[str, ...]:
-        """Writer names of the comparison, in the order they run."""
-        batched = ("shmwriter-batched",) if self.batch_frames else ()
-        return (*(f"shmwriter-{mode}" for mode in self.modes), *batched, "dcnum", "h5py")
-
-    @property
-    def runs_total(self) -> int:
-        """Runs (and micro-benchmarks) this configuration makes."""
-        return (self.repeat * len(self.filters) * len(self.writers) + bool(self.overhead_frames)
-                + (2 * len(self.scaling_frames) if self.memory_scaling else 0))
 
 
 # -- figures ---------------------------------------------------------------------------------
@@ -361,7 +289,7 @@ class BenchResult:
 
     def table(self) -> str:
         """The report: a Markdown table of the medians, then the extra figures."""
-        from ._benchreport import format_report
+        from ._report import format_report
         return format_report(self)
 
 
@@ -575,7 +503,7 @@ def write_plot(result: BenchResult, path: str | os.PathLike[str]) -> None:
     For each writer and filter setting the repetition with the median
     events/s is drawn. Needs matplotlib (the ``bench`` extra).
     """
-    from ._benchreport import plot_runs
+    from ._report import plot_runs
     plot_runs(result, Path(path))
 
 

@@ -33,10 +33,10 @@ import hdf5plugin
 import numpy as np
 import psutil
 
-from . import _benchwork as work
-from ._memory import TreeMemory
-from ._rtdc import chunk_rows
-from .writer import Writer
+from .._memory import TreeMemory
+from .._rtdc import chunk_rows
+from ..writer import Writer
+from . import _work as work
 
 __all__ = ["Job", "Measured", "ProducerReport", "Window", "read_back", "run_dcnum", "run_h5py",
            "run_overhead", "run_shmwriter"]

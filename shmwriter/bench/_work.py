@@ -31,9 +31,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ._rtdc import chunk_rows
-from ._spec import Feature, Schema
-from .producer import Producer
+from .._rtdc import chunk_rows
+from .._spec import Feature, Schema
+from ..producer import Producer
 
 __all__ = ["BENCH_SCHEMA", "PERIOD_FRAMES", "PicklingQueueWriter", "Workload",
            "load_workload"]
@@ -193,7 +193,7 @@ def _fit(image: np.ndarray[Any, Any], mask: np.ndarray[Any, Any]) -> tuple[
 
 
 def _synthetic_events(seed: int) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
-    from .demo import demo_events
+    from ..demo import demo_events
     images: list[np.ndarray[Any, Any]] = []
     masks: list[np.ndarray[Any, Any]] = []
     frame = 0

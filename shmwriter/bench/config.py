@@ -1,0 +1,94 @@
+"""What ``shmwriter bench`` runs: :class:`BenchConfig`, light to import.
+
+The command line builds its options from it without importing the benchmark
+itself (:mod:`.suite` and the modules it uses), so the other commands never
+load any of it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .._validate import check_count
+
+__all__ = ["DATA_ENV", "FILTERS", "BenchConfig"]
+
+#: Environment variable naming the folder of the dcnum test data zip files (the tests use
+#: it too); without it and without ``--data``, the events are synthetic.
+DATA_ENV = "SHMWRITER_TESTDATA"
+#: Filter settings: name -> label. Both add fletcher32; ``zstd5`` is shmwriter's default.
+FILTERS: dict[str, str] = {
+    "uncompressed": "uncompressed + fletcher32",
+    "zstd5": "Zstd-5 + fletcher32",
+}
+
+
+def _data_dir_from_env() -> str | None:
+    return os.environ.get(DATA_ENV) or None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BenchConfig:
+    """What to run. Every field has a default that fits a 2-core machine in a few minutes."""
+
+    frames: int = 6000
+    """Frames per run (each has 0-3 events: about 9,200 events, 370 MB)."""
+    producers: int = 2
+    """Spawned producer processes for shmwriter and dcnum."""
+    repeat: int = 3
+    """Repetitions; the figures are their medians."""
+    modes: tuple[Literal["thread", "process"], ...] = ("process", "thread")
+    """shmwriter writer modes to run; the first also runs the descriptor-path and
+    memory-scaling measurements (default: the Writer's default first)."""
+    filters: tuple[str, ...] = ("uncompressed", "zstd5")
+    """Filter settings to run (keys of :data:`FILTERS`)."""
+    seed: int = 42
+    """Seed of the workload."""
+    data_dir: str | None = field(default_factory=_data_dir_from_env)
+    """Folder of the dcnum test data zip files (default ``$SHMWRITER_TESTDATA``); synthetic
+    events if None or absent."""
+    workdir: str | None = None
+    """Folder for the files written (default: a temporary folder)."""
+    keep_files: bool = False
+    """Keep the files written (one per writer, filter setting and repetition)."""
+    overhead_frames: int = 20000
+    """Empty frames of the descriptor-path micro-benchmark (0 skips it)."""
+    memory_scaling: bool = False
+    """Also run shmwriter and dcnum once for each of :attr:`scaling_frames` (Zstd-5)."""
+    scaling_frames: tuple[int, ...] = (6000, 60000)
+    """Frame counts of the memory-scaling runs."""
+    write_threshold: int = 500
+    """Frames per block, for every writer."""
+    batch_frames: int = 100
+    """Frames per ``put_many`` call of the ``shmwriter-batched`` row, whose producers work
+    through blocks of that many frames (0 leaves the row out)."""
+
+    def __post_init__(self) -> None:
+        for name in ("frames", "producers", "repeat", "write_threshold"):
+            check_count(name, getattr(self, name), minimum=1)
+        check_count("overhead_frames", self.overhead_frames, minimum=0)
+        check_count("batch_frames", self.batch_frames, minimum=0)
+        for frames in self.scaling_frames:
+            check_count("scaling_frames", frames, minimum=1)
+        bad_modes = [m for m in self.modes if m not in ("thread", "process")]
+        if bad_modes or not self.modes:
+            raise ValueError(f"modes must be a non-empty tuple of 'thread' and 'process'; "
+                             f"got {self.modes!r}")
+        bad_filters = [f for f in self.filters if f not in FILTERS]
+        if bad_filters or not self.filters:
+            raise ValueError(f"filters must be a non-empty tuple of {sorted(FILTERS)}; "
+                             f"got {self.filters!r}")
+
+    @property
+    def writers(self) -> tuple[str, ...]:
+        """Writer names of the comparison, in the order they run."""
+        batched = ("shmwriter-batched",) if self.batch_frames else ()
+        return (*(f"shmwriter-{mode}" for mode in self.modes), *batched, "dcnum", "h5py")
+
+    @property
+    def runs_total(self) -> int:
+        """Runs (and micro-benchmarks) this configuration makes."""
+        return (self.repeat * len(self.filters) * len(self.writers) + bool(self.overhead_frames)
+                + (2 * len(self.scaling_frames) if self.memory_scaling else 0))
