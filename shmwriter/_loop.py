@@ -291,6 +291,7 @@ class WriterLoop:
         for channel in list(self.channels.values()):
             while not channel.done and self._on_readable(channel):
                 pass
+
     def _shut_down(self, writer_thread: threading.Thread | None, state: State,
                    error: str | None) -> tuple[State, str | None]:
         # producers whose channel closes from here on read the header to learn why
