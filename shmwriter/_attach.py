@@ -44,8 +44,10 @@ _MAGIC = b"shmw-attach-1"
 _HELLO = struct.Struct(f"<{len(_MAGIC)}s32s")
 _OK, _REFUSED, _CLOSED = b"K", b"R", b"C"
 _REPLY_NBYTES = 1024
-#: How long the writer waits for a connected peer's hello before it drops the peer.
-_HELLO_TIMEOUT_S = 0.5
+#: How long the writer waits for a connected peer's hello before it drops the peer. Generous:
+#: a peer among hundreds of threads may wait long for its GIL between connect and hello, and
+#: a silent peer delays nobody meanwhile (each has its own deadline).
+_HELLO_TIMEOUT_S = 5.0
 _BACKLOG = 1024
 _STOP_TIMEOUT_S = 5.0
 _CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid

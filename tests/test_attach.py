@@ -254,3 +254,22 @@ def test_attaching_while_the_run_ends_gives_closed_error_only(tmp_path, mode):
     for thread in threads:
         thread.join(60)
     assert set(outcomes) <= {"in", "closed"}, [o for o in outcomes if o not in ("in", "closed")]
+
+
+def test_a_peer_slow_to_say_hello_is_still_served(tmp_path):
+    """A process among hundreds of threads may wait long for its GIL between its connect
+    and its hello (this made 9 of 300 busy attaches fail): a second is no reason to drop it."""
+    from shmwriter._attach import _HELLO, _MAGIC
+    with shmwriter.Writer(tmp_path / "out.rtdc", SCHEMA, total_frames=1) as writer:
+        ticket = writer.ticket()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as peer:
+            peer.settimeout(30)
+            peer.connect("\0" + ticket.address)
+            time.sleep(1.5)  # the slow peer: connected, not yet heard
+            peer.sendall(_HELLO.pack(_MAGIC, bytes.fromhex(ticket.secret)))
+            reply, fds, _, _ = socket.recv_fds(peer, 1024, 2)
+        for fd in fds:
+            os.close(fd)
+        assert reply[:1] == b"K" and len(fds) == 2, reply
+        with writer.producer() as producer:
+            producer.put(0, None)
