@@ -366,8 +366,9 @@ class Writer:
             raise ClosedError("this Writer was closed; start a new run with a new Writer")
 
     def _send(self, message: bytes) -> None:
+        if self._control is None:
+            return  # never started: nobody to tell
         try:
-            assert self._control is not None
             self._control.send(message)
         except OSError:
             pass  # the writer is gone already; waiting for its result tells how

@@ -271,3 +271,17 @@ def test_a_memory_budget_for_small_events_takes_at_most_the_most_slots(tmp_path)
         assert writer.statistics().slots == 16000
         with writer.producer() as producer:
             producer.put(0, {"deform": np.ones(2, np.float32)})
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"index_feature": "bad"}, ValueError, "index_feature must be"),
+    # found by the writer as it creates the file: it could not start, and says why
+    ({"hdf5_dataset_kwargs": {"shape": (3,)}}, shmwriter.BrokenError, "must not set 'shape'"),
+    ({"metadata": {"no-colon": 1}}, shmwriter.BrokenError, "section:key"),
+])
+def test_a_bad_argument_found_while_starting_is_named_and_leaves_nothing(tmp_path, kwargs, error,
+                                                                         match):
+    """Checked after the ring exists: the error reaches the caller as itself, and the ring
+    is removed (the autouse fixture checks /dev/shm)."""
+    with pytest.raises(error, match=match):
+        shmwriter.Writer(tmp_path / "out.rtdc", SCHEMA, total_frames=1, **kwargs)
