@@ -30,7 +30,6 @@ from ._channel import (
     read_grants,
     write_record,
 )
-from ._liveness import is_alive
 from ._ring import Field, RingSpec, SlotRing, State
 from ._spec import Schema
 from .errors import BrokenError, ClosedError, FrameError, RingFullError
@@ -508,14 +507,13 @@ class Producer:
             return ClosedError("the writer has finished the run; no more frames are taken")
         if state in (State.FAILED, State.ABORTING, State.ABORTED):
             return BrokenError(f"the writer stopped ({state.name.lower()}): {ring.error_text}")
-        writer_pid = ring.get(Field.WRITER_PID)
-        if writer_pid and not is_alive(writer_pid):
-            return BrokenError(f"the writer died (pid {writer_pid}): its end of the channel "
-                               f"closed")
+        # a refusal names this producer in the header before the channel closes; any other
+        # close while the run is on is the writer's death (its process may still be exiting)
         reason = ring.error_text
-        if not reason.startswith(f"producer {self._id} "):
-            reason = "it gave no reason"
-        return BrokenError(f"the writer refused this producer: {reason}")
+        if reason.startswith(f"producer {self._id} "):
+            return BrokenError(f"the writer refused this producer: {reason}")
+        return BrokenError(f"the writer died (pid {ring.get(Field.WRITER_PID)}): its end of "
+                           f"the channel closed")
 
     def _ring_full_message(self, frame_index: int, nslots: int, timeout_s: float) -> str:
         ring = self._attached_ring()
