@@ -78,7 +78,7 @@ class RunFigures:
     """What one run of one writer measured."""
 
     writer: str
-    """``shmwriter-thread``, ``shmwriter-process``, ``dcnum`` or ``h5py``."""
+    """``shmwriter-thread``, ``shmwriter-process``, ``shmwriter-batched``, ``dcnum`` or ``h5py``."""
     filters: str
     """Key of :data:`FILTERS`."""
     repetition: int
