@@ -42,6 +42,7 @@ class Kind(enum.IntEnum):
     RELEASE = 4   # slots listed are given back unused
     CLOSE = 5     # the producer is done
     BATCH = 6     # nevents = frames listed as (frame, nevents), then their slots in order
+    REQUEST_RUN = 7  # as REQUEST, for consecutive slots (Producer.frames writes in place)
     MALFORMED = 255  # what decode_records makes of a record that cannot be one
 
 
@@ -52,9 +53,9 @@ class Record:
     kind: int
     """A :class:`Kind` value (unchecked: the writer validates it)."""
     value: int
-    """Frame index (FRAME, REQUEST), pid (HELLO), or 0."""
+    """Frame index (FRAME, REQUEST, REQUEST_RUN), pid (HELLO), or 0."""
     nevents: int
-    """Events of the frame (FRAME), slots wanted (REQUEST), or 0."""
+    """Events of the frame (FRAME), slots wanted (REQUEST, REQUEST_RUN), or 0."""
     slots: tuple[int, ...]
     """Slot indices (FRAME, RELEASE, BATCH)."""
     frames: tuple[tuple[int, int], ...] = ()

@@ -48,7 +48,7 @@ from ._rtdc import (
 )
 from ._spec import Schema
 
-__all__ = ["H5Sink", "dataset_kwargs"]
+__all__ = ["H5Sink", "create_event_dataset", "dataset_kwargs"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,24 @@ def dataset_kwargs(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
         if reserved in kwargs:
             raise ValueError(f"hdf5_dataset_kwargs must not set {reserved!r}; the writer does")
     return kwargs
+
+
+def create_event_dataset(group: h5py.Group, name: str, shape: tuple[int, ...],
+                         dtype: np.dtype[Any], kwargs: Mapping[str, Any]) -> h5py.Dataset:
+    """Create the empty, resizable per-event dataset ``group/name`` as .rtdc files have it.
+
+    One event is ``shape`` of ``dtype``; chunks hold :func:`chunk_rows` events;
+    2-D features (images, masks) get the HDF5 image attributes. ``kwargs`` are
+    the filters (see :func:`dataset_kwargs`). The Writer's sink and the dcnum
+    drop-in both create their datasets here.
+    """
+    rows = chunk_rows(dtype.itemsize * int(np.prod(shape)))
+    dataset = group.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape),
+                                   chunks=(rows, *shape), dtype=dtype, **kwargs)
+    if len(shape) == 2:
+        for key, value in IMAGE_ATTRS.items():
+            dataset.attrs.create(key, np.bytes_(value))
+    return dataset
 
 
 class H5Sink:
@@ -109,7 +127,7 @@ class H5Sink:
             events = self._file.create_group("events")
             shapes = {name: (f.shape, f.file_dtype) for name, f in schema.items()}
             shapes.update({name: ((), DERIVED_DTYPES[name]) for name in derived})
-            self._datasets = {name: self._create_dataset(events, name, shape, dtype)
+            self._datasets = {name: create_event_dataset(events, name, shape, dtype, self._kwargs)
                               for name, (shape, dtype) in shapes.items()}
             self._direct = _appenders(self._datasets)
             if self._direct:
@@ -123,16 +141,6 @@ class H5Sink:
             self._shutdown_pool()
             self._file.close()
             raise
-
-    def _create_dataset(self, group: h5py.Group, name: str, shape: tuple[int, ...],
-                        dtype: np.dtype[Any]) -> h5py.Dataset:
-        rows = chunk_rows(dtype.itemsize * int(np.prod(shape)))
-        dataset = group.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape),
-                                       chunks=(rows, *shape), dtype=dtype, **self._kwargs)
-        if len(shape) == 2:
-            for key, value in IMAGE_ATTRS.items():
-                dataset.attrs.create(key, np.bytes_(value))
-        return dataset
 
     def write(self, chunk: Chunk) -> None:
         """Append ``chunk`` to every dataset and flush, so live readers see it."""

@@ -48,45 +48,66 @@ class ReorderBuffer:
     def __init__(self, total_frames: int | None, budget_nbytes: int) -> None:
         self.total_frames = total_frames
         self.budget_nbytes = budget_nbytes
-        #: The next frame index the file needs.
-        self.frontier = 0
-        #: Highest frame index received, -1 before any.
-        self.newest = -1
         #: Bytes of private copies held now, and their peak.
         self.stash_nbytes = self.peak_stash_nbytes = 0
         #: Frames declared missing, as ranges.
         self.missing = FrameRanges()
+        self._frontier = 0
+        self._newest = -1
         self._waiting: dict[int, Arrival] = {}
         self._in_slots: dict[int, Arrival] = {}  # waiting frames not copied out yet
         self._heap: list[int] = []
+
+    @property
+    def frontier(self) -> int:
+        """The next frame index the file needs: every frame before it is written or missing."""
+        return self._frontier
+
+    @property
+    def newest(self) -> int:
+        """Highest frame index received, -1 before any."""
+        return self._newest
 
     def __len__(self) -> int:
         return len(self._waiting)
 
     def is_known(self, frame: int) -> bool:
         """Whether ``frame`` was received, written or declared missing already."""
-        return frame < self.frontier or frame in self._waiting
+        return frame < self._frontier or frame in self._waiting
 
     def has_room(self, nbytes: int) -> bool:
         """Whether a copy of ``nbytes`` fits the budget."""
         return self.stash_nbytes + nbytes <= self.budget_nbytes
 
-    def hold(self, arrival: Arrival) -> None:
-        """Keep a frame that is ahead of the frontier."""
+    def arrive(self, arrival: Arrival) -> bool:
+        """Take a frame received; True if it is at the frontier (which moves past it).
+
+        A frame at the frontier goes straight to the caller, who gathers it and
+        then the frames waiting right after it (:meth:`pop_next`). Any other
+        frame waits here, in its slots.
+        """
+        self._newest = max(self._newest, arrival.frame)
+        if arrival.frame == self._frontier:
+            self._frontier += 1
+            return True
         self._waiting[arrival.frame] = arrival
         heapq.heappush(self._heap, arrival.frame)
         if arrival.slots:
             self._in_slots[arrival.frame] = arrival
         self._count_copy(arrival.nbytes)
+        return False
 
     def held_in_slots(self) -> list[Arrival]:
         """Waiting frames whose events are still in ring slots, the furthest ahead first."""
         return sorted(self._in_slots.values(), reverse=True)
 
-    def mark_copied(self, arrival: Arrival) -> None:
-        """Note that a waiting frame was copied out of its slots."""
+    def store_copy(self, arrival: Arrival, arrays: dict[str, np.ndarray[Any, Any]],
+                   nbytes: int) -> list[int]:
+        """A waiting frame was copied out of its slots into ``arrays``; return the slots."""
         del self._in_slots[arrival.frame]
-        self._count_copy(arrival.nbytes)
+        slots, arrival.slots, arrival.arrays, arrival.nbytes = arrival.slots, [], arrays, nbytes
+        self._count_copy(nbytes)
+        return slots
 
     def _count_copy(self, nbytes: int) -> None:
         self.stash_nbytes += nbytes
@@ -94,13 +115,13 @@ class ReorderBuffer:
 
     def pop_next(self) -> Arrival | None:
         """The waiting frame at the frontier, if it has arrived; advances the frontier."""
-        arrival = self._waiting.pop(self.frontier, None)
+        arrival = self._waiting.pop(self._frontier, None)
         if arrival is None:
             return None
         heapq.heappop(self._heap)
         self._in_slots.pop(arrival.frame, None)
         self.stash_nbytes -= arrival.nbytes
-        self.frontier += 1
+        self._frontier += 1
         return arrival
 
     def lowest_waiting(self) -> int | None:
@@ -109,13 +130,13 @@ class ReorderBuffer:
 
     def skip_to(self, frame: int) -> range:
         """Declare every frame from the frontier up to ``frame`` missing; return them."""
-        skipped = range(self.frontier, max(self.frontier, frame))
+        skipped = range(self._frontier, max(self._frontier, frame))
         self.missing.add(skipped.start, skipped.stop)
-        self.frontier = skipped.stop
+        self._frontier = skipped.stop
         return skipped
 
     def end(self) -> int:
         """Index one past the last frame the run has, as far as is known now."""
         if self.total_frames is not None:
             return self.total_frames
-        return self.newest + 1
+        return self._newest + 1

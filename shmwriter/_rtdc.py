@@ -8,8 +8,8 @@ rule (which dcnum's writer uses too). The sink, the dcnum drop-in, ``inspect``,
 
 from __future__ import annotations
 
-__all__ = ["EVENT_COUNT_ATTR", "IMAGE_ATTRS", "LOG_LINE_LIMIT", "MISSING_FRAMES_LOG", "RUN_LOG",
-           "chunk_rows"]
+__all__ = ["EVENT_COUNT_ATTR", "IMAGE_ATTRS", "LOG_LINE_LIMIT", "MAX_FRAME_INDEX",
+           "MISSING_FRAMES_LOG", "RUN_LOG", "chunk_rows"]
 
 #: Root attribute with the number of events, set when a run closes cleanly.
 EVENT_COUNT_ATTR = "experiment:event count"
@@ -21,6 +21,8 @@ RUN_LOG = "shmwriter-run"
 LOG_LINE_LIMIT = 100
 #: HDF5 image attributes of every 2-D feature (images, masks), as .rtdc files carry them.
 IMAGE_ATTRS = {"CLASS": "IMAGE", "IMAGE_VERSION": "1.2", "IMAGE_SUBCLASS": "IMAGE_GRAYSCALE"}
+#: Highest frame index: the file stores frame indices as uint32.
+MAX_FRAME_INDEX = 2**32 - 1
 _CHUNK_NBYTES = 2**20
 
 

@@ -31,6 +31,7 @@ from ._channel import (
     write_record,
 )
 from ._ring import Field, RingSpec, SlotRing, State
+from ._rtdc import MAX_FRAME_INDEX
 from ._spec import Schema
 from .errors import BrokenError, ClosedError, FrameError, RingFullError
 
@@ -41,8 +42,6 @@ __all__ = ["Producer"]
 
 EventArrays = Mapping[str, npt.ArrayLike]
 _MASK_TRUE = np.uint8(255)  # how the file stores True
-#: Highest frame index: the file stores frame indices as uint32.
-MAX_FRAME_INDEX = 2**32 - 1
 #: Header states in which a frame sent may not have been taken (see ``_send_frame``).
 _STOPPED = frozenset({int(State.ABORTING), int(State.ABORTED), int(State.FAILED)})
 

@@ -17,10 +17,12 @@ from typing import Any, Literal
 
 from ._attach import Ticket, new_ticket, open_channel
 from ._control import MSG_HANDOUT_OVER, MSG_LOG, MSG_RESULT, MSG_STARTED, abort_message
-from ._loop import RunConfig, RunResult, WriterLoop, run_in_process, serve
+from ._entry import run_in_process, serve
+from ._loop import WriterLoop
 from ._ranges import FrameRanges
 from ._recover import make_readable
 from ._ring import Field, SlotRing, State
+from ._run import RunConfig, RunResult
 from ._spec import Schema, SlotLayout
 from ._stats import RunStatistics, read_statistics
 from ._validate import check_positive_int, check_seconds

@@ -24,7 +24,6 @@ shape per event changes, or a frame that carries ``index_unmapped`` or
 
 from __future__ import annotations
 
-import math
 import os
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
@@ -33,8 +32,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .._h5sink import dataset_kwargs
-from .._rtdc import IMAGE_ATTRS, chunk_rows
+from .._h5sink import create_event_dataset, dataset_kwargs
 from ..eventqueue import EventLease
 
 __all__ = ["Arrived", "ChunkBuilder", "DcnumFile", "arrived_from_events", "arrived_from_lease"]
@@ -229,15 +227,8 @@ class DcnumFile:
         self._h5.flush()
 
     def _create(self, name: str, data: np.ndarray[Any, Any]) -> h5py.Dataset:
-        shape = tuple(data.shape[1:])
-        rows = chunk_rows(data.dtype.itemsize * math.prod(shape))
-        dataset = self._events.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape),
-                                              chunks=(rows, *shape), dtype=data.dtype,
-                                              **self._kwargs)
-        if len(shape) == 2:
-            for key, value in IMAGE_ATTRS.items():
-                dataset.attrs.create(key, np.bytes_(value))
-        return dataset
+        return create_event_dataset(self._events, name, tuple(data.shape[1:]), data.dtype,
+                                    self._kwargs)
 
     def close(self) -> None:
         """Flush and close the file. Idempotent."""

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from .._rtdc import LOG_LINE_LIMIT
+from .._sinkthread import SinkThread
 from .._validate import check_positive_int
 from ..eventqueue import EventQueue
 from ._stash import Arrived, ChunkBuilder, DcnumFile, arrived_from_events, arrived_from_lease
@@ -232,8 +233,10 @@ class QueueWriterBase:
         pending: dict[int, Arrived] = {}
         for index, events in _drain(buffer_dq):
             _keep(pending, int(index), arrived_from_events(int(index), events), logger)
-        sink = _SinkThread(DcnumFile(self.path_out, self.hdf5_dataset_kwargs),
-                           self.write_queue_size, logger)
+        file = DcnumFile(self.path_out, self.hdf5_dataset_kwargs)
+        sink = SinkThread[dict[str, np.ndarray[Any, Any]]](
+            file.append, where=str(file.path), queue_size=_CHUNK_QUEUE_SIZE,
+            on_queue_size=self._publish_queue_size, name="shmwriter-dcnum-sink")
         sink.start()
         try:
             self._collect(source, pending, sink, logger)
@@ -241,11 +244,18 @@ class QueueWriterBase:
             for arrived in pending.values():
                 arrived.release()
             sink.finish()
+            close_error = _close_file(file, logger)
         sink.raise_if_failed()
+        if close_error is not None:
+            raise close_error
         _log(logger, logging.INFO, f"Counted {self.written_events.value} events")
         _log(logger, logging.DEBUG, f"Counted {self.written_frames.value} frames")
 
-    def _collect(self, source: _Source, pending: dict[int, Arrived], sink: _SinkThread,
+    def _publish_queue_size(self, size: int) -> None:
+        self.write_queue_size.value = size
+
+    def _collect(self, source: _Source, pending: dict[int, Arrived],
+                 sink: SinkThread[dict[str, np.ndarray[Any, Any]]],
                  logger: logging.Logger) -> None:
         builder = ChunkBuilder()
         last = 0
@@ -407,60 +417,14 @@ def _drain(buffer_dq: Any) -> Iterable[tuple[Any, Any]]:
         yield buffer_dq.popleft()
 
 
-# -- the file writer thread ------------------------------------------------------------------------
-class _SinkThread(threading.Thread):
-    """Writes chunks to the file in order, so that collecting never waits for the disk long."""
-
-    def __init__(self, file: DcnumFile, write_queue_size: Any, logger: logging.Logger) -> None:
-        super().__init__(name="shmwriter-dcnum-sink", daemon=True)
-        self._file, self._write_queue_size, self._logger = file, write_queue_size, logger
-        self._chunks: queue.Queue[dict[str, np.ndarray[Any, Any]] | None] = queue.Queue(
-            _CHUNK_QUEUE_SIZE)
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            while (chunk := self._chunks.get()) is not None:
-                if self.error is None:  # after a failure, keep taking chunks: put() never blocks
-                    try:
-                        self._file.append(chunk)
-                    except BaseException as exc:
-                        self.error = exc  # raised (and so logged) by the collector
-                self._publish()
-        finally:
-            self._publish()
-            try:
-                self._file.close()
-            except BaseException as exc:
-                if self.error is not None:  # only the first error is raised: log this one
-                    _log(self._logger, logging.ERROR,
-                         f"closing {self._file.path} failed after an error: {exc}")
-                self.error = self.error or exc
-
-    def put(self, chunk: dict[str, np.ndarray[Any, Any]] | None) -> None:
-        """Queue ``chunk`` (None: the end), waiting while the disk is behind."""
-        while True:
-            if chunk is not None:
-                self.raise_if_failed()
-            try:
-                self._chunks.put(chunk, timeout=0.25)
-                break
-            except queue.Full:
-                if not self.is_alive():
-                    return
-        if chunk is not None:
-            self._publish()
-
-    def finish(self) -> None:
-        """Write what is queued, close the file and wait for that."""
-        self.put(None)
-        while self.is_alive():
-            self.join(1.0)
-
-    def raise_if_failed(self) -> None:
-        """Raise OSError if writing the file failed."""
-        if self.error is not None:
-            raise OSError(f"writing {self._file.path} failed: {self.error}") from self.error
-
-    def _publish(self) -> None:
-        self._write_queue_size.value = self._chunks.qsize()
+def _close_file(file: DcnumFile, logger: logging.Logger) -> OSError | None:
+    """Close the file once the sink thread is done; return (and log) what went wrong."""
+    try:
+        file.close()
+    except Exception as exc:
+        # logged here: an error that came first is the one raised
+        _log(logger, logging.ERROR, f"closing {file.path} failed: {exc}")
+        error = OSError(f"closing {file.path} failed: {exc}")
+        error.__cause__ = exc
+        return error
+    return None

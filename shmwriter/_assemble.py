@@ -1,0 +1,173 @@
+"""Assembly: frames received, in any order, into chunks in frame order, and out of the ring.
+
+:class:`FrameAssembler` owns the :class:`~._reorder.ReorderBuffer` and the
+:class:`~._gather.ChunkGatherer`, and decides when a frame's slots go back to
+the :class:`~._slots.SlotAllocator`: frames at the frontier are gathered in
+batches (one numpy call per feature for many frames) right after each read
+from a producer; frames ahead of the frontier wait in their slots, and are
+copied out of the ring only when it runs short of free slots (see
+:meth:`FrameAssembler.relieve`). Full chunks go to ``emit``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from ._gather import Chunk, ChunkGatherer
+from ._reorder import Arrival, ReorderBuffer
+from ._ring import SlotRing
+from ._slots import SlotAllocator, SlotRequest
+
+__all__ = ["FrameAssembler"]
+
+logger = logging.getLogger(__name__)
+
+_Parts = list[tuple[Mapping[str, np.ndarray[Any, Any]], int]]
+
+
+class FrameAssembler:
+    """Frames in, chunks out, slots freed. Called by the writer loop only.
+
+    Parameters
+    ----------
+    ring
+        The run's ring, mapped in this process.
+    allocator
+        Gets back the slots of frames that left the ring.
+    write_threshold
+        Frames per chunk.
+    derived
+        Per-event features the writer adds.
+    reorder_budget_nbytes
+        Most bytes of frames copied out of the ring to wait for earlier ones.
+    emit
+        Takes each full chunk (it may wait while the disk is behind).
+    """
+
+    def __init__(self, ring: SlotRing, allocator: SlotAllocator, *, write_threshold: int,
+                 derived: tuple[str, ...], reorder_budget_nbytes: int,
+                 emit: Callable[[Chunk], None]) -> None:
+        spec = ring.spec
+        self._layout, self._allocator, self._emit = spec.layout, allocator, emit
+        self._write_threshold = write_threshold
+        self.reorder = ReorderBuffer(spec.total_frames, reorder_budget_nbytes)
+        self.gatherer = ChunkGatherer(spec.layout.schema, derived)
+        self._feature_views = ring.feature_views()
+        self._slot_views = [ring.slot_views(s, spec.layout.slot_events, as_stored=True)
+                            for s in range(spec.slots)]
+        self._in_order: list[tuple[int, int, list[int]]] = []  # frontier frames not copied yet
+        self._noted_budget = False
+
+    def release_views(self) -> None:
+        """Drop every view of the ring (before it is unmapped)."""
+        self._slot_views, self._feature_views = [], {}
+
+    # -- frames in -------------------------------------------------------------------
+    def accept(self, frame: int, nevents: int, slots: list[int]) -> None:
+        """Take a checked frame whose events are in ``slots`` (held for it from now on)."""
+        arrival = Arrival(frame, nevents, slots)
+        if self.reorder.arrive(arrival):
+            self._gather(arrival)
+            self.drain()
+
+    def drain(self) -> None:
+        """Gather the frames waiting right after the frontier."""
+        while (arrival := self.reorder.pop_next()) is not None:
+            self._gather(arrival)
+
+    def skip_missing(self, frame: int) -> None:
+        """Declare the frames from the frontier up to ``frame`` missing (one range)."""
+        skipped = self.reorder.skip_to(frame)
+        if skipped:
+            self.settle()  # the frames before the gap come first
+            self.gatherer.skip(len(skipped))  # a gap adds no events: one chunk covers it
+            if self.gatherer.nframes >= self._write_threshold:
+                self.flush()
+
+    def settle(self) -> None:
+        """Copy the batch of in-order frames out of their slots into the chunk; free them.
+
+        Runs after every read from a producer, so a slot waits at most for the
+        records of one read to be handled.
+        """
+        if self._in_order:
+            batch, self._in_order = self._in_order, []
+            self.gatherer.append_from_ring(batch, self._feature_views)
+            self._allocator.free([slot for _, _, slots in batch for slot in slots])
+
+    def flush(self) -> None:
+        """Emit what is gathered, even if less than a chunk."""
+        self.settle()
+        if self.gatherer.nframes:
+            self._emit(self.gatherer.take())
+
+    def _gather(self, arrival: Arrival) -> None:
+        if arrival.arrays is None:
+            self._in_order.append((arrival.frame, arrival.nevents, arrival.slots))
+        else:
+            self.settle()
+            self.gatherer.append(arrival.frame, arrival.nevents, self._parts(arrival))
+        if self.gatherer.nframes + len(self._in_order) >= self._write_threshold:
+            self.flush()
+
+    # -- relieving the ring ----------------------------------------------------------
+    def relieve(self, urgent: SlotRequest | None, *, desperate: bool) -> None:
+        """Copy waiting frames out of the ring when it runs short of free slots.
+
+        Within the reorder budget, frames furthest ahead are copied out until a
+        quarter of the slots is free. Beyond it, only as many as the request for
+        the lowest frame (``urgent``) needs, and only frames after that one, or
+        any frame when the loop is ``desperate`` (a producer died, every
+        producer waits, or the request waited too long): that keeps the ring
+        moving at the price of memory (noted in the log).
+        """
+        allocator = self._allocator
+        quarter = allocator.slots // 4
+        if allocator.nfree >= quarter and allocator.can_serve(urgent):
+            return  # the common case: nothing to relieve
+        for arrival in self.reorder.held_in_slots():  # the furthest ahead first
+            stuck = not allocator.can_serve(urgent) and urgent is not None and (
+                urgent.frame < arrival.frame or desperate)
+            if not stuck and allocator.nfree >= quarter:
+                break
+            if not self.reorder.has_room(self.nbytes(arrival.nevents)):
+                if not stuck:
+                    break
+                self._note_budget_exceeded()
+            self._copy_out(arrival)
+
+    def _copy_out(self, arrival: Arrival) -> None:
+        """Copy a waiting frame's events out of its slots into private memory; free the slots."""
+        arrays = {}
+        for name, feature in self._layout.schema.items():
+            arrays[name] = np.empty((arrival.nevents, *feature.shape), feature.file_dtype)
+            start = 0
+            for source, count in self._parts(arrival):
+                arrays[name][start:start + count] = source[name][:count]
+                start += count
+        self._allocator.free(self.reorder.store_copy(arrival, arrays,
+                                                     self.nbytes(arrival.nevents)))
+
+    def _parts(self, arrival: Arrival) -> _Parts:
+        if arrival.arrays is not None:
+            return [(arrival.arrays, arrival.nevents)]
+        per_slot = self._layout.slot_events
+        return [(self._slot_views[slot], min(per_slot, arrival.nevents - j * per_slot))
+                for j, slot in enumerate(arrival.slots)]
+
+    def nbytes(self, nevents: int) -> int:
+        """Bytes of ``nevents`` events over all features."""
+        return nevents * self._layout.schema.event_nbytes
+
+    def _note_budget_exceeded(self) -> None:
+        # not a fault: producers a few frames apart, or one that starts late, get
+        # here; memory stays bounded by what the producers can put ahead, and
+        # statistics() and `shmwriter top` show the stash's peak
+        if not self._noted_budget:
+            logger.info("frames arrive far out of order: the reorder stash exceeds its budget of "
+                        "%d bytes to keep the ring moving", self.reorder.budget_nbytes)
+            self._noted_budget = True

@@ -1,0 +1,106 @@
+"""The writer's side of the producers' channels: their pipes, what they sent, who is alive.
+
+:class:`Channels` owns the writer's ends of every producer's two pipes (see
+:mod:`._channel`) and their registration with the loop's selector. The loop
+asks it for the records a producer sent, sends grants through it, and retires
+channels through it; nothing else closes a channel's descriptors.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+from array import array
+from collections.abc import Iterator
+
+from ._attach import Attached
+from ._channel import Record, decode_records
+
+__all__ = ["Channels", "ProducerChannel"]
+
+_READ_NBYTES = 65536
+
+
+class ProducerChannel:
+    """The writer's view of one producer."""
+
+    __slots__ = ("buffer", "desc_fd", "done", "grant_fd", "id", "pid")
+
+    def __init__(self, producer_id: int, desc_fd: int, grant_fd: int) -> None:
+        #: The producer's id, unique in the run.
+        self.id = producer_id
+        self.desc_fd, self.grant_fd = desc_fd, grant_fd
+        #: Pid of the process using it, once it said hello (0 before).
+        self.pid = 0
+        #: Bytes received that do not make a whole record yet.
+        self.buffer = bytearray()
+        #: Whether the channel is retired (its descriptors are closed).
+        self.done = False
+
+
+class Channels:
+    """Every producer's channel of one run.
+
+    Parameters
+    ----------
+    selector
+        The loop's selector; each open channel's descriptor pipe is registered
+        with the channel as its data.
+    """
+
+    def __init__(self, selector: selectors.BaseSelector) -> None:
+        self._selector = selector
+        self._by_id: dict[int, ProducerChannel] = {}
+
+    def __getitem__(self, producer_id: int) -> ProducerChannel:
+        return self._by_id[producer_id]
+
+    def __iter__(self) -> Iterator[ProducerChannel]:
+        return iter(list(self._by_id.values()))
+
+    def add(self, attached: list[Attached]) -> None:
+        """Take the channels of newly attached producers."""
+        for new in attached:
+            channel = ProducerChannel(new.producer_id, new.desc_fd, new.grant_fd)
+            self._by_id[channel.id] = channel
+            self._selector.register(channel.desc_fd, selectors.EVENT_READ, channel)
+
+    def open_ids(self) -> set[int]:
+        """Ids of the channels not retired."""
+        return {c.id for c in self._by_id.values() if not c.done}
+
+    def any_open(self) -> bool:
+        """Whether some channel is not retired."""
+        return any(not c.done for c in self._by_id.values())
+
+    def read(self, channel: ProducerChannel) -> tuple[list[Record], int] | None:
+        """The whole records waiting and the bytes read; None at end of file.
+
+        End of file means every copy of the producer's pipe end is closed: it
+        closed it or died.
+        """
+        try:
+            raw = os.read(channel.desc_fd, _READ_NBYTES)
+        except BlockingIOError:
+            return [], 0
+        if not raw:
+            return None
+        channel.buffer += raw
+        return list(decode_records(channel.buffer)), len(raw)
+
+    def send(self, channel: ProducerChannel, slots: list[int]) -> None:
+        """Send slot numbers (grants, or the refusal) down the grant pipe."""
+        try:
+            os.write(channel.grant_fd, array("i", slots).tobytes())
+        except OSError:  # the producer is gone: its slots come back when it is retired
+            pass
+
+    def retire(self, channel: ProducerChannel) -> bool:
+        """Close the channel's descriptors; False if it was retired already."""
+        if channel.done:
+            return False
+        channel.done = True
+        self._selector.unregister(channel.desc_fd)
+        os.close(channel.desc_fd)
+        os.close(channel.grant_fd)
+        return True

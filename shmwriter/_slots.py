@@ -1,0 +1,177 @@
+"""The slot allocator: which ring slot is free, granted to a producer, or held by a frame.
+
+Only the writer loop calls it, from one thread, so it needs no lock. It hands
+out the lowest free slots first: the slots in use stay packed at the start of
+the ring, so a run of consecutive free slots (what ``Producer.frames`` needs)
+is there whenever enough slots are free. Requests are served for the lowest
+frame first: the file needs the lowest frames first, so a producer running
+far ahead waits instead of filling the ring with frames that cannot be
+written yet.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["Grant", "SlotAllocator", "SlotRequest"]
+
+_FREE, _HELD = -1, -2  # slot owner values besides producer ids
+
+
+@dataclass(slots=True)
+class SlotRequest:
+    """A producer waiting for slots for one frame (or the first frame of a batch)."""
+
+    frame: int
+    """The frame the slots are for: the lowest frame is served first."""
+    producer: int
+    """The producer's id."""
+    wanted: int
+    """Slots wanted."""
+    contiguous: bool = False
+    """Whether the slots must be consecutive (``Producer.frames`` writes them in place)."""
+    since: float = field(default_factory=time.monotonic)
+    """When the request came (``time.monotonic``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """Slots granted to a producer: the loop sends them down its grant pipe."""
+
+    producer: int
+    slots: list[int]
+
+
+class SlotAllocator:
+    """Who owns each slot of a ring of ``slots`` slots.
+
+    Parameters
+    ----------
+    slots
+        Slots of the ring.
+    prefetch
+        Extra slots granted ahead to a producer while the ring is less than half full.
+    """
+
+    def __init__(self, slots: int, prefetch: int) -> None:
+        self.slots, self.prefetch = slots, prefetch
+        self._owner = np.full(slots, _FREE, np.int64)  # producer id, _FREE or _HELD
+        self._free_heap = list(range(slots))  # may hold stale entries: _owner decides
+        self._nfree = slots
+        self._granted: dict[int, set[int]] = {}
+        self.pending: list[SlotRequest] = []
+
+    @property
+    def nfree(self) -> int:
+        """Slots free now."""
+        return self._nfree
+
+    @property
+    def in_use(self) -> int:
+        """Slots granted or held by frames."""
+        return self.slots - self._nfree
+
+    def granted_to(self, producer: int) -> set[int]:
+        """The slots granted to ``producer`` that no frame of it holds yet (a live set)."""
+        return self._granted.setdefault(producer, set())
+
+    def owns(self, producer: int, slots: list[int]) -> bool:
+        """Whether ``slots`` are distinct and all granted to ``producer``."""
+        return len(set(slots)) == len(slots) and self.granted_to(producer).issuperset(slots)
+
+    # -- requests ---------------------------------------------------------------------
+    def request(self, request: SlotRequest) -> None:
+        """Queue a request; :meth:`grant_pending` serves it when slots are free."""
+        self.pending.append(request)
+
+    def urgent(self) -> SlotRequest | None:
+        """The request for the lowest frame, or None."""
+        return min(self.pending, key=_frame_of) if self.pending else None
+
+    def can_serve(self, request: SlotRequest | None) -> bool:
+        """Whether ``request`` (None: nothing is asked) could be granted now."""
+        if request is None:
+            return True
+        if request.contiguous:
+            return self._find_run(request.wanted) is not None
+        return self._nfree >= request.wanted
+
+    def grant_pending(self) -> list[Grant]:
+        """Serve waiting requests, the one for the lowest frame first, while slots last."""
+        grants = []
+        half = self.slots // 2
+        while (request := self.urgent()) is not None and self.can_serve(request):
+            self.pending.remove(request)
+            if request.contiguous:
+                start = self._find_run(request.wanted)
+                assert start is not None
+                slots = list(range(start, start + request.wanted))
+            else:
+                extra = min(self.prefetch, max(0, self._nfree - request.wanted - half))
+                slots = self._take_lowest(request.wanted + extra)
+            self._owner[slots] = request.producer
+            self._nfree -= len(slots)
+            self.granted_to(request.producer).update(slots)
+            grants.append(Grant(request.producer, slots))
+        return grants
+
+    def drop_pending(self) -> None:
+        """Forget every waiting request (the run is stopping)."""
+        self.pending.clear()
+
+    def everyone_waits(self, producers: set[int]) -> bool:
+        """Whether every producer in ``producers`` waits for slots."""
+        return producers <= {request.producer for request in self.pending}
+
+    # -- ownership ----------------------------------------------------------------------
+    def hold(self, producer: int, slots: list[int]) -> None:
+        """A frame of ``producer`` arrived in ``slots``: they are the frame's until freed."""
+        self.granted_to(producer).difference_update(slots)
+        self._owner[slots] = _HELD
+
+    def free(self, slots: list[int], producer: int | None = None) -> None:
+        """Return ``slots`` (held by a frame, or granted to ``producer``) to the free ones."""
+        if not slots:
+            return
+        if producer is not None:
+            self.granted_to(producer).difference_update(slots)
+        self._owner[slots] = _FREE
+        self._nfree += len(slots)
+        if len(self._free_heap) + len(slots) > 2 * self.slots:
+            # runs granted by _find_run leave stale entries behind: start afresh (a
+            # sorted list is a heap)
+            self._free_heap = np.flatnonzero(self._owner == _FREE).tolist()
+        else:
+            for slot in slots:
+                heapq.heappush(self._free_heap, slot)
+
+    def retire(self, producer: int) -> None:
+        """Forget ``producer``: take back its granted slots and drop its requests."""
+        self.free(list(self._granted.pop(producer, set())))
+        self.pending = [r for r in self.pending if r.producer != producer]
+
+    # -- finding slots ---------------------------------------------------------------------
+    def _take_lowest(self, count: int) -> list[int]:
+        slots: list[int] = []
+        while len(slots) < count:
+            slot = heapq.heappop(self._free_heap)
+            if self._owner[slot] == _FREE:  # else stale: taken by a run, or pushed twice
+                self._owner[slot] = _HELD
+                slots.append(slot)
+        return slots
+
+    def _find_run(self, count: int) -> int | None:
+        """The first slot of the lowest run of ``count`` free slots, or None."""
+        if count > self._nfree:
+            return None
+        free = np.concatenate(([0], np.cumsum(self._owner == _FREE)))
+        starts = np.flatnonzero(free[count:] - free[:-count] == count)
+        return int(starts[0]) if starts.size else None
+
+
+def _frame_of(request: SlotRequest) -> int:
+    return request.frame

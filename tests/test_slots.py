@@ -1,0 +1,83 @@
+"""SlotAllocator: lowest frame first, lowest slots first, runs of consecutive slots."""
+
+from __future__ import annotations
+
+from shmwriter._slots import SlotAllocator, SlotRequest
+
+
+def grants(allocator):
+    return [(g.producer, g.slots) for g in allocator.grant_pending()]
+
+
+def test_the_request_for_the_lowest_frame_is_served_first_with_the_lowest_slots():
+    allocator = SlotAllocator(8, prefetch=0)
+    allocator.request(SlotRequest(frame=5, producer=1, wanted=2))
+    allocator.request(SlotRequest(frame=3, producer=2, wanted=3))
+    assert grants(allocator) == [(2, [0, 1, 2]), (1, [3, 4])]
+    assert allocator.nfree == 3 and allocator.in_use == 5
+    allocator.request(SlotRequest(frame=9, producer=1, wanted=4))
+    assert grants(allocator) == []                  # 3 free: it waits, whole
+    allocator.hold(2, [0, 1, 2])                    # frame 3 arrived in them
+    assert allocator.granted_to(2) == set()
+    allocator.free([1])
+    assert grants(allocator) == [(1, [1, 5, 6, 7])]
+
+
+def test_a_producer_far_ahead_waits_behind_the_lowest_frame():
+    allocator = SlotAllocator(4, prefetch=0)
+    allocator.request(SlotRequest(frame=1, producer=1, wanted=4))
+    allocator.request(SlotRequest(frame=100, producer=2, wanted=1))
+    allocator.free([])  # nothing happens
+    assert grants(allocator) == [(1, [0, 1, 2, 3])]
+    assert grants(allocator) == []
+    assert allocator.urgent().frame == 100
+
+
+def test_prefetch_only_while_the_ring_is_less_than_half_full():
+    allocator = SlotAllocator(16, prefetch=3)
+    allocator.request(SlotRequest(frame=0, producer=1, wanted=1))
+    assert grants(allocator) == [(1, [0, 1, 2, 3])]
+    allocator.request(SlotRequest(frame=1, producer=1, wanted=3))
+    assert grants(allocator) == [(1, [4, 5, 6, 7])]  # 12 free - 3 wanted - 8 (half): 1 extra
+    allocator.request(SlotRequest(frame=2, producer=1, wanted=1))
+    assert grants(allocator) == [(1, [8])]           # half the ring is in use: no extra
+
+
+def test_a_run_of_consecutive_slots_waits_until_one_is_free():
+    allocator = SlotAllocator(8, prefetch=0)
+    allocator.request(SlotRequest(frame=0, producer=1, wanted=8))
+    grants(allocator)
+    allocator.hold(1, list(range(8)))
+    allocator.free([0, 2, 3, 5])
+    run = SlotRequest(frame=1, producer=2, wanted=3, contiguous=True)
+    allocator.request(run)
+    assert not allocator.can_serve(run) and grants(allocator) == []
+    allocator.free([4])
+    assert allocator.can_serve(run)
+    assert grants(allocator) == [(2, [2, 3, 4])]
+    allocator.request(SlotRequest(frame=2, producer=1, wanted=2))
+    assert grants(allocator) == [(1, [0, 5])]           # stale heap entries are skipped
+
+
+def test_retiring_a_producer_takes_back_its_slots_and_requests():
+    allocator = SlotAllocator(4, prefetch=0)
+    allocator.request(SlotRequest(frame=0, producer=1, wanted=3))
+    grants(allocator)
+    allocator.request(SlotRequest(frame=1, producer=1, wanted=4))
+    assert allocator.owns(1, [0, 2])
+    assert not allocator.owns(1, [0, 0]) and not allocator.owns(2, [0])
+    allocator.retire(1)
+    assert allocator.nfree == 4 and allocator.pending == []
+    assert allocator.everyone_waits(set())
+
+
+def test_many_runs_keep_the_free_list_bounded():
+    allocator = SlotAllocator(4, prefetch=0)
+    for frame in range(100):
+        allocator.request(SlotRequest(frame=frame, producer=1, wanted=2, contiguous=True))
+        (granted,) = grants(allocator)
+        allocator.hold(1, granted[1])
+        allocator.free(granted[1])
+    assert len(allocator._free_heap) <= 2 * 4
+    allocator.request(SlotRequest(frame=100, producer=1, wanted=4))
+    assert grants(allocator) == [(1, [0, 1, 2, 3])]
