@@ -10,13 +10,21 @@ The data flow, module by module::
     _channel   per-producer pipes: descriptors in, slot grants out
     _attach    Ticket, attach: a producer joins a run from any process, pipes by SCM_RIGHTS
     _control   the messages between a Writer and its writer loop
-    producer   Producer.put / .frame: copy into slots, send a descriptor
+    _events    the checks of a frame's events against the schema
+    producer   Producer.put / .put_many / .frame / .frames: into slots, send a descriptor
+    _run       RunConfig, RunResult: what the writer loop is given and reports back
+    _channels  the writer's ends of the producers' channels
+    _slots     SlotAllocator: which slot is free, granted or held
     _reorder   ReorderBuffer: frames back into frame order
     _ranges    FrameRanges: missing frames kept as ranges (one entry per gap)
     _gather    ChunkGatherer: write_threshold frames -> one chunk of arrays
+    _assemble  FrameAssembler: reorder + gather, and when slots go back
+    _sinkthread  SinkThread: chunks to the file from a bounded queue
     _h5sink    H5Sink: chunks -> /events datasets of the .rtdc file
     _codec     ChunkCodec: Zstd + fletcher32 of whole HDF5 chunks, in parallel
-    _loop      WriterLoop: the writer's process (or thread) tying it together
+    _header    RunHeader: the run's state and figures in the ring header
+    _loop      WriterLoop: passes events between the rooms above
+    _entry     the writer process's entry point (or the writer thread's)
     writer     Writer: owns the run, hands out producers
     errors     the exceptions, each saying whose fault it was
 

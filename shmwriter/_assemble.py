@@ -12,8 +12,7 @@ copied out of the ring only when it runs short of free slots (see
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
@@ -25,8 +24,6 @@ from ._slots import SlotAllocator, SlotRequest
 __all__ = ["FrameAssembler"]
 
 logger = logging.getLogger(__name__)
-
-_Parts = list[tuple[Mapping[str, np.ndarray[Any, Any]], int]]
 
 
 class FrameAssembler:
@@ -56,20 +53,26 @@ class FrameAssembler:
         self._write_threshold = write_threshold
         self.reorder = ReorderBuffer(spec.total_frames, reorder_budget_nbytes)
         self.gatherer = ChunkGatherer(spec.layout.schema, derived)
-        self._feature_views = ring.feature_views()
-        self._slot_views = [ring.slot_views(s, spec.layout.slot_events, as_stored=True)
-                            for s in range(spec.slots)]
-        self._in_order: list[tuple[int, int, list[int]]] = []  # frontier frames not copied yet
+        self._rows = ring.row_views()
+        # frontier frames not copied yet: (frame, nevents, rows), and their slots
+        self._in_order: list[tuple[int, int, list[tuple[int, int]]]] = []
+        self._in_order_slots: list[int] = []
         self._noted_budget = False
 
     def release_views(self) -> None:
         """Drop every view of the ring (before it is unmapped)."""
-        self._slot_views, self._feature_views = [], {}
+        self._rows = {}
 
     # -- frames in -------------------------------------------------------------------
-    def accept(self, frame: int, nevents: int, slots: list[int]) -> None:
-        """Take a checked frame whose events are in ``slots`` (held for it from now on)."""
-        arrival = Arrival(frame, nevents, slots)
+    def accept(self, frame: int, nevents: int, slots: list[int],
+               rows: list[tuple[int, int]] | None = None) -> None:
+        """Take a checked frame held in ``slots``; its events fill them from the start, or lie
+        at ``rows`` (``(first row, rows)`` pieces, for frames of a packed batch)."""
+        if rows is None:
+            per_slot = self._layout.slot_events
+            rows = [(slot * per_slot, min(per_slot, nevents - j * per_slot))
+                    for j, slot in enumerate(slots)]
+        arrival = Arrival(frame, nevents, slots, rows)
         if self.reorder.arrive(arrival):
             self._gather(arrival)
             self.drain()
@@ -96,8 +99,9 @@ class FrameAssembler:
         """
         if self._in_order:
             batch, self._in_order = self._in_order, []
-            self.gatherer.append_from_ring(batch, self._feature_views)
-            self._allocator.free([slot for _, _, slots in batch for slot in slots])
+            slots, self._in_order_slots = self._in_order_slots, []
+            self.gatherer.append_from_ring(batch, self._rows)
+            self._allocator.free(slots)
 
     def flush(self) -> None:
         """Emit what is gathered, even if less than a chunk."""
@@ -107,10 +111,11 @@ class FrameAssembler:
 
     def _gather(self, arrival: Arrival) -> None:
         if arrival.arrays is None:
-            self._in_order.append((arrival.frame, arrival.nevents, arrival.slots))
+            self._in_order.append((arrival.frame, arrival.nevents, arrival.rows))
+            self._in_order_slots += arrival.slots
         else:
             self.settle()
-            self.gatherer.append(arrival.frame, arrival.nevents, self._parts(arrival))
+            self.gatherer.append(arrival.frame, arrival.nevents, arrival.arrays)
         if self.gatherer.nframes + len(self._in_order) >= self._write_threshold:
             self.flush()
 
@@ -145,19 +150,12 @@ class FrameAssembler:
         arrays = {}
         for name, feature in self._layout.schema.items():
             arrays[name] = np.empty((arrival.nevents, *feature.shape), feature.file_dtype)
-            start = 0
-            for source, count in self._parts(arrival):
-                arrays[name][start:start + count] = source[name][:count]
-                start += count
+            at, source = 0, self._rows[name]
+            for first, count in arrival.rows:
+                arrays[name][at:at + count] = source[first:first + count]
+                at += count
         self._allocator.free(self.reorder.store_copy(arrival, arrays,
                                                      self.nbytes(arrival.nevents)))
-
-    def _parts(self, arrival: Arrival) -> _Parts:
-        if arrival.arrays is not None:
-            return [(arrival.arrays, arrival.nevents)]
-        per_slot = self._layout.slot_events
-        return [(self._slot_views[slot], min(per_slot, arrival.nevents - j * per_slot))
-                for j, slot in enumerate(arrival.slots)]
 
     def nbytes(self, nevents: int) -> int:
         """Bytes of ``nevents`` events over all features."""

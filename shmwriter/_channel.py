@@ -2,7 +2,7 @@
 
 ``desc`` carries fixed-format records from the producer to the writer (a
 16-byte header plus 4 bytes per slot; a batch of frames adds 12 bytes per
-frame); ``grant`` carries int32 slot indices
+frame, and a packed batch lists its first slot only); ``grant`` carries int32 slot indices
 from the writer to the producer. Every record is written with one ``write`` of
 at most ``PIPE_BUF`` bytes, which POSIX makes atomic, so no lock is needed
 between processes and a killed producer cannot leave a torn record or a held
@@ -22,13 +22,16 @@ from dataclasses import dataclass
 
 from .errors import BrokenError
 
-__all__ = ["MAX_SLOTS_PER_RECORD", "Kind", "Record", "batch_nbytes", "decode_records",
-           "encode_batch", "encode_record", "open_pipe_pair", "read_grants", "write_record"]
+__all__ = ["MAX_FRAMES_PER_RECORD", "MAX_SLOTS_PER_RECORD", "Kind", "Record", "batch_nbytes",
+           "decode_records", "encode_batch", "encode_packed", "encode_record", "open_pipe_pair",
+           "read_grants", "write_record"]
 
 _HEADER = struct.Struct("<BxHIq")
 _BATCH_FRAME = struct.Struct("<qI")
 #: Most slots a single frame record can list (the record must fit PIPE_BUF).
 MAX_SLOTS_PER_RECORD = (select.PIPE_BUF - _HEADER.size) // 4
+#: Most frames a BATCH or PACKED record can list.
+MAX_FRAMES_PER_RECORD = (select.PIPE_BUF - _HEADER.size) // _BATCH_FRAME.size
 #: Grant value telling a producer the writer refuses it (see the header's error text).
 GRANT_REFUSED = -1
 
@@ -43,6 +46,8 @@ class Kind(enum.IntEnum):
     CLOSE = 5     # the producer is done
     BATCH = 6     # nevents = frames listed as (frame, nevents), then their slots in order
     REQUEST_RUN = 7  # as REQUEST, for consecutive slots (Producer.frames writes in place)
+    PACKED = 8    # value = first slot, nevents = frames listed as (frame, nevents): their
+    #               events back to back from that slot on (no slot list)
     MALFORMED = 255  # what decode_records makes of a record that cannot be one
 
 
@@ -53,13 +58,13 @@ class Record:
     kind: int
     """A :class:`Kind` value (unchecked: the writer validates it)."""
     value: int
-    """Frame index (FRAME, REQUEST, REQUEST_RUN), pid (HELLO), or 0."""
+    """Frame index (FRAME, REQUEST, REQUEST_RUN), pid (HELLO), first slot (PACKED), or 0."""
     nevents: int
     """Events of the frame (FRAME), slots wanted (REQUEST, REQUEST_RUN), or 0."""
     slots: tuple[int, ...]
     """Slot indices (FRAME, RELEASE, BATCH)."""
     frames: tuple[tuple[int, int], ...] = ()
-    """``(frame, nevents)`` of each frame of a BATCH, in the order their slots are listed."""
+    """``(frame, nevents)`` of each frame of a BATCH or PACKED record, in order."""
 
 
 def encode_record(kind: Kind, value: int = 0, nevents: int = 0,
@@ -85,6 +90,15 @@ def encode_batch(frames: Sequence[tuple[int, int]], slots: Sequence[int]) -> byt
             + array("i", slots).tobytes())
 
 
+def encode_packed(frames: Sequence[tuple[int, int]], first_slot: int) -> bytes:
+    """Bytes of one PACKED record: frames whose events lie back to back from ``first_slot``."""
+    if batch_nbytes(len(frames), 0) > select.PIPE_BUF:
+        raise ValueError(f"{len(frames)} frames do not fit one record of {select.PIPE_BUF} "
+                         f"bytes; at most {MAX_FRAMES_PER_RECORD}")
+    body = b"".join(_BATCH_FRAME.pack(frame, nevents) for frame, nevents in frames)
+    return _HEADER.pack(Kind.PACKED, 0, len(frames), first_slot) + body
+
+
 def decode_records(buffer: bytearray) -> Iterator[Record]:
     """Yield the complete records at the start of ``buffer`` and remove them from it.
 
@@ -96,7 +110,7 @@ def decode_records(buffer: bytearray) -> Iterator[Record]:
     try:
         while end - pos >= _HEADER.size:
             kind, nslots, nevents, value = _HEADER.unpack_from(view, pos)
-            nframes = nevents if kind == Kind.BATCH else 0
+            nframes = nevents if kind in (Kind.BATCH, Kind.PACKED) else 0
             if batch_nbytes(nframes, nslots) > select.PIPE_BUF:
                 pos = end  # nothing after it can be trusted
                 yield Record(Kind.MALFORMED, value, nevents, ())

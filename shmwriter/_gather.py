@@ -8,7 +8,7 @@ the per-event features the writer derives: the frame index (``frame`` or
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,8 +18,10 @@ from ._spec import Schema
 
 __all__ = ["DERIVED_DTYPES", "Chunk", "ChunkGatherer"]
 
-#: Features of at least this many bytes per event are copied slot by slot.
+#: Features of fewer bytes per event are copied with one fancy index when scattered.
 _LARGE_NBYTES = 256
+#: Up to this many pieces every feature is copied piece by piece.
+_FEW_PIECES = 4
 
 #: Per-event features the writer can derive, and their dtypes.
 DERIVED_DTYPES: dict[str, np.dtype[Any]] = {
@@ -63,8 +65,7 @@ class ChunkGatherer:
 
     def __init__(self, schema: Schema, derived: tuple[str, ...]) -> None:
         self._schema, self._derived = schema, derived
-        self._small = [n for n, f in schema.items() if f.event_nbytes < _LARGE_NBYTES]
-        self._large = [n for n, f in schema.items() if f.event_nbytes >= _LARGE_NBYTES]
+        self._small = frozenset(n for n, f in schema.items() if f.event_nbytes < _LARGE_NBYTES)
         self._capacity = 0
         self._capacity_hint = 64  # events of the largest chunk so far
         self._arrays: dict[str, np.ndarray[Any, Any]] = {}
@@ -72,61 +73,53 @@ class ChunkGatherer:
         #: Frames (missing ones included) and events gathered so far.
         self.nframes = self.nevents = self.nmissing = 0
 
-    def append(self, frame: int, nevents: int,
-               parts: list[tuple[Mapping[str, np.ndarray[Any, Any]], int]]) -> None:
-        """Append frame ``frame``: ``parts`` are (feature arrays, events) pieces in order.
+    def append(self, frame: int, nevents: int, arrays: Mapping[str, np.ndarray[Any, Any]],
+               ) -> None:
+        """Append frame ``frame`` from private ``arrays`` (``nevents`` rows each).
 
         The arrays are in the file's dtypes already (masks as uint8 0/255).
         """
         if nevents:
             self._reserve(self.nevents + nevents)
-            start = self.nevents
-            for source, count in parts:
-                for name in self._schema:
-                    self._arrays[name][start:start + count] = source[name][:count]
-                start += count
+            start, stop = self.nevents, self.nevents + nevents
+            for name in self._schema:
+                self._arrays[name][start:stop] = arrays[name][:nevents]
             for name in self._derived:
-                value = nevents if name == "nevents" else frame
-                self._arrays[name][self.nevents:self.nevents + nevents] = value
-            self.nevents += nevents
+                self._arrays[name][start:stop] = nevents if name == "nevents" else frame
+            self.nevents = stop
         self.nframes += 1
 
-    def append_from_ring(self, frames: list[tuple[int, int, list[int]]],
-                         ring_views: Mapping[str, np.ndarray[Any, Any]]) -> None:
-        """Append consecutive frames still in ring slots, in one go.
+    def append_from_ring(self, frames: Sequence[tuple[int, int, Sequence[tuple[int, int]]]],
+                         ring_rows: Mapping[str, np.ndarray[Any, Any]]) -> None:
+        """Append consecutive frames still in the ring, in one go.
 
-        ``frames`` holds ``(frame, nevents, slots)`` in frame order and
-        ``ring_views[name]`` is the feature across the ring, shaped
-        ``(slots, slot_events, *shape)`` (see ``SlotRing.feature_views``). Large
-        features are copied slot by slot; small ones (scalars) with one fancy
-        index per batch, which saves a numpy call per feature and frame.
+        ``frames`` holds ``(frame, nevents, pieces)`` in frame order, where
+        ``pieces`` are ``(first row, rows)`` of the frame's events in
+        ``ring_rows[name]``, each feature across the whole ring as stored
+        (see ``SlotRing.row_views``). Pieces that touch are copied as one (a
+        packed batch in frame order is one copy per feature). Small features
+        (scalars) scattered over many pieces are copied with one fancy index,
+        which saves a numpy call per piece and feature.
         """
-        per_slot = next(iter(ring_views.values())).shape[1]
-        slot_index: list[int] = []
-        row_index: list[int] = []
-        counts: list[int] = []
-        parts: list[tuple[int, int]] = []
-        for _frame, nevents, slots in frames:
-            counts.append(nevents)
-            for j, slot in enumerate(slots):
-                count = min(per_slot, nevents - j * per_slot)
-                slot_index.extend([slot] * count)
-                row_index.extend(range(count))
-                parts.append((slot, count))
+        counts = [nevents for _, nevents, _ in frames]
+        runs = _merge_pieces(piece for _, _, pieces in frames for piece in pieces)
         total = sum(counts)
         self.nframes += len(frames)
         if not total:
             return
         self._reserve(self.nevents + total)
         start, stop = self.nevents, self.nevents + total
-        for name in self._small:
-            self._arrays[name][start:stop] = ring_views[name][np.asarray(slot_index),
-                                                              np.asarray(row_index)]
-        for name in self._large:
-            dest, source, at = self._arrays[name], ring_views[name], start
-            for slot, count in parts:
-                dest[at:at + count] = source[slot, :count]
-                at += count
+        rows = np.concatenate([np.arange(first, first + n) for first, n in runs]) \
+            if len(runs) > _FEW_PIECES else None
+        for name in self._schema:
+            dest, source = self._arrays[name], ring_rows[name]
+            if rows is not None and name in self._small:
+                dest[start:stop] = source[rows]
+                continue
+            at = start
+            for first, n in runs:
+                dest[at:at + n] = source[first:first + n]
+                at += n
         counts_array = np.asarray(counts)
         for name in self._derived:
             values = counts_array if name == "nevents" else [f for f, _, _ in frames]
@@ -160,3 +153,17 @@ class ChunkGatherer:
         for name, old in self._arrays.items():
             grown[name][:self.nevents] = old[:self.nevents]
         self._arrays, self._capacity = grown, capacity
+
+
+def _merge_pieces(pieces: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``(first row, rows)`` pieces, in order, with each piece that starts where the one
+    before ends joined to it; empty pieces dropped."""
+    merged: list[tuple[int, int]] = []
+    for first, n in pieces:
+        if not n:
+            continue
+        if merged and merged[-1][0] + merged[-1][1] == first:
+            merged[-1] = (merged[-1][0], merged[-1][1] + n)
+        else:
+            merged.append((first, n))
+    return merged

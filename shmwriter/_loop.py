@@ -328,9 +328,10 @@ class WriterLoop:
             elif not self.stopping:
                 self.slots.request(SlotRequest(record.value, channel.id, record.nevents,
                                                contiguous=kind == Kind.REQUEST_RUN))
+        elif kind == Kind.PACKED:
+            self._on_packed(channel, record)
         elif kind == Kind.RELEASE:
-            granted = self.slots.granted_to(channel.id)
-            self.slots.free([s for s in record.slots if s in granted], channel.id)
+            self.slots.release(channel.id, list(record.slots))
         elif kind == Kind.HELLO:
             self._on_hello(channel, record.value)
         elif kind == Kind.CLOSE:
@@ -354,8 +355,7 @@ class WriterLoop:
         if problem:
             self.rejected += 1
             logger.error("producer %d: rejected frame %d: %s", channel.id, frame, problem)
-            granted = self.slots.granted_to(channel.id)
-            self.slots.free([s for s in set(slots) if s in granted], channel.id)
+            self.slots.release(channel.id, slots)
             return
         self.slots.hold(channel.id, slots)
         # it waits in its slots (no copy) until the frontier reaches it, unless
@@ -378,15 +378,48 @@ class WriterLoop:
             if channel.done:
                 return
 
+    def _on_packed(self, channel: ProducerChannel, record: Record) -> None:
+        """A packed batch: its frames' events back to back in consecutive slots, in order."""
+        per_slot, total_slots = self.config.ring.layout.slot_events, self.config.ring.slots
+        nevents = sum(count for _, count in record.frames)
+        first = record.value
+        run = list(range(first, first + -(-nevents // per_slot)))
+        if run and not (0 <= first and run[-1] < total_slots
+                        and self.slots.owns(channel.id, run)):
+            self._refuse(channel, f"sent a packed batch in slots {first}..{first + len(run) - 1}"
+                                  f" that were not granted to it")
+            return
+        accepted, row, seen = [], first * per_slot, set()
+        for frame, count in record.frames:
+            problem = self._check_index(frame) or (
+                "duplicate frame index: it is in the batch twice" if frame in seen else None)
+            seen.add(frame)
+            if problem:
+                self.rejected += 1
+                logger.error("producer %d: rejected frame %d: %s", channel.id, frame, problem)
+            else:
+                slots = list(range(row // per_slot, (row + count - 1) // per_slot + 1)) \
+                    if count else []
+                # every frame holds its slots before any is gathered (and may free them)
+                self.slots.hold(channel.id, slots)
+                accepted.append((frame, count, slots, [(row, count)] if count else []))
+            row += count
+        for frame, count, slots, rows in accepted:
+            self._frames().accept(frame, count, slots, rows)
+        self.slots.release(channel.id, run)  # the slots no accepted frame holds
+
     def _check_frame(self, channel: ProducerChannel, frame: int, nevents: int,
                      slots: list[int]) -> str | None:
-        total = self.config.ring.total_frames
-        if frame < 0 or frame > MAX_FRAME_INDEX or (total is not None and frame >= total):
-            return f"frame index out of range (total_frames={total})"
         if len(slots) != self.config.ring.layout.slots_for(nevents):
             return f"{nevents} events do not match {len(slots)} slots"
         if not self.slots.owns(channel.id, slots):
             return f"slots {slots} were not granted to this producer"
+        return self._check_index(frame)
+
+    def _check_index(self, frame: int) -> str | None:
+        total = self.config.ring.total_frames
+        if frame < 0 or frame > MAX_FRAME_INDEX or (total is not None and frame >= total):
+            return f"frame index out of range (total_frames={total})"
         if self._frames().reorder.is_known(frame):
             return "duplicate frame index: this frame was received already"
         return None

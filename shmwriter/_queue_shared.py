@@ -3,7 +3,8 @@
 Layout of the segment (its size is fixed when the queue is created)::
 
     [header: 4 KiB]                int64 fields (:class:`Q`)
-    [slot 0][slot 1] ...           SlotLayout.slot_nbytes each, once the schema is known
+    [slots region]                 SlotLayout.region_nbytes(slots), once the schema is known
+                                   (feature-major: see :class:`._spec.SlotLayout`)
     ...                            unused when the slots do not fill the budget
     [owners: MAX_SLOTS int64]      who holds each slot (see below)
     [schema: 64 KiB]               the schema as JSON, once published
@@ -115,19 +116,53 @@ class Q(enum.IntEnum):
 
 
 def segment_nbytes(layout: SlotLayout, slots: int) -> int:
-    """Bytes of a segment holding ``slots`` slots of ``layout``."""
-    return _HEADER_NBYTES + slots * layout.slot_nbytes + _TAIL_NBYTES
+    """Bytes of a segment holding ``slots`` slots of ``layout``.
+
+    :func:`slots_that_fit` gives exactly ``slots`` back for it (up to MAX_SLOTS).
+    """
+    return _HEADER_NBYTES + _slots_room(layout, slots) + _TAIL_NBYTES
 
 
 def slots_that_fit(nbytes: int, layout: SlotLayout) -> int:
-    """Slots of ``layout`` a segment of ``nbytes`` holds (at most MAX_SLOTS)."""
-    room = nbytes - _HEADER_NBYTES - _TAIL_NBYTES
-    return max(0, min(MAX_SLOTS, room // layout.slot_nbytes))
+    """Slots of ``layout`` a segment of ``nbytes`` holds (at most MAX_SLOTS, 0 if none).
+
+    Never more than fit: ``layout.region_nbytes`` of the answer is at most the
+    room between the header and the tail.
+    """
+    room = _whole_int64s(nbytes - _HEADER_NBYTES - _TAIL_NBYTES)
+    fits = (room - _padding_room(layout)) // _slot_cost(layout)
+    return max(0, min(MAX_SLOTS, fits))
 
 
 def budget_nbytes(memory_budget_nbytes: int) -> int:
-    """Segment size for a budget: the budget rounded up to pages, plus the fixed parts."""
-    return -(-memory_budget_nbytes // 4096) * 4096 + _HEADER_NBYTES + _TAIL_NBYTES
+    """Segment size for a budget of the slots region, plus the fixed parts (no rounding up)."""
+    return _HEADER_NBYTES + _whole_int64s(memory_budget_nbytes) + _TAIL_NBYTES
+
+
+# The segment's size is all that tells a publisher how many slots the creator meant, but
+# a feature-major region can hold several slot counts in the same bytes (the padding of
+# its blocks absorbs them). So the queue books each slot at its unpadded size (at least
+# 8 bytes, so that every count gives a different whole number of int64s) plus, once, the
+# most padding any region has: every count then has its own size, and that size holds
+# its region. A budget may so leave up to ~64 bytes per feature unused.
+
+def _slots_room(layout: SlotLayout, slots: int) -> int:
+    """Bytes the segment sets aside for ``slots`` slots: a whole number of int64s."""
+    return -(-slots * _slot_cost(layout) // 8) * 8 + _padding_room(layout)
+
+
+def _slot_cost(layout: SlotLayout) -> int:
+    return max(8, layout.slot_nbytes)
+
+
+def _padding_room(layout: SlotLayout) -> int:
+    return -(-layout.max_padding_nbytes // 8) * 8
+
+
+def _whole_int64s(nbytes: int) -> int:
+    """``nbytes`` rounded down to whole int64s: the owners table after the slots must stay
+    aligned, as several processes write its int64s."""
+    return nbytes // 8 * 8
 
 
 class QueueShared:
@@ -268,9 +303,9 @@ class QueueShared:
             if slots < 1:
                 room = self.nbytes - _HEADER_NBYTES - _TAIL_NBYTES
                 raise ValueError(
-                    f"memory_budget_nbytes={room} cannot hold one slot of {layout.slot_nbytes} "
-                    f"bytes for the schema {schema!r}; raise memory_budget_nbytes or lower "
-                    f"slot_events")
+                    f"memory_budget_nbytes={room} cannot hold one slot of "
+                    f"{_slots_room(layout, 1)} bytes for the schema {schema!r}; raise "
+                    f"memory_budget_nbytes or lower slot_events")
             text = json.dumps(schema.to_dict()).encode("utf-8")
             if len(text) > _SCHEMA_NBYTES:
                 raise ValueError(f"the schema's description takes {len(text)} bytes; at most "

@@ -28,6 +28,9 @@ class Arrival:
     nevents: int = field(compare=False)
     slots: list[int] = field(compare=False, default_factory=list)
     """Slots still holding the events (empty once copied out)."""
+    rows: list[tuple[int, int]] = field(compare=False, default_factory=list)
+    """Where the events lie in the ring while in slots: ``(first row, rows)`` pieces, a row
+    being an event's index in the ring's per-feature arrays (see ``SlotRing.row_views``)."""
     arrays: dict[str, np.ndarray[Any, Any]] | None = field(compare=False, default=None)
     """Private copies of the events, or None while they are in slots."""
     nbytes: int = field(compare=False, default=0)
@@ -105,7 +108,8 @@ class ReorderBuffer:
                    nbytes: int) -> list[int]:
         """A waiting frame was copied out of its slots into ``arrays``; return the slots."""
         del self._in_slots[arrival.frame]
-        slots, arrival.slots, arrival.arrays, arrival.nbytes = arrival.slots, [], arrays, nbytes
+        slots, arrival.slots, arrival.rows = arrival.slots, [], []
+        arrival.arrays, arrival.nbytes = arrays, nbytes
         self._count_copy(nbytes)
         return slots
 

@@ -4,7 +4,13 @@ Layout of the segment::
 
     [header: 4 KiB]  int64 counters of the run, its state, error text, path
     [claimed: one byte per frame, page aligned]   only with total_frames
-    [slot 0][slot 1] ... [slot slots-1]           SlotLayout.slot_nbytes each
+    [feature 0: slots * slot_events events][feature 1: ...] ...
+                     the slots region, SlotLayout.region_nbytes(slots) bytes
+
+The slots region is feature-major (see :class:`~._spec.SlotLayout`): each
+feature's block starts on 64 bytes and holds the events of slot 0, then slot
+1, ... back to back, so the events of consecutive slots are one contiguous
+array per feature (:meth:`SlotRing.run_views`).
 
 The header is written by the writer only and read by anyone (producers for
 the writer's state, ``shmwriter top`` for figures), so it needs no lock.
@@ -99,7 +105,7 @@ class RingSpec:
     name: str
     """Segment name (without the leading slash)."""
     layout: SlotLayout
-    """Byte layout of one slot."""
+    """Byte layout of the slots."""
     slots: int
     """Number of slots."""
     total_frames: int | None
@@ -117,18 +123,18 @@ class RingSpec:
 
     @property
     def slots_offset(self) -> int:
-        """Byte offset of slot 0 in the segment."""
+        """Byte offset of the slots region in the segment (page aligned)."""
         return _HEADER_NBYTES + self.claimed_nbytes
 
     @property
     def nbytes(self) -> int:
         """Bytes of the whole segment."""
-        return self.slots_offset + self.slots * self.layout.slot_nbytes
+        return self.slots_offset + self.ring_nbytes
 
     @property
     def ring_nbytes(self) -> int:
-        """Bytes of the slots alone."""
-        return self.slots * self.layout.slot_nbytes
+        """Bytes of the slots region alone, alignment padding included."""
+        return self.layout.region_nbytes(self.slots)
 
 
 class SlotRing:
@@ -148,8 +154,7 @@ class SlotRing:
         self._base: np.ndarray[Any, np.dtype[np.uint8]] = np.frombuffer(mapping, dtype=np.uint8)
         self.header = self._base[:_HEADER_NBYTES].view(np.int64)
         self.claimed = self._base[_HEADER_NBYTES:spec.slots_offset]
-        self._slots = self._base[spec.slots_offset:spec.nbytes].reshape(
-            spec.slots, spec.layout.slot_nbytes)
+        self._rows, self._stored_rows = _feature_rows(self._base, spec)
 
     @classmethod
     def create(cls, layout: SlotLayout, slots: int, total_frames: int | None) -> SlotRing:
@@ -173,31 +178,76 @@ class SlotRing:
         """Whether this process has unmapped the ring."""
         return self._mmap is None
 
+    def run_views(self, first_slot: int, nevents: int, *,
+                  as_stored: bool = False) -> dict[str, np.ndarray[Any, Any]]:
+        """Writable views of ``nevents`` events from the start of ``first_slot`` on.
+
+        The events run on through the slots ``first_slot + 1``, ``first_slot + 2``,
+        ... as needed, so each view is one contiguous array.
+
+        Parameters
+        ----------
+        first_slot
+            The first slot of the run.
+        nevents
+            Events of the run; may exceed ``slot_events``.
+        as_stored
+            View boolean features as the uint8 0/255 that producers store for
+            them (see :class:`~shmwriter.Producer`).
+
+        Returns
+        -------
+        dict of str to ndarray
+            ``{feature: array of shape (nevents, *shape)}``, in schema order.
+
+        Raises
+        ------
+        ValueError
+            If ``first_slot`` is not a slot or the run passes the last slot.
+        """
+        per_slot, slots = self.spec.layout.slot_events, self.spec.slots
+        if not 0 <= first_slot < slots:
+            raise ValueError(f"first_slot must be in [0, {slots}); got {first_slot}")
+        room = (slots - first_slot) * per_slot
+        if nevents < 0:
+            raise ValueError(f"nevents must be at least 0; got {nevents}")
+        if nevents > room:
+            raise ValueError(
+                f"a run of nevents={nevents} from first_slot={first_slot} passes the last "
+                f"slot: {slots} slots of {per_slot} events leave room for {room}")
+        start = first_slot * per_slot
+        rows = self._stored_rows if as_stored else self._rows
+        return {name: block[start:start + nevents] for name, block in rows.items()}
+
     def slot_views(self, slot: int, nevents: int, *,
                    as_stored: bool = False) -> dict[str, np.ndarray[Any, Any]]:
         """Writable views of the first ``nevents`` events of every feature in ``slot``.
 
         With ``as_stored``, boolean features are viewed as the uint8 0/255 that
         producers store for them (see :class:`~shmwriter.Producer`).
+
+        Raises
+        ------
+        ValueError
+            If ``nevents`` is more than a slot holds, or ``slot`` is not a slot.
         """
-        row = self._slots[slot]
-        layout = self.spec.layout
-        views = {}
-        for (name, feature), offset in zip(layout.schema.items(), layout.offsets, strict=True):
-            nbytes = feature.event_nbytes * nevents
-            dtype = feature.file_dtype if as_stored else feature.dtype
-            views[name] = row[offset:offset + nbytes].view(dtype).reshape(nevents, *feature.shape)
-        return views
+        per_slot = self.spec.layout.slot_events
+        if not 0 <= nevents <= per_slot:
+            raise ValueError(f"nevents must be in [0, {per_slot}] (slot_events); got {nevents}")
+        return self.run_views(slot, nevents, as_stored=as_stored)
 
     def feature_views(self) -> dict[str, np.ndarray[Any, Any]]:
         """Each feature across all slots, ``(slots, slot_events, *shape)``, as stored."""
-        layout = self.spec.layout
-        views = {}
-        for (name, feature), offset in zip(layout.schema.items(), layout.offsets, strict=True):
-            block = self._slots[:, offset:offset + feature.event_nbytes * layout.slot_events]
-            views[name] = block.view(feature.file_dtype).reshape(
-                self.spec.slots, layout.slot_events, *feature.shape)
-        return views
+        slots, per_slot = self.spec.slots, self.spec.layout.slot_events
+        return {name: block.reshape(slots, per_slot, *block.shape[1:])
+                for name, block in self._stored_rows.items()}
+
+    def row_views(self) -> dict[str, np.ndarray[Any, Any]]:
+        """Each feature across all slots, ``(slots * slot_events, *shape)``, as stored.
+
+        Row ``slot * slot_events + i`` is event ``i`` of ``slot``.
+        """
+        return dict(self._stored_rows)
 
     def get(self, field: Field) -> int:
         """One header counter."""
@@ -239,7 +289,8 @@ class SlotRing:
         if self._mmap is None:
             return
         mapping, self._mmap = self._mmap, None
-        self._base = self.header = self.claimed = self._slots = None  # type: ignore[assignment]
+        self._base = self.header = self.claimed = None  # type: ignore[assignment]
+        self._rows, self._stored_rows = {}, {}  # our own views would keep the mapping exported
         try:
             mapping.close()
         except BufferError:
@@ -265,3 +316,22 @@ class SlotRing:
             return f"<closed SlotRing {self.spec.name!r}>"
         return (f"<SlotRing {self.spec.name!r}: {self.spec.slots} slots × "
                 f"{self.spec.layout.slot_nbytes} B, {self.get(Field.SLOTS_IN_USE)} in use>")
+
+
+def _feature_rows(base: np.ndarray[Any, np.dtype[np.uint8]], spec: RingSpec,
+                  ) -> tuple[dict[str, np.ndarray[Any, Any]], dict[str, np.ndarray[Any, Any]]]:
+    """Each feature's block of the slots region as ``(slots * slot_events, *shape)`` arrays.
+
+    Returns the views in the producers' dtypes and in the stored dtypes (these
+    differ for masks only: bool and uint8).
+    """
+    layout = spec.layout
+    nrows = spec.slots * layout.slot_events
+    offsets = layout.block_offsets(spec.slots)
+    rows, stored = {}, {}
+    for (name, feature), offset in zip(layout.schema.items(), offsets, strict=True):
+        start = spec.slots_offset + offset
+        raw = base[start:start + feature.event_nbytes * nrows]
+        rows[name] = raw.view(feature.dtype).reshape(nrows, *feature.shape)
+        stored[name] = raw.view(feature.file_dtype).reshape(nrows, *feature.shape)
+    return rows, stored

@@ -60,6 +60,7 @@ class SlotAllocator:
     def __init__(self, slots: int, prefetch: int) -> None:
         self.slots, self.prefetch = slots, prefetch
         self._owner = np.full(slots, _FREE, np.int64)  # producer id, _FREE or _HELD
+        self._frames_in = np.zeros(slots, np.int32)  # frames holding each _HELD slot
         self._free_heap = list(range(slots))  # may hold stale entries: _owner decides
         self._nfree = slots
         self._granted: dict[int, set[int]] = {}
@@ -129,16 +130,33 @@ class SlotAllocator:
 
     # -- ownership ----------------------------------------------------------------------
     def hold(self, producer: int, slots: list[int]) -> None:
-        """A frame of ``producer`` arrived in ``slots``: they are the frame's until freed."""
+        """A frame of ``producer`` arrived in ``slots`` (distinct): it holds them until freed.
+
+        Frames of a packed batch share slots: a slot is free again once every
+        frame holding it was freed.
+        """
         self.granted_to(producer).difference_update(slots)
         self._owner[slots] = _HELD
+        self._frames_in[slots] += 1
 
-    def free(self, slots: list[int], producer: int | None = None) -> None:
-        """Return ``slots`` (held by a frame, or granted to ``producer``) to the free ones."""
+    def free(self, slots: list[int]) -> None:
+        """Frames left the ring: each listing of a slot ends one frame's hold on it."""
         if not slots:
             return
-        if producer is not None:
-            self.granted_to(producer).difference_update(slots)
+        index = np.asarray(slots)
+        np.subtract.at(self._frames_in, index, 1)  # a slot of a packed batch may repeat
+        self._put_back(np.unique(index[self._frames_in[index] == 0]).tolist())
+
+    def release(self, producer: int, slots: list[int]) -> None:
+        """``producer`` gives back granted ``slots`` unused (those not granted are ignored)."""
+        granted = self.granted_to(producer)
+        mine = [slot for slot in dict.fromkeys(slots) if slot in granted]
+        granted.difference_update(mine)
+        self._put_back(mine)
+
+    def _put_back(self, slots: list[int]) -> None:
+        if not slots:
+            return
         self._owner[slots] = _FREE
         self._nfree += len(slots)
         if len(self._free_heap) + len(slots) > 2 * self.slots:
@@ -151,7 +169,7 @@ class SlotAllocator:
 
     def retire(self, producer: int) -> None:
         """Forget ``producer``: take back its granted slots and drop its requests."""
-        self.free(list(self._granted.pop(producer, set())))
+        self._put_back(list(self._granted.pop(producer, set())))
         self.pending = [r for r in self.pending if r.producer != producer]
 
     # -- finding slots ---------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Schema of the events (features) and the byte layout of one ring slot."""
+"""Schema of the events (features) and the byte layout of the ring's slots."""
 
 from __future__ import annotations
 
@@ -11,14 +11,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._validate import check_positive_int
+from ._validate import check_count, check_positive_int
 
 __all__ = ["Feature", "Schema", "SlotLayout"]
 
-#: Byte alignment of every feature block inside a slot (a cache line).
+#: Byte alignment of the start of every feature block of the slots region (a cache line).
 _FEATURE_ALIGN = 64
-#: Byte alignment of whole slots (a page), so slots never share a page.
-_SLOT_ALIGN = 4096
 #: Numpy dtype kinds a feature may have: bool, signed, unsigned, float.
 _ALLOWED_KINDS = "biuf"
 #: Feature names the writer adds itself for every event.
@@ -175,37 +173,114 @@ def _check_feature_name(name: object) -> None:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SlotLayout:
-    """Where each feature of each event lives inside one slot of the ring.
+    """Where each feature of each event lives in the slots region of a ring.
 
-    A slot holds up to ``slot_events`` events of every feature: one block per
-    feature, each aligned to 64 bytes, the slot itself rounded up to a page.
+    The region is feature-major: one block per feature, in schema order, each
+    holding ``slots * slot_events`` events of that feature back to back and
+    starting on a 64-byte boundary. Slot ``s`` owns events
+    ``[s * slot_events, (s + 1) * slot_events)`` of every block, with no gap
+    between one slot's events and the next slot's, so a run of consecutive
+    slots is one contiguous array per feature.
+
+    Parameters
+    ----------
+    schema
+        The features laid out.
+    slot_events
+        Events one slot holds.
+
+    Raises
+    ------
+    TypeError
+        If ``schema`` is not a :class:`Schema` or ``slot_events`` not an int.
+    ValueError
+        If ``slot_events`` is not positive.
     """
 
     schema: Schema
     """The features laid out."""
     slot_events: int
     """Events one slot holds."""
-    offsets: tuple[int, ...] = field(init=False)
-    """Byte offset of each feature's block inside a slot, in schema order."""
     slot_nbytes: int = field(init=False)
-    """Bytes of one slot, a multiple of the page size."""
+    """Bytes one slot takes over all features, without alignment padding (for budgets)."""
+    _slot_block_nbytes: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    """Bytes one slot takes in each feature's block, in schema order."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.schema, Schema):
             raise TypeError(f"schema must be a shmwriter.Schema; got {self.schema!r}")
         check_positive_int("slot_events", self.slot_events)
-        offsets, end = [], 0
-        for feature in self.schema.values():
-            offsets.append(end)
-            end = _align(end + feature.event_nbytes * self.slot_events, _FEATURE_ALIGN)
-        object.__setattr__(self, "offsets", tuple(offsets))
-        object.__setattr__(self, "slot_nbytes", _align(end, _SLOT_ALIGN))
+        per_block = tuple(f.event_nbytes * self.slot_events for f in self.schema.values())
+        object.__setattr__(self, "_slot_block_nbytes", per_block)
+        object.__setattr__(self, "slot_nbytes", sum(per_block))
 
     def slots_for(self, nevents: int) -> int:
         """Number of slots a frame of ``nevents`` events takes."""
         return -(-nevents // self.slot_events)
 
+    def block_offsets(self, slots: int) -> tuple[int, ...]:
+        """Byte offset of each feature's block in a region of ``slots`` slots, in schema order.
+
+        Parameters
+        ----------
+        slots
+            Slots of the region (0 or more).
+
+        Returns
+        -------
+        tuple of int
+            One offset per feature, each a multiple of 64.
+        """
+        return self._block_ends(slots)[0]
+
+    def region_nbytes(self, slots: int) -> int:
+        """Bytes of a slots region of ``slots`` slots, alignment padding included.
+
+        The region ends on a 64-byte boundary too, so that whatever follows it
+        is aligned as well.
+        """
+        return self._block_ends(slots)[1]
+
+    @property
+    def max_padding_nbytes(self) -> int:
+        """Most alignment padding a slots region of any number of slots has.
+
+        ``slots * slot_nbytes <= region_nbytes(slots) <= slots * slot_nbytes
+        + max_padding_nbytes`` for every ``slots``.
+        """
+        return (_FEATURE_ALIGN - 1) * len(self.schema)
+
+    def slots_that_fit(self, nbytes: int) -> int:
+        """The most slots whose region takes at most ``nbytes`` (0 if none fits).
+
+        The bounds of :attr:`max_padding_nbytes` put the answer between
+        ``(nbytes - max_padding_nbytes) // slot_nbytes`` and
+        ``nbytes // slot_nbytes``; a bisection between them makes it exact.
+        """
+        if nbytes <= 0:
+            return 0
+        fits = max(0, (nbytes - self.max_padding_nbytes) // self.slot_nbytes)
+        too_many = nbytes // self.slot_nbytes + 1
+        while too_many - fits > 1:  # invariant: region(fits) <= nbytes < region(too_many)
+            middle = (fits + too_many) // 2
+            if self.region_nbytes(middle) <= nbytes:
+                fits = middle
+            else:
+                too_many = middle
+        return fits
+
+    def _block_ends(self, slots: int) -> tuple[tuple[int, ...], int]:
+        """The block offsets and the region's (aligned) end for ``slots`` slots."""
+        check_count("slots", slots)
+        offsets, end = [], 0
+        for per_slot in self._slot_block_nbytes:
+            offsets.append(end)
+            # every start is aligned, so aligning each end keeps the next start aligned
+            end += _align(per_slot * slots, _FEATURE_ALIGN)
+        return tuple(offsets), end
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-type form, for HDF5 attributes and JSON."""
         return {"schema": self.schema.to_dict(), "slot_events": self.slot_events,
-                "slot_nbytes": self.slot_nbytes}
+                "slot_nbytes": self.slot_nbytes, "order": "feature-major",
+                "block_align": _FEATURE_ALIGN}

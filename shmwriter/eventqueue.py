@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._channel import MAX_SLOTS_PER_RECORD, Kind, encode_record
+from ._events import check_events
 from ._queue_shared import (
     IN_FLIGHT,
     MAX_SLOTS,
@@ -36,13 +37,13 @@ from ._queue_shared import (
     budget_nbytes,
     lock_publish,
     segment_nbytes,
+    slots_that_fit,
     unlock_publish,
 )
 from ._ring import SlotRing
 from ._spec import Feature, Schema, SlotLayout
 from ._validate import check_positive_int
 from .errors import BrokenError, ClosedError, FrameError, QueueFullError
-from .producer import _check_events
 
 __all__ = ["EventLease", "EventQueue"]
 
@@ -383,7 +384,7 @@ class EventQueue:
             return 0, {}
         schema = self._schema_for(frame_index, arrays, deadline)
         try:
-            return _check_events(schema, frame_index, arrays)
+            return check_events(schema, frame_index, arrays)
         except FrameError as exc:
             if not self._check_open().header[Q.INFERRED]:
                 raise
@@ -611,10 +612,11 @@ def _parse_size(schema: Schema | None, slots: int | None, slot_events: int,
         raise TypeError(f"schema must be a shmwriter.Schema or None; got {schema!r}")
     layout = SlotLayout(schema=schema, slot_events=slot_events)
     if memory_budget_nbytes is not None:
-        count = memory_budget_nbytes // layout.slot_nbytes
+        count = slots_that_fit(budget_nbytes(memory_budget_nbytes), layout)
         if count < 1:
+            one = segment_nbytes(layout, 1) - budget_nbytes(0)
             raise ValueError(f"memory_budget_nbytes={memory_budget_nbytes} cannot hold one slot "
-                             f"of {layout.slot_nbytes} bytes; raise it or lower slot_events")
+                             f"of {one} bytes; raise it or lower slot_events")
     else:
         count = check_positive_int("slots", _DEFAULT_SLOTS if slots is None else slots)
     if count > MAX_SLOTS:

@@ -22,14 +22,17 @@ import numpy.typing as npt
 
 from ._channel import (
     GRANT_REFUSED,
+    MAX_FRAMES_PER_RECORD,
     MAX_SLOTS_PER_RECORD,
     Kind,
     batch_nbytes,
     encode_batch,
+    encode_packed,
     encode_record,
     read_grants,
     write_record,
 )
+from ._events import EventArrays, check_counts, check_events
 from ._ring import Field, RingSpec, SlotRing, State
 from ._rtdc import MAX_FRAME_INDEX
 from ._spec import Schema
@@ -40,7 +43,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Producer"]
 
-EventArrays = Mapping[str, npt.ArrayLike]
 _MASK_TRUE = np.uint8(255)  # how the file stores True
 #: Header states in which a frame sent may not have been taken (see ``_send_frame``).
 _STOPPED = frozenset({int(State.ABORTING), int(State.ABORTED), int(State.FAILED)})
@@ -130,7 +132,7 @@ class Producer:
             if events is None:  # the common empty frame: no slot, just a descriptor
                 self._send_frame(index, 0, [])
                 return
-            nevents, arrays = _check_events(self.schema, index, events)
+            nevents, arrays = check_events(self.schema, index, events)
             slots = self._acquire(index, nevents, timeout_s)
             try:
                 self._copy_into_slots(slots, arrays, nevents)
@@ -224,6 +226,74 @@ class Producer:
                     array.flags.writeable = False
             self._send_frame(index, nevents, slots)
 
+    @contextlib.contextmanager
+    def frames(self, frames: Sequence[int] | npt.NDArray[np.integer[Any]],
+               nevents: Sequence[int] | npt.NDArray[np.integer[Any]], *,
+               timeout_s: float | None = None) -> Iterator[dict[str, np.ndarray[Any, Any]]]:
+        """Fill a batch of frames in place, with no copy at all.
+
+        Yields ``{feature: writable array of shape (sum(nevents), *shape)}``:
+        views of shared memory, contiguous, holding the events of ``frames``
+        back to back in the order of ``frames`` (as for :meth:`put_many`).
+        The batch is sent as one descriptor when the block ends without an
+        exception; on an exception nothing is sent and the slots are kept for
+        the next frames.
+
+        Parameters
+        ----------
+        frames
+            The frame indices, in any order, each put once; at most 340.
+        nevents
+            The event count of each of those frames.
+        timeout_s
+            How long to wait for the slots; defaults to the writer's.
+
+        Raises
+        ------
+        FrameError
+            If a frame index or an event count is invalid, or the batch needs
+            more than half of the ring's slots; nothing was sent.
+        ValueError
+            If ``frames`` lists more frames than one descriptor can carry (340).
+        RingFullError, BrokenError, ClosedError
+            As for :meth:`put`.
+
+        Notes
+        -----
+        The events of a batch take ``ceil(sum(nevents) / slot_events)``
+        consecutive slots; the writer grants such a run once enough
+        consecutive slots are free. BEWARE: the arrays start with whatever
+        bytes the slots held before; write every element of every feature.
+        They become read-only on exit.
+        """
+        with self._lock:
+            self._check_open()
+            pairs = self._check_batch(frames, nevents)
+            if len(pairs) > MAX_FRAMES_PER_RECORD:
+                raise ValueError(f"frames() takes at most {MAX_FRAMES_PER_RECORD} frames; got "
+                                 f"{len(pairs)} (put_many takes any number)")
+            total = sum(count for _, count in pairs)
+            nslots = self._spec.layout.slots_for(total)
+            lowest = min((frame for frame, _ in pairs), default=0)
+            if nslots > max(1, self._spec.slots // 2):
+                raise FrameError(
+                    f"the batch of {len(pairs)} frames from frame {lowest} has {total} events: "
+                    f"{nslots} slots, more than half of the ring's {self._spec.slots}; put "
+                    f"fewer frames at a time or raise slots", frame_index=lowest)
+            run = self._take_run(lowest, nslots, timeout_s) if nslots else []
+            arrays = self._run_arrays(run, total)
+            try:
+                yield arrays
+                self._store_masks_as_bytes(arrays)
+            except BaseException:
+                self._cache.extend(run)
+                raise
+            finally:
+                for array in arrays.values():
+                    array.flags.writeable = False
+            self._send_described([frame for frame, _ in pairs], total, run,
+                                 encode_packed(pairs, run[0] if run else 0))
+
     def close(self) -> None:
         """Tell the writer this producer is done and release its pipes. Idempotent."""
         with self._lock:
@@ -268,7 +338,7 @@ class Producer:
     def _check_batch(self, frames: object, nevents: object) -> list[tuple[int, int]]:
         """The batch's ``(frame, nevents)``, each frame index checked and fitting the ring."""
         pairs, seen = [], set()
-        for frame, count in _check_counts(frames, nevents):
+        for frame, count in check_counts(frames, nevents):
             index = self._check_frame_index(frame)
             if index in seen:
                 raise FrameError(f"frame {index} is in the batch twice", frame_index=index)
@@ -289,7 +359,7 @@ class Producer:
                 raise FrameError(f"{where}: events is None but nevents adds up to {total}",
                                  frame_index=first)
             return {}
-        nevents, arrays = _check_events(self.schema, first, events, where)
+        nevents, arrays = check_events(self.schema, first, events, where)
         if nevents != total:
             name = next(iter(arrays))
             raise FrameError(f"{where}: feature {name!r} has {nevents} events but nevents adds "
@@ -371,6 +441,35 @@ class Producer:
             self._owed = max(0, self._owed - len(grants))
             if len(self._cache) < nslots and _now() >= deadline:
                 raise RingFullError(self._ring_full_message(frame_index, nslots, timeout_s))
+
+    def _take_run(self, frame_index: int, nslots: int, timeout_s: float | None) -> list[int]:
+        """``nslots`` consecutive granted slots, asked for on behalf of ``frame_index``.
+
+        Slots held (prefetched) are given back first, and grants still owed
+        are awaited first, so that the next grants are the run and nothing else.
+        """
+        timeout = self._timeout_s if timeout_s is None else timeout_s
+        if self._owed:
+            self._wait_for_grants(frame_index, len(self._cache) + self._owed, timeout)
+        message = encode_record(Kind.REQUEST_RUN, frame_index, nevents=nslots)
+        if self._cache:
+            message = encode_record(Kind.RELEASE, slots=self._cache) + message
+            self._cache.clear()
+        self._send(message)
+        self._owed = nslots
+        self._wait_for_grants(frame_index, nslots, timeout)
+        run, self._cache = self._cache[:nslots], self._cache[nslots:]
+        if run != list(range(run[0], run[0] + nslots)):
+            self._cache.extend(run)
+            raise BrokenError(f"frame {frame_index}: the writer granted slots {run}, not "
+                              f"{nslots} consecutive ones")
+        return run
+
+    def _run_arrays(self, run: list[int], nevents: int) -> dict[str, np.ndarray[Any, Any]]:
+        """Writable views of ``nevents`` events from the first slot of ``run`` on."""
+        if not run:
+            return {name: np.empty((0, *f.shape), f.dtype) for name, f in self.schema.items()}
+        return self._attached_ring().run_views(run[0], nevents)
 
     def _check_fits(self, frame_index: int, nevents: int, nslots: int) -> None:
         limit = min(self._spec.slots, MAX_SLOTS_PER_RECORD)
@@ -531,76 +630,6 @@ class Producer:
             self._slot_views = []
             self._ring.close()
             self._ring = None
-
-
-def _check_events(schema: Schema, frame_index: int, events: EventArrays | None,
-                  where: str | None = None) -> tuple[int, dict[str, np.ndarray[Any, Any]]]:
-    """Validate one frame's events (or a batch's); return the event count and the arrays.
-
-    ``where`` starts every message (default ``frame <frame_index>``).
-    """
-    where = where or f"frame {frame_index}"
-    if events is None:
-        return 0, {}
-    if not isinstance(events, Mapping):
-        raise TypeError(f"{where}: events must be a mapping of feature name to array, or "
-                        f"None; got {type(events).__name__}")
-    features = schema.features
-    if len(events) != len(features) or not all(name in features for name in events):
-        _raise_for_names(features, frame_index, events, where)
-    arrays: dict[str, np.ndarray[Any, Any]] = {}
-    nevents = -1
-    for name, feature in features.items():
-        array = np.asarray(events[name])
-        if array.shape[1:] != feature.shape or array.ndim != 1 + len(feature.shape):
-            raise FrameError(
-                f"{where}: feature {name!r} has shape {array.shape}; expected "
-                f"(nevents, {', '.join(map(str, feature.shape))})".replace(", )", ")"),
-                frame_index=frame_index, feature=name)
-        if array.dtype != feature.dtype and not np.can_cast(array.dtype, feature.dtype,
-                                                            casting="safe"):
-            raise FrameError(
-                f"{where}: feature {name!r} has dtype {array.dtype}, which cannot be cast "
-                f"safely to {feature.dtype}; convert it or change the schema",
-                frame_index=frame_index, feature=name)
-        if nevents < 0:
-            nevents = len(array)
-        elif len(array) != nevents:
-            raise FrameError(
-                f"{where}: feature {name!r} has {len(array)} events but "
-                f"{next(iter(arrays))!r} has {nevents}", frame_index=frame_index, feature=name)
-        arrays[name] = array
-    return max(nevents, 0), arrays
-
-
-def _raise_for_names(features: Mapping[str, Any], frame_index: int, events: EventArrays,
-                     where: str) -> None:
-    for name in events:
-        if name not in features:
-            raise FrameError(f"{where}: unknown feature {name!r}; the schema has "
-                             f"{list(features)}", frame_index=frame_index, feature=str(name))
-    for name in features:
-        if name not in events:
-            raise FrameError(f"{where}: feature {name!r} is missing",
-                             frame_index=frame_index, feature=name)
-
-
-def _check_counts(frames: object, nevents: object) -> list[tuple[int, int]]:
-    """``(frame, nevents)`` pairs of a batch, checked for types and lengths."""
-    if not isinstance(frames, Sequence | np.ndarray) or isinstance(frames, str | bytes):
-        raise TypeError(f"frames must be a sequence of frame indices; got {frames!r}")
-    if not isinstance(nevents, Sequence | np.ndarray) or isinstance(nevents, str | bytes):
-        raise TypeError(f"nevents must be a sequence of event counts; got {nevents!r}")
-    if len(frames) != len(nevents):
-        raise ValueError(f"frames and nevents must be as long as each other; got "
-                         f"{len(frames)} and {len(nevents)}")
-    pairs = []
-    for frame, count in zip(frames, nevents, strict=True):
-        if isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 0:
-            raise FrameError(f"frame {frame}: nevents must be an int >= 0; got {count!r}",
-                             frame_index=frame)
-        pairs.append((frame, int(count)))
-    return pairs
 
 
 def _rebuild_producer(spec: RingSpec, producer_id: int, desc: Any, grant: Any,

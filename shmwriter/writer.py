@@ -21,7 +21,7 @@ from ._entry import run_in_process, serve
 from ._loop import WriterLoop
 from ._ranges import FrameRanges
 from ._recover import make_readable
-from ._ring import Field, SlotRing, State
+from ._ring import Field, RingSpec, SlotRing, State
 from ._run import RunConfig, RunResult
 from ._spec import Schema, SlotLayout
 from ._stats import RunStatistics, read_statistics
@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 #: Most slots a ring may have (grants of all slots must fit one pipe buffer).
 MAX_SLOTS = 16000
+_PAGE_NBYTES = 4096
 _START_TIMEOUT_S = 120.0
 _ABORT_TIMEOUT_S = 60.0
 _CONTROL_BUFFER_NBYTES = 8 * 2**20
@@ -156,7 +157,7 @@ class Writer:
                 flush_interval_s=float(flush_interval_s),
                 hdf5_dataset_kwargs=dict(hdf5_dataset_kwargs or {}) or None,
                 metadata=dict(metadata or {}), derived=_derived(schema, index_feature),
-                reorder_budget_nbytes=reorder_budget_nbytes or self._ring.spec.ring_nbytes,
+                reorder_budget_nbytes=reorder_budget_nbytes or _default_budget(self._ring.spec),
                 prefetch=min(32, slots // 4), logs=dict(logs or {}),
                 log_level=logging.getLogger("shmwriter").getEffectiveLevel())
             self._start(config)
@@ -486,13 +487,19 @@ def _read_control(control: socket.socket, messages: queue.Queue[bytes]) -> None:
             return
 
 
+def _default_budget(spec: RingSpec) -> int:
+    """The reorder budget: the ring's size, and at least a page per slot (small events)."""
+    return max(spec.ring_nbytes, spec.slots * _PAGE_NBYTES)
+
+
 def _parse_slots(slots: int, memory_budget_nbytes: int | None, layout: SlotLayout) -> int:
     if memory_budget_nbytes is not None:
         budget = check_positive_int("memory_budget_nbytes", memory_budget_nbytes)
-        slots = min(budget // layout.slot_nbytes, MAX_SLOTS)  # small events: many fit
+        # exact: the slots region, block padding included, never exceeds the budget
+        slots = min(layout.slots_that_fit(budget), MAX_SLOTS)  # small events: many fit
         if slots < 1:
             raise ValueError(f"memory_budget_nbytes={budget} cannot hold one slot of "
-                             f"{layout.slot_nbytes} bytes; raise it or lower slot_events")
+                             f"{layout.region_nbytes(1)} bytes; raise it or lower slot_events")
     slots = check_positive_int("slots", slots)
     if slots > MAX_SLOTS:
         raise ValueError(f"slots must be at most {MAX_SLOTS}; got {slots}")

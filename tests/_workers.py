@@ -222,3 +222,22 @@ def assert_file_holds(path, frames, most: int = 3) -> None:
         for name, array in expected.items():
             np.testing.assert_array_equal(events[name][:], array, err_msg=name)
         assert h5.attrs["experiment:event count"] == len(expected["area"])
+
+
+def fill_batches_in_place(producer: shmwriter.Producer, frames: list[int], batch: int,
+                          most: int = 3) -> None:
+    """Put ``frames`` in batches of ``batch`` filled in place with ``frames()``; every
+    third batch with put_many and every fourth frame by frame, so all three mix."""
+    with producer:
+        for k, at in enumerate(range(0, len(frames), batch)):
+            block = frames[at:at + batch]
+            counts, events = batch_of(block, most)
+            if k % 4 == 3:
+                for frame in block:
+                    producer.put(frame, events_of(frame, most))
+            elif k % 3 == 2:
+                producer.put_many(block, counts, events)
+            else:
+                with producer.frames(block, counts) as ev:
+                    for name, array in (events or {}).items():
+                        ev[name][:] = array

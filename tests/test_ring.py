@@ -10,12 +10,38 @@ import numpy as np
 import pytest
 
 import shmwriter
+from shmwriter._queue_shared import (
+    _HEADER_NBYTES,
+    _TAIL_NBYTES,
+    QueueShared,
+    budget_nbytes,
+    segment_nbytes,
+    slots_that_fit,
+)
 from shmwriter._ring import Field, SlotRing
 from shmwriter._segment import check_space
 from shmwriter._spec import SlotLayout
 
 SCHEMA = shmwriter.Schema({"img": shmwriter.Feature("uint16", (4, 5)),
                            "v": shmwriter.Feature("float64")})
+#: Odd event sizes, so that the blocks need padding between them, and a mask.
+ODD = shmwriter.Schema({"x": shmwriter.Feature("uint8", (3,)),
+                        "mask": shmwriter.Feature("bool", (2, 3)),
+                        "y": shmwriter.Feature("float64")})
+
+
+@pytest.fixture
+def odd_ring():
+    ring = SlotRing.create(SlotLayout(schema=ODD, slot_events=3), slots=5, total_frames=7)
+    yield ring
+    ring.close()
+    ring.unlink()
+
+
+def _fill(views):
+    for name, view in views.items():
+        view[...] = (np.arange(view.size) % 7 + len(name)).reshape(view.shape) % 2 \
+            if view.dtype == bool else (np.arange(view.size) + 10 * len(name)).reshape(view.shape)
 
 
 def test_create_attach_unlink():
@@ -69,11 +95,139 @@ def test_space_check_gives_numbers():
     assert not os.path.exists("/tmp/never.rtdc")
 
 
+def test_run_views_are_contiguous_across_slots(odd_ring):
+    per_slot = odd_ring.spec.layout.slot_events
+    run = odd_ring.run_views(1, 3 * per_slot)
+    _fill(run)
+    pieces = [odd_ring.slot_views(s, per_slot) for s in (1, 2, 3)]
+    for name, feature in ODD.items():
+        view = run[name]
+        assert view.shape == (3 * per_slot, *feature.shape)
+        assert view.dtype == feature.dtype
+        assert view.flags.c_contiguous and view.flags.writeable
+        assert all(np.shares_memory(view, piece[name]) for piece in pieces)
+        np.testing.assert_array_equal(view, np.concatenate([p[name] for p in pieces]))
+    # a run may end inside its last slot and may start in the last slot
+    assert odd_ring.run_views(2, per_slot + 1)["y"].shape == (per_slot + 1,)
+    assert odd_ring.run_views(4, per_slot)["x"].shape == (per_slot, 3)
+    assert odd_ring.run_views(0, 0)["y"].shape == (0,)
+
+
+def test_run_views_write_through_to_feature_views(odd_ring):
+    spec = odd_ring.spec
+    per_slot = spec.layout.slot_events
+    run = odd_ring.run_views(2, 2 * per_slot + 1)
+    _fill(run)
+    features = odd_ring.feature_views()
+    rows = odd_ring.row_views()
+    for name, feature in ODD.items():
+        assert features[name].shape == (spec.slots, per_slot, *feature.shape)
+        assert features[name].dtype == feature.file_dtype
+        stored = run[name].view(feature.file_dtype)
+        flat = features[name][2:].reshape(-1, *feature.shape)[:2 * per_slot + 1]
+        np.testing.assert_array_equal(flat, stored)
+        np.testing.assert_array_equal(features[name][3, 1], stored[per_slot + 1])
+        np.testing.assert_array_equal(rows[name][2 * per_slot:4 * per_slot + 1], stored)
+    masks = odd_ring.run_views(2, 1, as_stored=True)["mask"]
+    assert masks.dtype == np.uint8
+    np.testing.assert_array_equal(masks, run["mask"][:1].view(np.uint8))
+
+
+def test_feature_blocks_do_not_overlap(odd_ring):
+    """Filling one feature's block leaves every other block as it was."""
+    spec = odd_ring.spec
+    everything = odd_ring.run_views(0, spec.slots * spec.layout.slot_events, as_stored=True)
+    for view in everything.values():
+        view[...] = 0
+    everything["x"][...] = 255
+    for name, view in odd_ring.feature_views().items():
+        assert (view == 255).all() if name == "x" else not view.any()
+    assert odd_ring.get(Field.TOTAL_FRAMES) == 7  # the header is untouched too
+
+
+@pytest.mark.parametrize(("first_slot", "nevents", "message"), [
+    (3, 7, (r"nevents=7 from first_slot=3 passes the last slot: 5 slots of 3 events leave "
+            r"room for 6")),
+    (0, 16, r"nevents=16 from first_slot=0 passes the last slot"),
+    (5, 1, r"first_slot must be in \[0, 5\); got 5"),
+    (-1, 1, r"first_slot must be in \[0, 5\); got -1"),
+    (0, -1, r"nevents must be at least 0; got -1"),
+])
+def test_run_views_refuse_runs_off_the_ring(odd_ring, first_slot, nevents, message):
+    with pytest.raises(ValueError, match=message):
+        odd_ring.run_views(first_slot, nevents)
+
+
+def test_slot_views_stay_inside_their_slot(odd_ring):
+    with pytest.raises(ValueError, match=r"nevents must be in \[0, 3\] \(slot_events\); got 4"):
+        odd_ring.slot_views(0, 4)
+
+
+def test_ring_region_is_sized_from_the_layout(odd_ring):
+    spec = odd_ring.spec
+    assert spec.slots_offset == 4096 + 4096  # header, then one page of claimed flags
+    assert spec.ring_nbytes == spec.layout.region_nbytes(spec.slots)
+    assert spec.nbytes == spec.slots_offset + spec.ring_nbytes
+
+
+TINY = shmwriter.Schema({"deform": shmwriter.Feature("float64")})
+
+
+@pytest.mark.parametrize(("schema", "slot_events"), [(ODD, 3), (TINY, 1), (SCHEMA, 4)])
+def test_queue_segment_size_gives_back_its_slots(schema, slot_events):
+    """Several slot counts share a region's bytes (padding absorbs them), yet the queue's
+    segment size must tell a publisher the count its creator asked for."""
+    layout = SlotLayout(schema=schema, slot_events=slot_events)
+    for slots in [*range(1, 70), 999, 16000]:
+        nbytes = segment_nbytes(layout, slots)
+        assert slots_that_fit(nbytes, layout) == slots
+        assert slots_that_fit(nbytes - 1, layout) == slots - 1
+        assert nbytes % 8 == 0  # the owners table in the tail stays int64-aligned
+        assert _HEADER_NBYTES + layout.region_nbytes(slots) <= nbytes - _TAIL_NBYTES
+
+
+def test_queue_segment_binds_the_bytes_it_sized():
+    layout = SlotLayout(schema=ODD, slot_events=3)
+    nbytes = segment_nbytes(layout, 11)
+    shared = QueueShared.create(nbytes, slot_events=3)
+    try:
+        shared.publish(ODD, inferred=False)
+        ring = shared.bind_ring(ODD)
+        assert ring.spec.slots == 11
+        assert ring.spec.slots_offset == _HEADER_NBYTES  # no claimed flags in a queue
+        assert ring.spec.nbytes <= nbytes - _TAIL_NBYTES  # the tail (owners) follows
+        for view in ring.run_views(0, 33, as_stored=True).values():
+            view[...] = 255
+        assert not shared.owners.any()  # writing every slot left the tail alone
+        assert int(shared.header[0]) != 0  # and the queue's header (its magic)
+    finally:
+        shared.close()
+
+
+@pytest.mark.parametrize(("schema", "slot_events"), [(ODD, 3), (TINY, 1), (SCHEMA, 4)])
+@pytest.mark.parametrize("budget", [4096, 4099, 10_000, 2**20 + 13])
+def test_queue_budget_is_never_exceeded(schema, slot_events, budget):
+    layout = SlotLayout(schema=schema, slot_events=slot_events)
+    slots = slots_that_fit(budget_nbytes(budget), layout)
+    assert layout.region_nbytes(slots) <= budget
+    if slots < 16000:  # below the cap, what is left unused is the padding allowance, a slot
+        assert budget - slots * layout.slot_nbytes < 2 * 64 * len(schema) + 2 * layout.slot_nbytes
+
+
 def test_memory_budget_sizes_the_ring(tmp_path):
     layout = SlotLayout(schema=SCHEMA, slot_events=4)
+    budget = layout.region_nbytes(10) + 5
+    assert layout.region_nbytes(11) > budget
     with shmwriter.Writer(tmp_path / "x.rtdc", SCHEMA, slot_events=4, total_frames=1,
-                          memory_budget_nbytes=10 * layout.slot_nbytes + 5) as writer:
+                          memory_budget_nbytes=budget) as writer:
         assert writer.statistics().slots == 10
         writer.producer().put(0, None)
-    with pytest.raises(ValueError, match="cannot hold one slot"):
-        shmwriter.Writer(tmp_path / "y.rtdc", SCHEMA, memory_budget_nbytes=100)
+    odd = SlotLayout(schema=ODD, slot_events=3)
+    budget = odd.region_nbytes(10) - 1
+    assert budget // odd.slot_nbytes >= 10  # counting unpadded slots would overrun the budget
+    fits = odd.slots_that_fit(budget)
+    assert fits < 10 and odd.region_nbytes(fits) <= budget
+    with shmwriter.Writer(tmp_path / "z.rtdc", ODD, slot_events=3, total_frames=1,
+                          memory_budget_nbytes=budget) as writer:
+        assert writer.statistics().slots == fits
+        writer.producer().put(0, None)
