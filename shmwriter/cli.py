@@ -101,7 +101,7 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .ops.demo import run_demo
     if os.path.isdir(args.output):
         raise _UserError(f"--output {args.output!r} is a directory; expected the path of the "
                          f".rtdc file to write")
@@ -266,7 +266,7 @@ def _add_inspect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 def _run_inspect(args: argparse.Namespace) -> int:
     import json
 
-    from .inspect import format_report, inspect_file
+    from .ops.inspect import format_report, inspect_file
     try:
         report = inspect_file(args.file)
     except ValueError as exc:  # not HDF5, not openable, not an .rtdc layout
@@ -303,7 +303,7 @@ def _run_top(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from .runs import format_statuses, run_statuses, snapshot_runs
+    from .ops.runs import format_statuses, run_statuses, snapshot_runs
     if args.json and not args.once:
         raise _UserError("--json prints one document and needs --once")
     before = snapshot_runs()
@@ -352,7 +352,7 @@ def _add_clean(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _run_clean(args: argparse.Namespace) -> int:
-    from .runs import clean_leftovers, format_clean
+    from .ops.runs import clean_leftovers, format_clean
     verdicts = clean_leftovers(args.names or None, dry_run=args.dry_run)
     print(format_clean(verdicts, dry_run=args.dry_run))
     return 0
@@ -377,7 +377,7 @@ def _add_replay(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def _run_replay(args: argparse.Namespace) -> int:
-    from .replay import ReplayInputError, ReplayPlan, replay
+    from .ops.replay import ReplayInputError, ReplayPlan, replay
     try:
         plan = ReplayPlan.from_file(args.input)
         with _progress_bar(plan.frames, "frames", args.quiet) as update:

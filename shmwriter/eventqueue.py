@@ -9,7 +9,7 @@ Consumers that want the events without an intermediate copy use
 :mod:`shmwriter.compat.dcnum` do.
 
 How the pieces are shared between processes, and why no process can block
-another forever, is described in :mod:`shmwriter._queue_shared`.
+another forever, is described in :mod:`shmwriter._queue.shared`.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._channel import MAX_SLOTS_PER_RECORD, Kind, encode_record
+from ._channel.records import MAX_SLOTS_PER_RECORD, Kind, encode_record
 from ._events import check_events
-from ._queue_shared import (
+from ._queue.shared import (
     IN_FLIGHT,
     MAX_SLOTS,
     Q,
@@ -40,7 +40,7 @@ from ._queue_shared import (
     slots_that_fit,
     unlock_publish,
 )
-from ._ring import SlotRing
+from ._ring.ring import SlotRing
 from ._spec import Feature, Schema, SlotLayout
 from ._validate import check_positive_int
 from .errors import BrokenError, ClosedError, FrameError, QueueFullError

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from ._channel import (
+from ._channel.records import (
     GRANT_REFUSED,
     MAX_FRAMES_PER_RECORD,
     MAX_SLOTS_PER_RECORD,
@@ -33,13 +33,13 @@ from ._channel import (
     write_record,
 )
 from ._events import EventArrays, check_counts, check_events
-from ._ring import Field, RingSpec, SlotRing, State
+from ._ring.ring import Field, RingSpec, SlotRing, State
 from ._rtdc import MAX_FRAME_INDEX
 from ._spec import Schema
 from .errors import BrokenError, ClosedError, FrameError, RingFullError
 
 if TYPE_CHECKING:
-    from ._attach import Ticket
+    from ._channel.attach import Ticket
 
 __all__ = ["Producer"]
 
@@ -323,7 +323,7 @@ class Producer:
             raise ClosedError("a closed Producer cannot be pickled; get a new one from "
                               "Writer.producer()")
         if context.get_spawning_popen() is None and self._ticket is not None:
-            from ._attach import attach_on_unpickle  # the child is not being started here
+            from ._channel.attach import attach_on_unpickle  # the child is not being started here
             return (attach_on_unpickle, (self._ticket,))
         return (_rebuild_producer, (self._spec, self._id, reduction.DupFd(self._desc_fd),
                                     reduction.DupFd(self._grant_fd), self._timeout_s,

@@ -15,17 +15,17 @@ import zlib
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from ._attach import Ticket, new_ticket, open_channel
-from ._control import MSG_HANDOUT_OVER, MSG_LOG, MSG_RESULT, MSG_STARTED, abort_message
-from ._entry import run_in_process, serve
-from ._loop import WriterLoop
+from ._channel.attach import Ticket, new_ticket, open_channel
+from ._channel.control import MSG_HANDOUT_OVER, MSG_LOG, MSG_RESULT, MSG_STARTED, abort_message
 from ._ranges import FrameRanges
-from ._recover import make_readable
-from ._ring import Field, RingSpec, SlotRing, State
-from ._run import RunConfig, RunResult
+from ._ring.ring import Field, RingSpec, SlotRing, State
+from ._ring.stats import RunStatistics, read_statistics
 from ._spec import Schema, SlotLayout
-from ._stats import RunStatistics, read_statistics
 from ._validate import check_positive_int, check_seconds
+from ._write.entry import run_in_process, serve
+from ._write.loop import WriterLoop
+from ._write.recover import make_readable
+from ._write.run import RunConfig, RunResult
 from .errors import BrokenError, ClosedError, MissingFramesError
 from .producer import Producer
 

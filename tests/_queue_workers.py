@@ -73,7 +73,7 @@ def lease_then_die(event_queue) -> None:
 
 def publish_lock_then_die(event_queue) -> None:
     """A process killed while it holds the lock for publishing the inferred schema."""
-    from shmwriter._queue_shared import lock_publish
+    from shmwriter._queue.shared import lock_publish
     assert lock_publish(event_queue._check_open(), time.monotonic() + 5)
     os.kill(os.getpid(), signal.SIGKILL)
 

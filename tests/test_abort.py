@@ -31,7 +31,7 @@ from _workers import SCHEMA, events_of, expected_arrays, put_frames
 import shmwriter
 from shmwriter._ranges import FrameRanges
 from shmwriter._rtdc import MISSING_FRAMES_LOG, RUN_LOG
-from shmwriter.inspect import inspect_file
+from shmwriter.ops.inspect import inspect_file
 
 CTX = spawn_context()
 HERE = os.path.dirname(__file__)

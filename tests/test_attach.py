@@ -259,7 +259,7 @@ def test_attaching_while_the_run_ends_gives_closed_error_only(tmp_path, mode):
 def test_a_peer_slow_to_say_hello_is_still_served(tmp_path):
     """A process among hundreds of threads may wait long for its GIL between its connect
     and its hello (this made 9 of 300 busy attaches fail): a second is no reason to drop it."""
-    from shmwriter._attach import _HELLO, _MAGIC
+    from shmwriter._channel.attach import _HELLO, _MAGIC
     with shmwriter.Writer(tmp_path / "out.rtdc", SCHEMA, total_frames=1) as writer:
         ticket = writer.ticket()
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as peer:

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from shmwriter._channel import (
+from shmwriter._channel.records import (
     MAX_SLOTS_PER_RECORD,
     Kind,
     decode_records,

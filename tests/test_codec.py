@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import zstandard
 
-from shmwriter._codec import ChunkCodec, _fletcher32, codec_for, dataset_filters, fletcher32
-from shmwriter._h5sink import dataset_kwargs
+from shmwriter._write.codec import ChunkCodec, _fletcher32, codec_for, dataset_filters, fletcher32
+from shmwriter._write.h5sink import dataset_kwargs
 
 
 def reference_fletcher32(data: bytes) -> int:

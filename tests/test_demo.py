@@ -9,7 +9,7 @@ import numpy as np
 from _cli_workers import shmwriter_cli
 from dclab.rtdc_dataset import check_dataset
 
-from shmwriter.demo import DEMO_SCHEMA, demo_events
+from shmwriter.ops.demo import DEMO_SCHEMA, demo_events
 
 
 def test_demo_command_writes_a_valid_measurement(tmp_path):

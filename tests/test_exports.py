@@ -27,3 +27,18 @@ def test_every_module_is_in_the_module_map():
         assert name in shmwriter.__doc__, f"module {name} is missing from the map in __init__"
         module = importlib.import_module(f"shmwriter.{name}")
         assert inspect.getdoc(module), f"shmwriter.{name} has no module docstring"
+
+
+def test_every_room_lists_its_modules():
+    for package in pkgutil.walk_packages(shmwriter.__path__, "shmwriter."):
+        if not package.ispkg:
+            continue
+        room = importlib.import_module(package.name)
+        for module in pkgutil.iter_modules(room.__path__):
+            name = f"{package.name}.{module.name}"
+            if module.name.startswith("_") and package.name not in ("shmwriter.compat",
+                                                                    "shmwriter.bench"):
+                continue
+            assert inspect.getdoc(importlib.import_module(name)), f"{name} has no docstring"
+            if package.name.split(".")[-1] in ("_ring", "_channel", "_write", "_queue", "ops"):
+                assert f"``{module.name}``" in room.__doc__, f"{name} is missing from its room"

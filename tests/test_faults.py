@@ -26,7 +26,7 @@ from _workers import (
 )
 
 import shmwriter
-from shmwriter._channel import Kind, encode_record
+from shmwriter._channel.records import Kind, encode_record
 
 CTX = multiprocessing.get_context("spawn")
 

@@ -18,7 +18,7 @@ from _workers import (
 )
 
 import shmwriter
-from shmwriter._channel import encode_packed
+from shmwriter._channel.records import encode_packed
 
 
 @pytest.mark.parametrize("mode", ["process", "thread"])

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 import shmwriter
-from shmwriter._gather import ChunkGatherer
-from shmwriter._ring import SlotRing
+from shmwriter._ring.ring import SlotRing
 from shmwriter._spec import SlotLayout
+from shmwriter._write.gather import ChunkGatherer
 
 SCHEMA = shmwriter.Schema({"img": shmwriter.Feature("uint8", (16, 20)),
                            "mask": shmwriter.Feature("bool", (16, 20)),

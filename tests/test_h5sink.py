@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import zstandard
 
-from shmwriter._codec import codec_for, fletcher32
-from shmwriter._gather import Chunk
-from shmwriter._h5sink import H5Sink, dataset_kwargs
 from shmwriter._spec import Feature, Schema
-from shmwriter.demo import DEMO_METADATA, DEMO_SCHEMA, demo_events
+from shmwriter._write.codec import codec_for, fletcher32
+from shmwriter._write.gather import Chunk
+from shmwriter._write.h5sink import H5Sink, dataset_kwargs
+from shmwriter.ops.demo import DEMO_METADATA, DEMO_SCHEMA, demo_events
 
 #: HDF5 chunk rows: image and mask 655, blob 623 (an odd number of odd rows:
 #: 1,047,263-byte chunks), deform, frame and nevents 1000.

@@ -11,7 +11,7 @@ import pytest
 from _workers import SCHEMA, assert_file_holds, batch_of, events_of, put_batches, run_workers
 
 import shmwriter
-from shmwriter._channel import Kind, encode_batch
+from shmwriter._channel.records import Kind, encode_batch
 
 
 @pytest.mark.parametrize("mode", ["process", "thread"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shmwriter._reorder import Arrival, ReorderBuffer
+from shmwriter._write.reorder import Arrival, ReorderBuffer
 
 
 def test_frontier_waiting_frames_and_gaps():

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from _cli_workers import shmwriter_cli
 
-from shmwriter.replay import ReplayInputError, ReplayPlan, replay
+from shmwriter.ops.replay import ReplayInputError, ReplayPlan, replay
 
 #: The zip files of dcnum's test data that the tests replay (fixture ``dcnum_testdata``).
 MEASUREMENTS = ("fmt-hdf5_cytoshot_full-features_2023", "fmt-hdf5_cytoshot_full-features_2024",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import shmwriter
-from shmwriter._queue_shared import (
+from shmwriter._queue.shared import (
     _HEADER_NBYTES,
     _TAIL_NBYTES,
     QueueShared,
@@ -18,8 +18,8 @@ from shmwriter._queue_shared import (
     segment_nbytes,
     slots_that_fit,
 )
-from shmwriter._ring import Field, SlotRing
-from shmwriter._segment import check_space
+from shmwriter._ring.ring import Field, SlotRing
+from shmwriter._ring.segment import check_space
 from shmwriter._spec import SlotLayout
 
 SCHEMA = shmwriter.Schema({"img": shmwriter.Feature("uint16", (4, 5)),

@@ -20,7 +20,7 @@ from _cli_workers import shmwriter_cli as cli
 from _cli_workers import shmwriter_json as cli_json
 
 import shmwriter
-from shmwriter._ring import _MAGIC, _PATH_OFFSET, Field, State
+from shmwriter._ring.ring import _MAGIC, _PATH_OFFSET, Field, State
 
 CTX = multiprocessing.get_context("spawn")
 

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from shmwriter._sinkthread import SinkThread
+from shmwriter._write.sink_thread import SinkThread
 
 
 def test_chunks_are_written_in_order_and_counted():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shmwriter._slots import SlotAllocator, SlotRequest
+from shmwriter._write.slots import SlotAllocator, SlotRequest
 
 
 def grants(allocator):

@@ -23,7 +23,7 @@ from dclab.rtdc_dataset import check_dataset
 
 import shmwriter
 from shmwriter._rtdc import MISSING_FRAMES_LOG
-from shmwriter.demo import DEMO_METADATA, DEMO_SCHEMA, demo_events, produce_frames
+from shmwriter.ops.demo import DEMO_METADATA, DEMO_SCHEMA, demo_events, produce_frames
 
 CTX = multiprocessing.get_context("spawn")
 
@@ -229,7 +229,7 @@ def test_writer_process_forwards_its_log_records(tmp_path, caplog):
     with shmwriter.Writer(path, SCHEMA, total_frames=10, allow_gaps=True, mode="process") as w:
         run_workers(w, [[0, 1, 2, 7, 8, 9]])
         writer_pid = w.statistics().writer_pid
-    records = [r for r in caplog.records if r.name == "shmwriter._loop"]
+    records = [r for r in caplog.records if r.name == "shmwriter._write.loop"]
     assert any("4 frame(s) never arrived: 3-6" in r.getMessage() for r in records)
     assert all(r.process == writer_pid for r in records)
     assert writer_pid != os.getpid()

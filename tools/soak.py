@@ -20,8 +20,8 @@ import time
 import psutil
 
 import shmwriter
-from shmwriter._memory import TreeMemory
-from shmwriter.demo import DEMO_METADATA, DEMO_SCHEMA, demo_events
+from shmwriter.ops.demo import DEMO_METADATA, DEMO_SCHEMA, demo_events
+from shmwriter.ops.memory import TreeMemory
 
 
 def paced_producer(producer: shmwriter.Producer, frames: range, rate_hz: float) -> None:

@@ -33,8 +33,8 @@ import hdf5plugin
 import numpy as np
 import psutil
 
-from .._memory import TreeMemory
 from .._rtdc import chunk_rows
+from ..ops.memory import TreeMemory
 from ..writer import Writer
 from . import _work as work
 

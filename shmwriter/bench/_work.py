@@ -142,7 +142,7 @@ def load_workload(data_dir: str | Path | None, seed: int = 42) -> Workload:
                        data_dir)
     images, masks = _synthetic_events(seed)
     return Workload(images, masks, seed=seed,
-                    source=f"synthetic: {len(images)} events of shmwriter.demo.demo_events")
+                    source=f"synthetic: {len(images)} events of shmwriter.ops.demo.demo_events")
 
 
 def _real_events(zips: Sequence[Path]) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any],
@@ -193,7 +193,7 @@ def _fit(image: np.ndarray[Any, Any], mask: np.ndarray[Any, Any]) -> tuple[
 
 
 def _synthetic_events(seed: int) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
-    from ..demo import demo_events
+    from ..ops.demo import demo_events
     images: list[np.ndarray[Any, Any]] = []
     masks: list[np.ndarray[Any, Any]] = []
     frame = 0

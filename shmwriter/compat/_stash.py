@@ -32,7 +32,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .._h5sink import create_event_dataset, dataset_kwargs
+from .._write.h5sink import create_event_dataset, dataset_kwargs
 from ..eventqueue import EventLease
 
 __all__ = ["Arrived", "ChunkBuilder", "DcnumFile", "arrived_from_events", "arrived_from_lease"]

@@ -43,8 +43,8 @@ from typing import Any
 import numpy as np
 
 from .._rtdc import LOG_LINE_LIMIT
-from .._sinkthread import SinkThread
 from .._validate import check_positive_int
+from .._write.sink_thread import SinkThread
 from ..eventqueue import EventQueue
 from ._stash import Arrived, ChunkBuilder, DcnumFile, arrived_from_events, arrived_from_lease
 

@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from ._memory import TreeMemory
-from ._spec import Feature, Schema
-from .errors import BrokenError
-from .producer import Producer
-from .writer import Writer
+from .._spec import Feature, Schema
+from ..errors import BrokenError
+from ..producer import Producer
+from ..writer import Writer
+from .memory import TreeMemory
 
 __all__ = ["DEMO_METADATA", "DEMO_SCHEMA", "DemoSummary", "demo_events", "run_demo"]
 

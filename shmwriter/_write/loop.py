@@ -20,21 +20,21 @@ import selectors
 import socket
 import time
 
-from ._assemble import FrameAssembler
-from ._attach import AttachServer
-from ._channel import GRANT_REFUSED, Kind, Record
-from ._channels import Channels, ProducerChannel
-from ._control import MESSAGE_NBYTES, MSG_ABORT, MSG_HANDOUT_OVER, MSG_STARTED
-from ._gather import Chunk
-from ._h5sink import H5Sink
-from ._header import RunHeader
-from ._liveness import is_alive
-from ._ranges import FrameRanges
-from ._ring import SlotRing, State
-from ._rtdc import MAX_FRAME_INDEX, RUN_LOG
-from ._run import RunConfig, RunResult, describe_failure, run_log_lines
-from ._sinkthread import SinkThread
-from ._slots import SlotAllocator, SlotRequest
+from .._channel.attach import AttachServer
+from .._channel.control import MESSAGE_NBYTES, MSG_ABORT, MSG_HANDOUT_OVER, MSG_STARTED
+from .._channel.records import GRANT_REFUSED, Kind, Record
+from .._liveness import is_alive
+from .._ranges import FrameRanges
+from .._ring.ring import SlotRing, State
+from .._rtdc import MAX_FRAME_INDEX, RUN_LOG
+from .assemble import FrameAssembler
+from .channels import Channels, ProducerChannel
+from .gather import Chunk
+from .h5sink import H5Sink
+from .header import RunHeader
+from .run import RunConfig, RunResult, describe_failure, run_log_lines
+from .sink_thread import SinkThread
+from .slots import SlotAllocator, SlotRequest
 
 __all__ = ["WriterLoop"]
 

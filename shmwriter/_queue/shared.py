@@ -71,12 +71,12 @@ from typing import Literal
 import numpy as np
 import posix_ipc
 
-from ._channel import Record, decode_records, write_record
-from ._liveness import is_alive
-from ._ring import RingSpec, SlotRing
-from ._segment import create_segment, new_run_name, unlink_segment
-from ._spec import Feature, Schema, SlotLayout
-from .errors import BrokenError
+from .._channel.records import Record, decode_records, write_record
+from .._liveness import is_alive
+from .._ring.ring import RingSpec, SlotRing
+from .._ring.segment import create_segment, new_run_name, unlink_segment
+from .._spec import Feature, Schema, SlotLayout
+from ..errors import BrokenError
 
 __all__ = ["IN_FLIGHT", "MAX_SLOTS", "Q", "QueueShared", "budget_nbytes", "lock_publish",
            "segment_nbytes", "slots_that_fit", "unlock_publish"]

@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import time
 
-from ._gather import Chunk
-from ._reorder import ReorderBuffer
-from ._ring import Field, SlotRing, State
+from .._ring.ring import Field, SlotRing, State
+from .gather import Chunk
+from .reorder import ReorderBuffer
 
 __all__ = ["RunHeader"]
 

@@ -13,9 +13,9 @@ import signal
 import socket
 import zlib
 
-from ._control import MESSAGE_NBYTES, MSG_LOG, MSG_RESULT
-from ._loop import WriterLoop
-from ._run import RunConfig
+from .._channel.control import MESSAGE_NBYTES, MSG_LOG, MSG_RESULT
+from .loop import WriterLoop
+from .run import RunConfig
 
 __all__ = ["run_in_process", "serve"]
 

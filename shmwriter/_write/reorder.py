@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ._ranges import FrameRanges
+from .._ranges import FrameRanges
 
 __all__ = ["Arrival", "ReorderBuffer"]
 

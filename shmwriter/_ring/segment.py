@@ -19,7 +19,7 @@ from multiprocessing import resource_tracker
 import posix_ipc
 import psutil
 
-from .errors import ShmSpaceError
+from ..errors import ShmSpaceError
 
 __all__ = ["NAME_PREFIX", "attach_segment", "create_segment", "new_run_name", "unlink_segment"]
 

@@ -18,9 +18,9 @@ import h5py
 import hdf5plugin
 import numpy as np
 
-from ._ranges import FrameRanges
-from ._rtdc import EVENT_COUNT_ATTR, MISSING_FRAMES_LOG, RUN_LOG
-from ._text import megabytes, shape_text, table
+from .._ranges import FrameRanges
+from .._rtdc import EVENT_COUNT_ATTR, MISSING_FRAMES_LOG, RUN_LOG
+from .text import megabytes, shape_text, table
 
 __all__ = ["DatasetReport", "FileReport", "GroupReport", "format_report", "inspect_file"]
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._ring import _HEADER_NBYTES, Field, SlotRing, State, path_text
+from .ring import _HEADER_NBYTES, Field, SlotRing, State, path_text
 
 __all__ = ["RunStatistics", "header_statistics", "read_statistics"]
 

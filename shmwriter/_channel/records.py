@@ -20,7 +20,7 @@ from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from .errors import BrokenError
+from ..errors import BrokenError
 
 __all__ = ["MAX_FRAMES_PER_RECORD", "MAX_SLOTS_PER_RECORD", "Kind", "Record", "batch_nbytes",
            "decode_records", "encode_batch", "encode_packed", "encode_record", "open_pipe_pair",

@@ -33,10 +33,10 @@ import h5py
 import hdf5plugin  # noqa: F401 - registers the filters of compressed input files
 import numpy as np
 
-from ._rtdc import EVENT_COUNT_ATTR
-from ._spec import Feature, Schema
-from .producer import Producer
-from .writer import Writer
+from .._rtdc import EVENT_COUNT_ATTR
+from .._spec import Feature, Schema
+from ..producer import Producer
+from ..writer import Writer
 
 __all__ = ["ReplayInputError", "ReplayPlan", "ReplaySummary", "replay"]
 

@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from ._segment import attach_segment, create_segment, new_run_name, unlink_segment
-from ._spec import SlotLayout
-from ._validate import check_positive_int
+from .._spec import SlotLayout
+from .._validate import check_positive_int
+from .segment import attach_segment, create_segment, new_run_name, unlink_segment
 
 __all__ = ["Field", "RingSpec", "SlotRing", "State"]
 

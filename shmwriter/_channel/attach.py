@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 
 import posix_ipc
 
-from ._channel import open_pipe_pair
-from ._ring import RingSpec, SlotRing, State
-from .errors import AttachError, ClosedError
-from .producer import Producer
+from .._ring.ring import RingSpec, SlotRing, State
+from ..errors import AttachError, ClosedError
+from ..producer import Producer
+from .records import open_pipe_pair
 
 __all__ = ["AttachServer", "Attached", "Ticket", "attach", "attach_on_unpickle", "new_ticket",
            "open_channel"]

@@ -34,11 +34,8 @@ import h5py
 import hdf5plugin
 import numpy as np
 
-from ._codec import ChunkCodec, codec_for
-from ._gather import DERIVED_DTYPES, Chunk
-from ._ranges import as_ranges
-from ._recover import discard_further_writes
-from ._rtdc import (
+from .._ranges import as_ranges
+from .._rtdc import (
     EVENT_COUNT_ATTR,
     IMAGE_ATTRS,
     LOG_LINE_LIMIT,
@@ -46,7 +43,10 @@ from ._rtdc import (
     RUN_LOG,
     chunk_rows,
 )
-from ._spec import Schema
+from .._spec import Schema
+from .codec import ChunkCodec, codec_for
+from .gather import DERIVED_DTYPES, Chunk
+from .recover import discard_further_writes
 
 __all__ = ["H5Sink", "create_event_dataset", "dataset_kwargs"]
 

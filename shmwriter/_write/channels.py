@@ -13,8 +13,8 @@ import selectors
 from array import array
 from collections.abc import Iterator
 
-from ._attach import Attached
-from ._channel import Record, decode_records
+from .._channel.attach import Attached
+from .._channel.records import Record, decode_records
 
 __all__ = ["Channels", "ProducerChannel"]
 

@@ -1,7 +1,7 @@
 """The runs of this user, seen from outside: discovery, figures, leftovers.
 
 Every run's ring is a segment ``/dev/shm/shmw_<ownerpid>_<hex>`` (see
-:func:`shmwriter._segment.new_run_name`). This module lists them, reads their
+:func:`shmwriter._ring.segment.new_run_name`). This module lists them, reads their
 headers and judges whether their owner still lives; ``shmwriter top`` and
 ``shmwriter clean`` are built on it.
 
@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 import psutil
 
-from ._ring import _HEADER_NBYTES, _MAGIC, Field, error_text
-from ._segment import NAME_PREFIX, SHM_DIR, unlink_segment
-from ._stats import RunStatistics, header_statistics
-from ._text import megabytes, rate, table
+from .._ring.ring import _HEADER_NBYTES, _MAGIC, Field, error_text
+from .._ring.segment import NAME_PREFIX, SHM_DIR, unlink_segment
+from .._ring.stats import RunStatistics, header_statistics
+from .text import megabytes, rate, table
 
 __all__ = [
     "RunSnapshot",

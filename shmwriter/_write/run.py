@@ -13,10 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._attach import Ticket
-from ._ranges import FrameRanges
-from ._ring import RingSpec, State
-from ._rtdc import LOG_LINE_LIMIT
+from .._channel.attach import Ticket
+from .._ranges import FrameRanges
+from .._ring.ring import RingSpec, State
+from .._rtdc import LOG_LINE_LIMIT
 
 __all__ = ["RunConfig", "RunResult", "describe_failure", "run_log_lines"]
 

@@ -16,10 +16,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ._gather import Chunk, ChunkGatherer
-from ._reorder import Arrival, ReorderBuffer
-from ._ring import SlotRing
-from ._slots import SlotAllocator, SlotRequest
+from .._ring.ring import SlotRing
+from .gather import Chunk, ChunkGatherer
+from .reorder import Arrival, ReorderBuffer
+from .slots import SlotAllocator, SlotRequest
 
 __all__ = ["FrameAssembler"]
 

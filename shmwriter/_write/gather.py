@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ._spec import Schema
+from .._spec import Schema
 
 __all__ = ["DERIVED_DTYPES", "Chunk", "ChunkGatherer"]
 

@@ -1,0 +1,6 @@
+"""What travels between processes besides the ring: records, tickets, control messages.
+
+``records``  the descriptor records a producer sends (frames, batches, requests) and grants
+``attach``   Ticket and attach: a producer joins a run from any process of the same user
+``control``  the messages between a Writer and its writer loop
+"""

@@ -1,0 +1,16 @@
+"""The writer's side of a run, in the order the data flows through it.
+
+``run``          RunConfig, RunResult: what the loop is given, how the run ended
+``entry``        the writer process's entry point (or the writer thread's)
+``loop``         WriterLoop: reads the sockets and passes events between the rooms below
+``channels``     the writer's ends of the producers' pipes
+``slots``        SlotAllocator: which slot is free, granted to a producer or held by frames
+``assemble``     FrameAssembler: frames into frame order, into chunks, and out of the ring
+``reorder``      ReorderBuffer: the frontier, frames waiting for earlier ones, the gaps
+``gather``       ChunkGatherer: write_threshold frames into one chunk of arrays
+``sink_thread``  SinkThread: chunks to the file from a bounded queue (the dcnum drop-in too)
+``h5sink``       H5Sink: chunks into the /events datasets of the .rtdc file
+``codec``        ChunkCodec: Zstd and fletcher32 of whole HDF5 chunks, in parallel
+``header``       RunHeader: the run's state and figures in the ring header
+``recover``      a dead writer's file made readable by any HDF5 reader
+"""
