@@ -31,8 +31,6 @@ from ._channel.records import MAX_SLOTS_PER_RECORD, Kind, encode_record
 from ._events import check_events
 from ._queue.shared import (
     IN_FLIGHT,
-    MAX_SLOTS,
-    Q,
     QueueShared,
     budget_nbytes,
     lock_publish,
@@ -40,7 +38,7 @@ from ._queue.shared import (
     slots_that_fit,
     unlock_publish,
 )
-from ._ring.ring import SlotRing
+from ._ring.ring import MAX_SLOTS, Field, SlotRing
 from ._spec import Feature, Schema, SlotLayout
 from ._validate import check_positive_int
 from .errors import BrokenError, ClosedError, FrameError, QueueFullError
@@ -300,12 +298,12 @@ class EventQueue:
     def slots(self) -> int | None:
         """Slots of the segment; None until the schema is known."""
         shared = self._check_open()
-        return int(shared.header[Q.SLOTS]) if shared.ready else None
+        return int(shared.header[Field.SLOTS]) if shared.ready else None
 
     @property
     def slot_events(self) -> int:
         """Events one slot holds."""
-        return int(self._check_open().header[Q.SLOT_EVENTS])
+        return int(self._check_open().header[Field.SLOT_EVENTS])
 
     @property
     def free_slots(self) -> int:
@@ -340,7 +338,7 @@ class EventQueue:
             return f"<EventQueue {shared.name!r}: schema not known yet, {shared.nbytes} bytes>"
         features = len(self.schema or ())
         return (f"<EventQueue {shared.name!r}: {features} features, "
-                f"{shared.header[Q.SLOTS]} slots × {shared.header[Q.SLOT_EVENTS]} events, "
+                f"{shared.header[Field.SLOTS]} slots × {shared.header[Field.SLOT_EVENTS]} events, "
                 f"{shared.free_tokens()} free>")
 
     # -- internals ----------------------------------------------------------------------------
@@ -386,7 +384,7 @@ class EventQueue:
         try:
             return check_events(schema, frame_index, arrays)
         except FrameError as exc:
-            if not self._check_open().header[Q.INFERRED]:
+            if not self._check_open().header[Field.QUEUE_INFERRED]:
                 raise
             raise FrameError(f"{exc} (this queue's schema was inferred from the first events "
                              f"put)", frame_index=exc.frame_index, feature=exc.feature) from None
@@ -411,7 +409,7 @@ class EventQueue:
 
     def _acquire(self, frame_index: int, nevents: int, deadline: float) -> list[int]:
         shared = self._check_open()
-        slot_events, total = int(shared.header[Q.SLOT_EVENTS]), int(shared.header[Q.SLOTS])
+        slot_events, total = int(shared.header[Field.SLOT_EVENTS]), int(shared.header[Field.SLOTS])
         nslots = -(-nevents // slot_events)
         most = min(total, MAX_SLOTS_PER_RECORD)
         if nslots > most:
@@ -481,8 +479,8 @@ class EventQueue:
                 return  # no frame was taken yet: the creator stands for the consumer
             raise BrokenError(
                 f"frame {frame_index}: no process has taken a frame from this queue and its "
-                f"creator (pid {int(shared.header[Q.CREATOR_PID])}) is gone")
-        pid = int(shared.header[Q.CONSUMER_PID])
+                f"creator (pid {int(shared.header[Field.OWNER_PID])}) is gone")
+        pid = int(shared.header[Field.QUEUE_CONSUMER_PID])
         raise BrokenError(f"frame {frame_index}: the queue's consumer (pid {pid}) is gone: no "
                           f"process takes frames from it any more")
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from ._channel.attach import Ticket, new_ticket, open_channel
 from ._channel.control import MSG_HANDOUT_OVER, MSG_LOG, MSG_RESULT, MSG_STARTED, abort_message
 from ._ranges import FrameRanges
-from ._ring.ring import Field, RingSpec, SlotRing, State
+from ._ring.ring import MAX_SLOTS, Field, RingSpec, SlotRing, State
 from ._ring.stats import RunStatistics, read_statistics
 from ._spec import Schema, SlotLayout
 from ._validate import check_positive_int, check_seconds
@@ -34,7 +34,6 @@ __all__ = ["Writer"]
 logger = logging.getLogger(__name__)
 
 #: Most slots a ring may have (grants of all slots must fit one pipe buffer).
-MAX_SLOTS = 16000
 _PAGE_NBYTES = 4096
 _START_TIMEOUT_S = 120.0
 _ABORT_TIMEOUT_S = 60.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import pickle
 import stat
@@ -11,15 +12,23 @@ import pytest
 
 import shmwriter
 from shmwriter._queue.shared import (
-    _HEADER_NBYTES,
     _TAIL_NBYTES,
     QueueShared,
     budget_nbytes,
     segment_nbytes,
     slots_that_fit,
 )
-from shmwriter._ring.ring import Field, SlotRing
-from shmwriter._ring.segment import check_space
+from shmwriter._ring.ring import (
+    HEADER_NBYTES,
+    MAX_SLOTS,
+    QUEUE_MAGIC,
+    RING_MAGIC,
+    Field,
+    RingSpec,
+    SlotRing,
+    State,
+)
+from shmwriter._ring.segment import check_space, create_unlinked_segment
 from shmwriter._spec import SlotLayout
 
 SCHEMA = shmwriter.Schema({"img": shmwriter.Feature("uint16", (4, 5)),
@@ -183,7 +192,7 @@ def test_queue_segment_size_gives_back_its_slots(schema, slot_events):
         assert slots_that_fit(nbytes, layout) == slots
         assert slots_that_fit(nbytes - 1, layout) == slots - 1
         assert nbytes % 8 == 0  # the owners table in the tail stays int64-aligned
-        assert _HEADER_NBYTES + layout.region_nbytes(slots) <= nbytes - _TAIL_NBYTES
+        assert HEADER_NBYTES + layout.region_nbytes(slots) <= nbytes - _TAIL_NBYTES
 
 
 def test_queue_segment_binds_the_bytes_it_sized():
@@ -194,7 +203,7 @@ def test_queue_segment_binds_the_bytes_it_sized():
         shared.publish(ODD, inferred=False)
         ring = shared.bind_ring(ODD)
         assert ring.spec.slots == 11
-        assert ring.spec.slots_offset == _HEADER_NBYTES  # no claimed flags in a queue
+        assert ring.spec.slots_offset == HEADER_NBYTES  # no claimed flags in a queue
         assert ring.spec.nbytes <= nbytes - _TAIL_NBYTES  # the tail (owners) follows
         for view in ring.run_views(0, 33, as_stored=True).values():
             view[...] = 255
@@ -231,3 +240,37 @@ def test_memory_budget_sizes_the_ring(tmp_path):
                           memory_budget_nbytes=budget) as writer:
         assert writer.statistics().slots == fits
         writer.producer().put(0, None)
+
+
+def test_a_queue_and_a_ring_share_one_header_layout_and_one_slot_limit():
+    queue = shmwriter.EventQueue()
+    try:
+        header = queue._shared.header
+        assert header[Field.MAGIC] == QUEUE_MAGIC and header[Field.OWNER_PID] == os.getpid()
+        assert State(int(header[Field.STATE])) is State.STARTING  # no schema yet
+        queue.put((0, {"x": np.ones(3)}))
+        assert State(int(header[Field.STATE])) is State.RUNNING
+        assert header[Field.SLOTS] == queue.slots and header[Field.SLOT_EVENTS] == 4
+    finally:
+        queue.close()
+    layout = SlotLayout(schema=SCHEMA, slot_events=2)
+    ring = SlotRing.create(layout, 3, None)
+    try:
+        assert ring.get(Field.MAGIC) == RING_MAGIC and ring.get(Field.SLOT_EVENTS) == 2
+    finally:
+        ring.close()
+        ring.unlink()
+    with pytest.raises(ValueError, match=f"slots must be at most {MAX_SLOTS}; got 16001"):
+        RingSpec(name="x", layout=layout, slots=MAX_SLOTS + 1, total_frames=None)
+
+
+def test_an_unlinked_segment_has_no_name_and_lives_while_mapped():
+    name, fd, mapping = create_unlinked_segment(8192)
+    try:
+        assert not os.path.exists(f"/dev/shm/{name}")
+        mapping[:5] = b"hello"
+        with mmap.mmap(fd, 8192) as again:  # the descriptor still reaches the memory
+            assert again[:5] == b"hello"
+    finally:
+        mapping.close()
+        os.close(fd)

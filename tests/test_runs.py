@@ -20,7 +20,7 @@ from _cli_workers import shmwriter_cli as cli
 from _cli_workers import shmwriter_json as cli_json
 
 import shmwriter
-from shmwriter._ring.ring import _MAGIC, _PATH_OFFSET, Field, State
+from shmwriter._ring.ring import _PATH_OFFSET, RING_MAGIC, Field, State
 
 CTX = multiprocessing.get_context("spawn")
 
@@ -150,7 +150,7 @@ def craft_leftover(name_pid: int, header_pid: int | None = None, age_s: float = 
     shm = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=0o600, size=8192)
     try:
         with mmap.mmap(shm.fd, 8192) as header:
-            for field, value in ((Field.MAGIC, _MAGIC), (Field.STATE, State.RUNNING),
+            for field, value in ((Field.MAGIC, RING_MAGIC), (Field.STATE, State.RUNNING),
                                  (Field.OWNER_PID, header_pid or name_pid),
                                  (Field.SLOTS, 1), (Field.TOTAL_FRAMES, -1),
                                  (Field.NEWEST_FRAME, -1)):

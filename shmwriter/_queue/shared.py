@@ -2,7 +2,7 @@
 
 Layout of the segment (its size is fixed when the queue is created)::
 
-    [header: 4 KiB]                int64 fields (:class:`Q`)
+    [header: 4 KiB]                int64 fields (the ring's :class:`~.._ring.ring.Field`)
     [slots region]                 SlotLayout.region_nbytes(slots), once the schema is known
                                    (feature-major: see :class:`._spec.SlotLayout`)
     ...                            unused when the slots do not fill the budget
@@ -51,7 +51,6 @@ takes that slot with it; the queue goes on with one slot fewer.
 
 from __future__ import annotations
 
-import enum
 import errno
 import fcntl
 import json
@@ -69,50 +68,30 @@ from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
-import posix_ipc
 
 from .._channel.records import Record, decode_records, write_record
 from .._liveness import is_alive
-from .._ring.ring import RingSpec, SlotRing
-from .._ring.segment import create_segment, new_run_name, unlink_segment
+from .._ring.ring import HEADER_NBYTES, MAX_SLOTS, QUEUE_MAGIC, Field, RingSpec, SlotRing, State
+from .._ring.segment import create_unlinked_segment
 from .._spec import Feature, Schema, SlotLayout
 from ..errors import BrokenError
 
-__all__ = ["IN_FLIGHT", "MAX_SLOTS", "Q", "QueueShared", "budget_nbytes", "lock_publish",
+__all__ = ["IN_FLIGHT", "QueueShared", "budget_nbytes", "lock_publish",
            "segment_nbytes", "slots_that_fit", "unlock_publish"]
 
 logger = logging.getLogger(__name__)
 
-#: Most slots a queue may have: all tokens must fit the token pipe at once.
-MAX_SLOTS = 16000
 #: Owner value of a slot whose descriptor is on its way to a consumer.
 IN_FLIGHT = -1
-_HEADER_NBYTES = 4096
 _OWNERS_NBYTES = 131072  # >= MAX_SLOTS * 8, a whole number of pages
 _SCHEMA_NBYTES = 65536
 _TAIL_NBYTES = _OWNERS_NBYTES + _SCHEMA_NBYTES
-_MAGIC = 0x73686D7771756531  # "shmwque1"
 _TOKEN_PIPE_NBYTES = 65536
 _TOKENS_PER_WRITE = select.PIPE_BUF // 4
 _SOCKET_BUFFER_NBYTES = 4 * 2**20
 _LOCK_PUBLISH, _LOCK_RECLAIM = 0, 1  # byte offsets locked in the segment file
 _LOCK_CONSUMER = 2  # byte every consumer holds a shared OFD lock on
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock on 64-bit Linux: type, whence, start, len, pid
-_STARTING, _READY = 0, 1
-
-
-class Q(enum.IntEnum):
-    """Index of each int64 field in the queue's header."""
-
-    MAGIC = 0
-    CREATOR_PID = 1
-    STATE = 2            # _STARTING until the schema is published, then _READY
-    SLOT_EVENTS = 3
-    SLOTS = 4            # set when the schema is published
-    SCHEMA_NBYTES = 5    # nonzero once the schema text is complete
-    PUBLISHER_PID = 6
-    INFERRED = 7         # 1 if the schema was inferred from events
-    CONSUMER_PID = 8     # pid of the latest process that registered as a consumer; 0: none yet
 
 
 def segment_nbytes(layout: SlotLayout, slots: int) -> int:
@@ -120,7 +99,7 @@ def segment_nbytes(layout: SlotLayout, slots: int) -> int:
 
     :func:`slots_that_fit` gives exactly ``slots`` back for it (up to MAX_SLOTS).
     """
-    return _HEADER_NBYTES + _slots_room(layout, slots) + _TAIL_NBYTES
+    return HEADER_NBYTES + _slots_room(layout, slots) + _TAIL_NBYTES
 
 
 def slots_that_fit(nbytes: int, layout: SlotLayout) -> int:
@@ -129,14 +108,14 @@ def slots_that_fit(nbytes: int, layout: SlotLayout) -> int:
     Never more than fit: ``layout.region_nbytes`` of the answer is at most the
     room between the header and the tail.
     """
-    room = _whole_int64s(nbytes - _HEADER_NBYTES - _TAIL_NBYTES)
+    room = _whole_int64s(nbytes - HEADER_NBYTES - _TAIL_NBYTES)
     fits = (room - _padding_room(layout)) // _slot_cost(layout)
     return max(0, min(MAX_SLOTS, fits))
 
 
 def budget_nbytes(memory_budget_nbytes: int) -> int:
     """Segment size for a budget of the slots region, plus the fixed parts (no rounding up)."""
-    return _HEADER_NBYTES + _whole_int64s(memory_budget_nbytes) + _TAIL_NBYTES
+    return HEADER_NBYTES + _whole_int64s(memory_budget_nbytes) + _TAIL_NBYTES
 
 
 # The segment's size is all that tells a publisher how many slots the creator meant, but
@@ -183,7 +162,7 @@ class QueueShared:
         self.segment_fd, self.desc_send, self.desc_recv, self.token_read, self.token_write = fds
         self._mmap = mapping
         base = np.frombuffer(mapping, dtype=np.uint8)
-        self.header = base[:_HEADER_NBYTES].view(np.int64)
+        self.header = base[:HEADER_NBYTES].view(np.int64)
         tail = nbytes - _TAIL_NBYTES
         self.owners = base[tail:tail + _OWNERS_NBYTES].view(np.int64)
         self._schema_text = base[tail + _OWNERS_NBYTES:]
@@ -196,18 +175,9 @@ class QueueShared:
     @classmethod
     def create(cls, nbytes: int, slot_events: int) -> QueueShared:
         """Make the segment (unlinked at once), the token pipe and the descriptor socket."""
-        name = new_run_name()
-        mapping = create_segment(name, nbytes)
-        opened: list[int] = []
+        name, segment_fd, mapping = create_unlinked_segment(nbytes)
+        opened: list[int] = [segment_fd]
         try:
-            try:
-                shm = posix_ipc.SharedMemory("/" + name)
-                try:
-                    opened.append(os.dup(shm.fd))
-                finally:
-                    shm.close_fd()
-            finally:
-                unlink_segment(name)  # from now on only descriptors and mappings keep it
             send, recv = _socket_pair()
             opened += [send, recv]
             token_read, token_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -219,9 +189,9 @@ class QueueShared:
             mapping.close()
             raise
         shared = cls(name, nbytes, (opened[0], send, recv, token_read, token_write), mapping)
-        shared.header[Q.MAGIC] = _MAGIC
-        shared.header[Q.CREATOR_PID] = os.getpid()
-        shared.header[Q.SLOT_EVENTS] = slot_events
+        shared.header[Field.MAGIC] = QUEUE_MAGIC
+        shared.header[Field.OWNER_PID] = os.getpid()
+        shared.header[Field.SLOT_EVENTS] = slot_events
         return shared
 
     @classmethod
@@ -234,7 +204,7 @@ class QueueShared:
                 os.close(fd)
             raise
         shared = cls(name, nbytes, fds, mapping)
-        if shared.header[Q.MAGIC] != _MAGIC:
+        if shared.header[Field.MAGIC] != QUEUE_MAGIC:
             shared.close()
             raise BrokenError(f"segment {name!r} is not an EventQueue segment")
         return shared
@@ -272,11 +242,11 @@ class QueueShared:
     @property
     def ready(self) -> bool:
         """Whether the schema is published and the slots are handed out."""
-        return int(self.header[Q.STATE]) == _READY
+        return int(self.header[Field.STATE]) == State.RUNNING
 
     def stored_schema(self) -> Schema | None:
-        """The schema text in the segment, once complete (even if not yet READY)."""
-        nbytes = int(self.header[Q.SCHEMA_NBYTES])
+        """The schema text in the segment, once complete (even if not yet RUNNING)."""
+        nbytes = int(self.header[Field.QUEUE_SCHEMA_NBYTES])
         if nbytes == 0:
             return None
         text = self._schema_text[:nbytes].tobytes().decode("utf-8")
@@ -298,10 +268,10 @@ class QueueShared:
             return
         stored = self.stored_schema()
         if stored is None:
-            layout = SlotLayout(schema=schema, slot_events=int(self.header[Q.SLOT_EVENTS]))
+            layout = SlotLayout(schema=schema, slot_events=int(self.header[Field.SLOT_EVENTS]))
             slots = slots_that_fit(self.nbytes, layout)
             if slots < 1:
-                room = self.nbytes - _HEADER_NBYTES - _TAIL_NBYTES
+                room = self.nbytes - HEADER_NBYTES - _TAIL_NBYTES
                 raise ValueError(
                     f"memory_budget_nbytes={room} cannot hold one slot of "
                     f"{_slots_room(layout, 1)} bytes for the schema {schema!r}; raise "
@@ -311,22 +281,23 @@ class QueueShared:
                 raise ValueError(f"the schema's description takes {len(text)} bytes; at most "
                                  f"{_SCHEMA_NBYTES} fit")
             self._schema_text[:len(text)] = np.frombuffer(text, np.uint8)
-            self.header[Q.SLOTS] = slots
-            self.header[Q.INFERRED] = int(inferred)
-            self.header[Q.PUBLISHER_PID] = os.getpid()
-            self.header[Q.SCHEMA_NBYTES] = len(text)  # the schema is complete from here on
-        # nobody takes a token before READY, so the pipe holds exactly the tokens
+            self.header[Field.SLOTS] = slots
+            self.header[Field.QUEUE_INFERRED] = int(inferred)
+            self.header[Field.QUEUE_PUBLISHER_PID] = os.getpid()
+            # the schema is complete from here on
+            self.header[Field.QUEUE_SCHEMA_NBYTES] = len(text)
+        # nobody takes a token before RUNNING, so the pipe holds exactly the tokens
         # 0..k-1 that an earlier publisher managed to write
         issued = self.free_tokens()
-        self.give_slots(list(range(issued, int(self.header[Q.SLOTS]))))
-        self.header[Q.STATE] = _READY
+        self.give_slots(list(range(issued, int(self.header[Field.SLOTS]))))
+        self.header[Field.STATE] = State.RUNNING
 
     def bind_ring(self, schema: Schema) -> SlotRing:
-        """The slots as a :class:`SlotRing` view (once READY)."""
+        """The slots as a :class:`SlotRing` view (once RUNNING)."""
         if self.ring is None:
             assert self._mmap is not None
-            layout = SlotLayout(schema=schema, slot_events=int(self.header[Q.SLOT_EVENTS]))
-            spec = RingSpec(name=self.name, layout=layout, slots=int(self.header[Q.SLOTS]),
+            layout = SlotLayout(schema=schema, slot_events=int(self.header[Field.SLOT_EVENTS]))
+            spec = RingSpec(name=self.name, layout=layout, slots=int(self.header[Field.SLOTS]),
                             total_frames=None)
             self.ring = SlotRing(spec, self._mmap, owner=False)
         return self.ring
@@ -394,7 +365,7 @@ class QueueShared:
         if not self.ready or not self.try_lock(_LOCK_RECLAIM):
             return 0
         try:
-            owners = self.owners[:int(self.header[Q.SLOTS])]
+            owners = self.owners[:int(self.header[Field.SLOTS])]
             held = owners[(owners > 0) | (owners < IN_FLIGHT)]
             pids = set(np.abs(held).tolist()) - {os.getpid()}
             dead = [pid for pid in pids if not is_alive(pid)]
@@ -433,7 +404,7 @@ class QueueShared:
                 os.close(fd)
                 raise
             self._consumer_fd = fd
-            self.header[Q.CONSUMER_PID] = os.getpid()  # after the lock: seen => locked
+            self.header[Field.QUEUE_CONSUMER_PID] = os.getpid()  # after the lock: seen => locked
 
     def consumers_alive(self) -> Literal["alive", "none yet", "gone"]:
         """Whether some process that takes frames from the queue is still there. Never waits.
@@ -443,8 +414,9 @@ class QueueShared:
         """
         if self._consumer_fd is not None:
             return "alive"  # we are one
-        seen = int(self.header[Q.CONSUMER_PID])  # read before asking: a consumer registering
-        # between the two then counts as "none yet", never as "gone"
+        # read before asking: a consumer registering between the two then counts as
+        # "none yet", never as "gone"
+        seen = int(self.header[Field.QUEUE_CONSUMER_PID])
         raw = fcntl.fcntl(self.segment_fd, fcntl.F_OFD_GETLK,
                           _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, _LOCK_CONSUMER, 1, 0))
         if _FLOCK.unpack(raw)[0] != fcntl.F_UNLCK:
@@ -453,7 +425,7 @@ class QueueShared:
 
     def creator_alive(self) -> bool:
         """Whether the process that created the queue is alive."""
-        pid = int(self.header[Q.CREATOR_PID])
+        pid = int(self.header[Field.OWNER_PID])
         return pid == os.getpid() or is_alive(pid)
 
     # -- descriptors -------------------------------------------------------------------------
@@ -497,7 +469,7 @@ def lock_publish(shared: QueueShared, deadline: float) -> bool:
         if shared.try_lock(_LOCK_PUBLISH):
             return True
         if time.monotonic() >= deadline:
-            pid = int(shared.header[Q.PUBLISHER_PID])
+            pid = int(shared.header[Field.QUEUE_PUBLISHER_PID])
             raise TimeoutError(f"the queue's schema was not published in time (publisher pid "
                                f"{pid or 'unknown'})")
         time.sleep(0.002)

@@ -33,12 +33,17 @@ from .._spec import SlotLayout
 from .._validate import check_positive_int
 from .segment import attach_segment, create_segment, new_run_name, unlink_segment
 
-__all__ = ["Field", "RingSpec", "SlotRing", "State"]
+__all__ = ["HEADER_NBYTES", "MAX_SLOTS", "QUEUE_MAGIC", "RING_MAGIC", "Field", "RingSpec",
+           "SlotRing", "State"]
 
-_HEADER_NBYTES = 4096
+#: Bytes of the header at the start of every segment (a Writer's ring and an EventQueue's).
+HEADER_NBYTES = 4096
+#: Most slots a ring may have (an EventQueue's tokens must all fit its token pipe at once).
+MAX_SLOTS = 16000
+#: ``Field.MAGIC`` of a Writer's ring ("shmwrit1") and of an EventQueue's segment ("shmwque1").
+RING_MAGIC, QUEUE_MAGIC = 0x73686D7772697431, 0x73686D7771756531
 _ERROR_OFFSET, _ERROR_NBYTES = 1024, 1024
 _PATH_OFFSET, _PATH_NBYTES = 2048, 2048
-_MAGIC = 0x73686D7772697431  # "shmwrit1"
 
 
 def error_text(header: bytes) -> str:
@@ -56,7 +61,12 @@ def _text_at(header: bytes, offset: int, nbytes: int) -> str:
 
 
 class Field(enum.IntEnum):
-    """Index of each int64 counter in the header."""
+    """Index of each int64 field in the header of a Writer's ring or of an EventQueue.
+
+    Both use MAGIC, OWNER_PID (the creator), STATE, SLOTS and SLOT_EVENTS; the
+    counters after them are a Writer's, the fields from QUEUE_SCHEMA_NBYTES on
+    an EventQueue's.
+    """
 
     MAGIC = 0
     OWNER_PID = 1
@@ -81,12 +91,18 @@ class Field(enum.IntEnum):
     DESCRIPTOR_NBYTES = 20
     REJECTED_FRAMES = 21
     PRODUCERS_SEEN = 22
+    SLOT_EVENTS = 23
+    QUEUE_SCHEMA_NBYTES = 24  # nonzero once the schema text is complete
+    QUEUE_PUBLISHER_PID = 25
+    QUEUE_INFERRED = 26       # 1 if the schema was inferred from events
+    QUEUE_CONSUMER_PID = 27   # the latest process that registered as a consumer; 0: none yet
 
 
 class State(enum.IntEnum):
     """Life stage of a run, as stored in the header."""
 
     STARTING = 0
+    """A Writer's ring before its writer runs; an EventQueue before its schema is known."""
     RUNNING = 1
     DONE = 2
     FAILED = 3
@@ -113,6 +129,8 @@ class RingSpec:
 
     def __post_init__(self) -> None:
         check_positive_int("slots", self.slots)
+        if self.slots > MAX_SLOTS:
+            raise ValueError(f"slots must be at most {MAX_SLOTS}; got {self.slots}")
         if self.total_frames is not None:
             check_positive_int("total_frames", self.total_frames)
 
@@ -124,7 +142,7 @@ class RingSpec:
     @property
     def slots_offset(self) -> int:
         """Byte offset of the slots region in the segment (page aligned)."""
-        return _HEADER_NBYTES + self.claimed_nbytes
+        return HEADER_NBYTES + self.claimed_nbytes
 
     @property
     def nbytes(self) -> int:
@@ -152,8 +170,8 @@ class SlotRing:
         self.spec = spec
         self._mmap, self._owner = mapping, owner
         self._base: np.ndarray[Any, np.dtype[np.uint8]] = np.frombuffer(mapping, dtype=np.uint8)
-        self.header = self._base[:_HEADER_NBYTES].view(np.int64)
-        self.claimed = self._base[_HEADER_NBYTES:spec.slots_offset]
+        self.header = self._base[:HEADER_NBYTES].view(np.int64)
+        self.claimed = self._base[HEADER_NBYTES:spec.slots_offset]
         self._rows, self._stored_rows = _feature_rows(self._base, spec)
 
     @classmethod
@@ -162,8 +180,9 @@ class SlotRing:
         spec = RingSpec(name=new_run_name(), layout=layout, slots=slots,
                         total_frames=total_frames)
         ring = cls(spec, create_segment(spec.name, spec.nbytes), owner=True)
-        ring.header[Field.MAGIC] = _MAGIC
+        ring.header[Field.MAGIC] = RING_MAGIC
         ring.header[Field.SLOTS] = slots
+        ring.header[Field.SLOT_EVENTS] = layout.slot_events
         ring.header[Field.TOTAL_FRAMES] = -1 if total_frames is None else total_frames
         ring.header[Field.NEWEST_FRAME] = -1
         return ring
@@ -265,7 +284,7 @@ class SlotRing:
     @property
     def error_text(self) -> str:
         """The writer's error message, if it failed."""
-        return error_text(self._base[:_HEADER_NBYTES].tobytes())
+        return error_text(self._base[:HEADER_NBYTES].tobytes())
 
     def set_error_text(self, text: str) -> None:
         """Store the writer's error message (truncated to 1 KiB)."""
@@ -274,7 +293,7 @@ class SlotRing:
     @property
     def path_text(self) -> str:
         """Path of the file the run writes."""
-        return path_text(self._base[:_HEADER_NBYTES].tobytes())
+        return path_text(self._base[:HEADER_NBYTES].tobytes())
 
     def set_path_text(self, text: str) -> None:
         """Store the path of the file the run writes."""

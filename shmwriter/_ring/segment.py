@@ -1,4 +1,6 @@
-"""Named POSIX shared-memory segments: create (reserved up front), attach, unlink.
+"""POSIX shared-memory segments: create (reserved up front), attach, unlink; the one owner
+of both lifetimes: named (a Writer's ring, seen by ``top`` and ``clean``) and unlinked at
+once (an EventQueue's).
 
 The creator reserves every page with ``posix_fallocate`` so that a full
 /dev/shm fails here with a clear error instead of killing a later writer with
@@ -21,7 +23,8 @@ import psutil
 
 from ..errors import ShmSpaceError
 
-__all__ = ["NAME_PREFIX", "attach_segment", "create_segment", "new_run_name", "unlink_segment"]
+__all__ = ["NAME_PREFIX", "attach_segment", "create_segment", "create_unlinked_segment",
+           "new_run_name", "unlink_segment"]
 
 #: Every segment name starts with this, followed by the owner's pid.
 NAME_PREFIX = "shmw_"
@@ -72,6 +75,35 @@ def create_segment(name: str, nbytes: int) -> mmap.mmap:
         shm.close_fd()
     resource_tracker.register("/" + name, "shared_memory")
     return mapping
+
+
+def create_unlinked_segment(nbytes: int) -> tuple[str, int, mmap.mmap]:
+    """A segment of ``nbytes`` whose name is removed at once: ``(name, fd, mapping)``.
+
+    Only its file descriptor and mappings keep it, so it lives exactly as long
+    as some process holds one of them: it cannot leak, however its users exit,
+    and it cannot be removed while one still needs it (an EventQueue's
+    segment). The caller owns ``fd``.
+
+    Raises
+    ------
+    ShmSpaceError
+        If /dev/shm or memory cannot hold it.
+    """
+    name = new_run_name()
+    mapping = create_segment(name, nbytes)
+    try:
+        shm = posix_ipc.SharedMemory("/" + name)
+        try:
+            fd = os.dup(shm.fd)
+        finally:
+            shm.close_fd()
+    except BaseException:
+        mapping.close()
+        raise
+    finally:
+        unlink_segment(name)  # from now on only descriptors and mappings keep it
+    return name, fd, mapping
 
 
 def attach_segment(name: str, nbytes: int) -> mmap.mmap:

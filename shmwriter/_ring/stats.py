@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .ring import _HEADER_NBYTES, Field, SlotRing, State, path_text
+from .ring import HEADER_NBYTES, Field, SlotRing, State, path_text
 
 __all__ = ["RunStatistics", "header_statistics", "read_statistics"]
 
@@ -81,9 +81,9 @@ def header_statistics(header: bytes) -> RunStatistics:
     ValueError
         If ``header`` is shorter than a ring header or holds no valid state.
     """
-    if len(header) < _HEADER_NBYTES:
-        raise ValueError(f"a ring header has {_HEADER_NBYTES} bytes; got {len(header)}")
-    h = np.frombuffer(header, dtype=np.int64, count=_HEADER_NBYTES // 8)
+    if len(header) < HEADER_NBYTES:
+        raise ValueError(f"a ring header has {HEADER_NBYTES} bytes; got {len(header)}")
+    h = np.frombuffer(header, dtype=np.int64, count=HEADER_NBYTES // 8)
     total = int(h[Field.TOTAL_FRAMES])
     start = int(h[Field.START_TIME_NS])
     return RunStatistics(

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from .._ring.ring import _HEADER_NBYTES, _MAGIC, Field, error_text
+from .._ring.ring import HEADER_NBYTES, RING_MAGIC, Field, error_text
 from .._ring.segment import NAME_PREFIX, SHM_DIR, unlink_segment
 from .._ring.stats import RunStatistics, header_statistics
 from .text import megabytes, rate, table
@@ -189,13 +189,13 @@ def read_header(segment: Segment) -> bytes | None:
     except OSError:
         return None  # removed meanwhile, or not ours
     try:
-        if os.fstat(fd).st_size < _HEADER_NBYTES:
+        if os.fstat(fd).st_size < HEADER_NBYTES:
             return None
-        with mmap.mmap(fd, _HEADER_NBYTES, access=mmap.ACCESS_READ) as mapping:
-            header = mapping[:_HEADER_NBYTES]
+        with mmap.mmap(fd, HEADER_NBYTES, access=mmap.ACCESS_READ) as mapping:
+            header = mapping[:HEADER_NBYTES]
     finally:
         os.close(fd)
-    if int(np.frombuffer(header, np.int64, count=1)[0]) != _MAGIC:
+    if int(np.frombuffer(header, np.int64, count=1)[0]) != RING_MAGIC:
         return None
     return header
 
