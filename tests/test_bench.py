@@ -22,7 +22,8 @@ from shmwriter.bench.config import BenchConfig
 DATA_DIR = str(data_folder())
 
 FRAMES = 200
-WRITERS = ("shmwriter-thread", "shmwriter-process", "shmwriter-batched", "dcnum", "h5py")
+WRITERS = ("shmwriter-thread", "shmwriter-process", "shmwriter-batched", "shmwriter-frames",
+           "dcnum", "h5py")
 FILTERS = ("uncompressed", "zstd5")
 FIGURES = ("events_per_s", "mb_per_s", "wall_s", "cpu_s", "writer_cpu_s", "writer_cpu_s_per_gb",
            "peak_memory_nbytes", "baseline_memory_nbytes", "data_nbytes", "file_nbytes")
@@ -83,7 +84,7 @@ def test_every_figure_for_every_writer_and_filter_setting(full_run):
         for name in SUMMARY_FIGURES:
             assert summary[name] > 0
     for filters in FILTERS:
-        for writer in ("shmwriter-thread", "shmwriter-process", "shmwriter-batched"):
+        for writer in WRITERS[:4]:
             ratios = data["ratios"][filters][writer]
             for name in ("events_per_s_vs_dcnum", "events_per_s_vs_h5py",
                          "writer_cpu_per_gb_vs_dcnum"):
@@ -151,7 +152,7 @@ def test_without_dcnum_the_fallback_writer_and_loud_warnings(tmp_path):
     assert "workload: synthetic" in result.stdout
     data = json.loads(out.read_text())
     assert [r["writer"] for r in data["runs"]] == ["shmwriter-thread", "shmwriter-batched",
-                                                   "dcnum", "h5py"]
+                                                   "shmwriter-frames", "dcnum", "h5py"]
     counts = {r["file_events"] for r in data["runs"]} | {r["events"] for r in data["runs"]}
     assert len(counts) == 1 and counts.pop() > 0
     assert data["overhead"] is None

@@ -15,6 +15,7 @@ __all__ = ["format_report", "plot_runs"]
 _WRITER_LABELS = {"shmwriter-thread": "shmwriter (thread)",
                   "shmwriter-process": "shmwriter (process)",
                   "shmwriter-batched": "shmwriter put_many (process)",
+                  "shmwriter-frames": "shmwriter frames() in place (process)",
                   "dcnum": "dcnum QueueWriterThread", "h5py": "plain h5py (limit)"}
 _RATE_WINDOW_S = 0.5
 

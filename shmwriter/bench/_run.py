@@ -44,6 +44,7 @@ __all__ = ["Job", "Measured", "ProducerReport", "Window", "read_back", "run_dcnu
 _SAMPLE_INTERVAL_S = 0.1
 _READY_TIMEOUT_S = 300.0
 _JOIN_TIMEOUT_S = 600.0
+_DEFAULT_SLOTS, _SLOT_EVENTS = 64, 4  # the Writer's defaults
 _CTX = multiprocessing.get_context("spawn")
 
 
@@ -224,6 +225,18 @@ class Job:
                                                             self.frames)))
         return shares
 
+    def block_slots(self) -> int:
+        """Ring slots for producers working through blocks: two blocks per producer fit.
+
+        ``frames()`` needs a block's events in consecutive slots, at most half the
+        ring; ``put_many`` gets the same ring, so the two rows compare like for like.
+        """
+        nevents = self.workload.frame_nevents(self.frames)
+        largest = max(int(nevents[at:at + self.batch_frames].sum())
+                      for at in range(0, self.frames, self.batch_frames))
+        per_block = -(-largest // _SLOT_EVENTS)
+        return max(_DEFAULT_SLOTS, 2 * self.producers * per_block)
+
     def shmwriter_kwargs(self) -> dict[str, Any] | None:
         """shmwriter's ``hdf5_dataset_kwargs`` of the filter setting (None: its defaults)."""
         return {"compression": None} if self.filters == "uncompressed" else None
@@ -266,9 +279,19 @@ def run_shmwriter(job: Job, mode: Literal["thread", "process"]) -> Measured:
 def run_shmwriter_batched(job: Job) -> Measured:
     """``job`` through a process-mode Writer, producers putting blocks with ``put_many``."""
     writer = Writer(job.path, work.BENCH_SCHEMA, total_frames=job.frames, mode="process",
-                    write_threshold=job.write_threshold,
-                    hdf5_dataset_kwargs=job.shmwriter_kwargs())
+                    write_threshold=job.write_threshold, slots=job.block_slots(),
+                    slot_events=_SLOT_EVENTS, hdf5_dataset_kwargs=job.shmwriter_kwargs())
     return _run_writer(writer, work.put_batches_into_ring,
+                       [(job.workload, share, job.batch_frames) for share in job.block_shares()],
+                       lambda: writer.written_events)
+
+
+def run_shmwriter_in_place(job: Job) -> Measured:
+    """``job`` through a process-mode Writer, producers filling blocks with ``frames()``."""
+    writer = Writer(job.path, work.BENCH_SCHEMA, total_frames=job.frames, mode="process",
+                    write_threshold=job.write_threshold, slots=job.block_slots(),
+                    slot_events=_SLOT_EVENTS, hdf5_dataset_kwargs=job.shmwriter_kwargs())
+    return _run_writer(writer, work.fill_batches_in_ring,
                        [(job.workload, share, job.batch_frames) for share in job.block_shares()],
                        lambda: writer.written_events)
 

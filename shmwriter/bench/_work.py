@@ -268,6 +268,30 @@ def put_batches_into_ring(producer: Producer, workload: Workload, frames: list[i
     _report_and_exit(report, row, started, time.monotonic())
 
 
+def fill_batches_in_ring(producer: Producer, workload: Workload, frames: list[int],
+                         batch: int, ready: Semaphore, start: Event, report: Any,
+                         row: int) -> None:
+    """Worker: fill blocks of ``batch`` frames in place with ``Producer.frames``.
+
+    The events are written straight into the ring's arrays (here copied from
+    batches built before the start signal; a segmenter would compute them there).
+    """
+    blocks = [frames[at:at + batch] for at in range(0, len(frames), batch)]
+    built: dict[tuple[int, int], tuple[list[int], Events | None]] = {}
+    for block in blocks:
+        key = (block[0] % PERIOD_FRAMES, len(block))
+        if key not in built:
+            built[key] = _batch_events(workload, block)
+    started = _wait_for_start(ready, start)
+    with producer:
+        for block in blocks:
+            counts, events = built[(block[0] % PERIOD_FRAMES, len(block))]
+            with producer.frames(block, counts) as arrays:
+                for name, values in (events or {}).items():
+                    np.copyto(arrays[name], values)
+    _report_and_exit(report, row, started, time.monotonic())
+
+
 def _batch_events(workload: Workload, frames: list[int]) -> tuple[list[int], Events | None]:
     """Event counts and concatenated events of ``frames``, for put_many."""
     templates = workload.templates_for(frames)

@@ -62,8 +62,9 @@ class BenchConfig:
     write_threshold: int = 500
     """Frames per block, for every writer."""
     batch_frames: int = 100
-    """Frames per ``put_many`` call of the ``shmwriter-batched`` row, whose producers work
-    through blocks of that many frames (0 leaves the row out)."""
+    """Frames per ``put_many`` call of the ``shmwriter-batched`` row, and per ``frames()``
+    block of the ``shmwriter-frames`` row, whose producers work through blocks of that
+    many frames (0 leaves both rows out)."""
 
     def __post_init__(self) -> None:
         for name in ("frames", "producers", "repeat", "write_threshold"):
@@ -84,7 +85,7 @@ class BenchConfig:
     @property
     def writers(self) -> tuple[str, ...]:
         """Writer names of the comparison, in the order they run."""
-        batched = ("shmwriter-batched",) if self.batch_frames else ()
+        batched = ("shmwriter-batched", "shmwriter-frames") if self.batch_frames else ()
         return (*(f"shmwriter-{mode}" for mode in self.modes), *batched, "dcnum", "h5py")
 
     @property

@@ -18,6 +18,8 @@ The writers are
 ``shmwriter-batched``
     the same in process mode, producers working through blocks of
     ``batch_frames`` frames and putting each block with one ``put_many``.
+``shmwriter-frames``
+    the same blocks, each filled in place in the ring with ``Producer.frames``.
 ``dcnum``
     dcnum's ``QueueWriterThread`` fed by spawned producers through an
     ``mp.Queue``, as dcnum's pipeline feeds it (or, without dcnum, an
@@ -78,7 +80,7 @@ class RunFigures:
     """What one run of one writer measured."""
 
     writer: str
-    """``shmwriter-thread``, ``shmwriter-process``, ``shmwriter-batched``, ``dcnum`` or ``h5py``."""
+    """``shmwriter-thread``, ``-process``, ``-batched``, ``-frames``, ``dcnum`` or ``h5py``."""
     filters: str
     """Key of :data:`FILTERS`."""
     repetition: int
@@ -336,6 +338,8 @@ def _measure(writer: str, job: runner.Job, repetition: int, keep: bool) -> RunFi
 def _measure_here(writer: str, job: runner.Job, repetition: int, keep: bool) -> RunFigures:
     if writer == "shmwriter-batched":
         measured = runner.run_shmwriter_batched(job)
+    elif writer == "shmwriter-frames":
+        measured = runner.run_shmwriter_in_place(job)
     elif writer.startswith("shmwriter-"):
         mode: Literal["thread", "process"] = (
             "process" if writer == "shmwriter-process" else "thread")
