@@ -262,9 +262,12 @@ class Producer:
         -----
         The events of a batch take ``ceil(sum(nevents) / slot_events)``
         consecutive slots; the writer grants such a run once enough
-        consecutive slots are free. BEWARE: the arrays start with whatever
-        bytes the slots held before; write every element of every feature.
-        They become read-only on exit.
+        consecutive slots are free, which always takes a round trip to the
+        writer: ``timeout_s=0`` fails unless the writer answers at once.
+        BEWARE: the arrays start with whatever bytes the slots held before;
+        write every element of every feature. They become read-only on exit;
+        do not keep them (or make them writeable again): the slots go back
+        to the ring once the frames are written.
         """
         with self._lock:
             self._check_open()
