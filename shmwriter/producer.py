@@ -212,18 +212,10 @@ class Producer:
             else:
                 arrays = {name: np.empty((nevents, *f.shape), f.dtype)
                           for name, f in self.schema.items()}
-            try:
+            with self._filling(arrays, slots, in_ring=zero_copy):
                 yield arrays
-                if zero_copy:
-                    self._store_masks_as_bytes(arrays)
-                else:
-                    self._copy_into_slots(slots, arrays, nevents)
-            except BaseException:
-                self._cache.extend(slots)
-                raise
-            finally:
-                for array in arrays.values():
-                    array.flags.writeable = False
+            if not zero_copy:
+                self._copy_into_slots(slots, arrays, nevents)
             self._send_frame(index, nevents, slots)
 
     @contextlib.contextmanager
@@ -285,15 +277,8 @@ class Producer:
                     f"fewer frames at a time or raise slots", frame_index=lowest)
             run = self._take_run(lowest, nslots, timeout_s) if nslots else []
             arrays = self._run_arrays(run, total)
-            try:
+            with self._filling(arrays, run, in_ring=True):
                 yield arrays
-                self._store_masks_as_bytes(arrays)
-            except BaseException:
-                self._cache.extend(run)
-                raise
-            finally:
-                for array in arrays.values():
-                    array.flags.writeable = False
             self._send_described([frame for frame, _ in pairs], total, run,
                                  encode_packed(pairs, run[0] if run else 0))
 
@@ -444,6 +429,25 @@ class Producer:
             self._owed = max(0, self._owed - len(grants))
             if len(self._cache) < nslots and _now() >= deadline:
                 raise RingFullError(self._ring_full_message(frame_index, nslots, timeout_s))
+
+    @contextlib.contextmanager
+    def _filling(self, arrays: dict[str, np.ndarray[Any, Any]], slots: list[int], *,
+                 in_ring: bool) -> Iterator[None]:
+        """The caller's block fills ``arrays`` for ``slots``; read-only afterwards.
+
+        Boolean features filled ``in_ring`` (in shared memory) are turned into the
+        bytes the file stores. On an exception the slots are kept for the next frames.
+        """
+        try:
+            yield
+            if in_ring:
+                self._store_masks_as_bytes(arrays)
+        except BaseException:
+            self._cache.extend(slots)
+            raise
+        finally:
+            for array in arrays.values():
+                array.flags.writeable = False
 
     def _take_run(self, frame_index: int, nslots: int, timeout_s: float | None) -> list[int]:
         """``nslots`` consecutive granted slots, asked for on behalf of ``frame_index``.

@@ -68,11 +68,11 @@ class FrameAssembler:
                rows: list[tuple[int, int]] | None = None) -> None:
         """Take a checked frame held in ``slots``; its events fill them from the start, or lie
         at ``rows`` (``(first row, rows)`` pieces, for frames of a packed batch)."""
-        if rows is None:
+        if rows is None and nevents:
             per_slot = self._layout.slot_events
             rows = [(slot * per_slot, min(per_slot, nevents - j * per_slot))
                     for j, slot in enumerate(slots)]
-        arrival = Arrival(frame, nevents, slots, rows)
+        arrival = Arrival(frame, nevents, slots, rows or [])
         if self.reorder.arrive(arrival):
             self._gather(arrival)
             self.drain()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import heapq
 import time
+from array import array
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,8 +60,12 @@ class SlotAllocator:
 
     def __init__(self, slots: int, prefetch: int) -> None:
         self.slots, self.prefetch = slots, prefetch
-        self._owner = np.full(slots, _FREE, np.int64)  # producer id, _FREE or _HELD
-        self._frames_in = np.zeros(slots, np.int32)  # frames holding each _HELD slot
+        # per slot: producer id, _FREE or _HELD; and how many frames hold a _HELD one.
+        # Plain arrays: a frame touches few slots, and item access beats numpy's fancy
+        # indexing there; _find_run looks at all of them through a numpy view.
+        self._owner = array("q", [_FREE]) * slots
+        self._owner_view = np.frombuffer(self._owner, np.int64)
+        self._frames_in = array("i", [0]) * slots
         self._free_heap = list(range(slots))  # may hold stale entries: _owner decides
         self._nfree = slots
         self._granted: dict[int, set[int]] = {}
@@ -114,7 +119,8 @@ class SlotAllocator:
             else:
                 extra = min(self.prefetch, max(0, self._nfree - request.wanted - half))
                 slots = self._take_lowest(request.wanted + extra)
-            self._owner[slots] = request.producer
+            for slot in slots:
+                self._owner[slot] = request.producer
             self._nfree -= len(slots)
             self.granted_to(request.producer).update(slots)
             grants.append(Grant(request.producer, slots))
@@ -135,17 +141,22 @@ class SlotAllocator:
         Frames of a packed batch share slots: a slot is free again once every
         frame holding it was freed.
         """
+        if not slots:
+            return
         self.granted_to(producer).difference_update(slots)
-        self._owner[slots] = _HELD
-        self._frames_in[slots] += 1
+        owner, frames_in = self._owner, self._frames_in
+        for slot in slots:
+            owner[slot] = _HELD
+            frames_in[slot] += 1
 
     def free(self, slots: list[int]) -> None:
         """Frames left the ring: each listing of a slot ends one frame's hold on it."""
-        if not slots:
-            return
-        index = np.asarray(slots)
-        np.subtract.at(self._frames_in, index, 1)  # a slot of a packed batch may repeat
-        self._put_back(np.unique(index[self._frames_in[index] == 0]).tolist())
+        frames_in, unheld = self._frames_in, []
+        for slot in slots:  # a slot of a packed batch may be listed by several frames
+            frames_in[slot] -= 1
+            if frames_in[slot] == 0:
+                unheld.append(slot)
+        self._put_back(unheld)
 
     def release(self, producer: int, slots: list[int]) -> None:
         """``producer`` gives back granted ``slots`` unused (those not granted are ignored)."""
@@ -157,12 +168,14 @@ class SlotAllocator:
     def _put_back(self, slots: list[int]) -> None:
         if not slots:
             return
-        self._owner[slots] = _FREE
+        owner = self._owner
+        for slot in slots:
+            owner[slot] = _FREE
         self._nfree += len(slots)
         if len(self._free_heap) + len(slots) > 2 * self.slots:
             # runs granted by _find_run leave stale entries behind: start afresh (a
             # sorted list is a heap)
-            self._free_heap = np.flatnonzero(self._owner == _FREE).tolist()
+            self._free_heap = np.flatnonzero(self._owner_view == _FREE).tolist()
         else:
             for slot in slots:
                 heapq.heappush(self._free_heap, slot)
@@ -186,7 +199,7 @@ class SlotAllocator:
         """The first slot of the lowest run of ``count`` free slots, or None."""
         if count > self._nfree:
             return None
-        free = np.concatenate(([0], np.cumsum(self._owner == _FREE)))
+        free = np.concatenate(([0], np.cumsum(self._owner_view == _FREE)))
         starts = np.flatnonzero(free[count:] - free[:-count] == count)
         return int(starts[0]) if starts.size else None
 

@@ -39,7 +39,7 @@ from ..writer import Writer
 from . import _work as work
 
 __all__ = ["Job", "Measured", "ProducerReport", "Window", "read_back", "run_dcnum", "run_h5py",
-           "run_overhead", "run_shmwriter"]
+           "run_overhead", "run_shmwriter", "run_shmwriter_blocks"]
 
 _SAMPLE_INTERVAL_S = 0.1
 _READY_TIMEOUT_S = 300.0
@@ -276,22 +276,14 @@ def run_shmwriter(job: Job, mode: Literal["thread", "process"]) -> Measured:
                        lambda: writer.written_events)
 
 
-def run_shmwriter_batched(job: Job) -> Measured:
-    """``job`` through a process-mode Writer, producers putting blocks with ``put_many``."""
+def run_shmwriter_blocks(job: Job, *, in_place: bool) -> Measured:
+    """``job`` through a process-mode Writer, producers working through blocks of frames:
+    ``put_many`` each, or (``in_place``) filling each with ``frames()``."""
     writer = Writer(job.path, work.BENCH_SCHEMA, total_frames=job.frames, mode="process",
                     write_threshold=job.write_threshold, slots=job.block_slots(),
                     slot_events=_SLOT_EVENTS, hdf5_dataset_kwargs=job.shmwriter_kwargs())
-    return _run_writer(writer, work.put_batches_into_ring,
-                       [(job.workload, share, job.batch_frames) for share in job.block_shares()],
-                       lambda: writer.written_events)
-
-
-def run_shmwriter_in_place(job: Job) -> Measured:
-    """``job`` through a process-mode Writer, producers filling blocks with ``frames()``."""
-    writer = Writer(job.path, work.BENCH_SCHEMA, total_frames=job.frames, mode="process",
-                    write_threshold=job.write_threshold, slots=job.block_slots(),
-                    slot_events=_SLOT_EVENTS, hdf5_dataset_kwargs=job.shmwriter_kwargs())
-    return _run_writer(writer, work.fill_batches_in_ring,
+    worker = work.fill_batches_in_ring if in_place else work.put_batches_into_ring
+    return _run_writer(writer, worker,
                        [(job.workload, share, job.batch_frames) for share in job.block_shares()],
                        lambda: writer.written_events)
 

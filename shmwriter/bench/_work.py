@@ -254,16 +254,10 @@ def put_batches_into_ring(producer: Producer, workload: Workload, frames: list[i
     Its share is blocks of consecutive frames, the way pipelines hand out work;
     the batches are built before the start signal, like the other workers' frames.
     """
-    blocks = [frames[at:at + batch] for at in range(0, len(frames), batch)]
-    built: dict[tuple[int, int], tuple[list[int], Events | None]] = {}
-    for block in blocks:
-        key = (block[0] % PERIOD_FRAMES, len(block))
-        if key not in built:
-            built[key] = _batch_events(workload, block)
+    blocks = _built_blocks(workload, frames, batch)
     started = _wait_for_start(ready, start)
     with producer:
-        for block in blocks:
-            counts, events = built[(block[0] % PERIOD_FRAMES, len(block))]
+        for block, counts, events in blocks:
             producer.put_many(block, counts, events)
     _report_and_exit(report, row, started, time.monotonic())
 
@@ -276,20 +270,27 @@ def fill_batches_in_ring(producer: Producer, workload: Workload, frames: list[in
     The events are written straight into the ring's arrays (here copied from
     batches built before the start signal; a segmenter would compute them there).
     """
+    blocks = _built_blocks(workload, frames, batch)
+    started = _wait_for_start(ready, start)
+    with producer:
+        for block, counts, events in blocks:
+            with producer.frames(block, counts) as arrays:
+                for name, values in (events or {}).items():
+                    np.copyto(arrays[name], values)
+    _report_and_exit(report, row, started, time.monotonic())
+
+
+def _built_blocks(workload: Workload, frames: list[int], batch: int,
+                  ) -> list[tuple[list[int], list[int], Events | None]]:
+    """``frames`` cut into blocks of ``batch``, each with its event counts and its events
+    concatenated; blocks that repeat the workload's period share their arrays."""
     blocks = [frames[at:at + batch] for at in range(0, len(frames), batch)]
     built: dict[tuple[int, int], tuple[list[int], Events | None]] = {}
     for block in blocks:
         key = (block[0] % PERIOD_FRAMES, len(block))
         if key not in built:
             built[key] = _batch_events(workload, block)
-    started = _wait_for_start(ready, start)
-    with producer:
-        for block in blocks:
-            counts, events = built[(block[0] % PERIOD_FRAMES, len(block))]
-            with producer.frames(block, counts) as arrays:
-                for name, values in (events or {}).items():
-                    np.copyto(arrays[name], values)
-    _report_and_exit(report, row, started, time.monotonic())
+    return [(block, *built[(block[0] % PERIOD_FRAMES, len(block))]) for block in blocks]
 
 
 def _batch_events(workload: Workload, frames: list[int]) -> tuple[list[int], Events | None]:

@@ -336,10 +336,8 @@ def _measure(writer: str, job: runner.Job, repetition: int, keep: bool) -> RunFi
 
 
 def _measure_here(writer: str, job: runner.Job, repetition: int, keep: bool) -> RunFigures:
-    if writer == "shmwriter-batched":
-        measured = runner.run_shmwriter_batched(job)
-    elif writer == "shmwriter-frames":
-        measured = runner.run_shmwriter_in_place(job)
+    if writer in ("shmwriter-batched", "shmwriter-frames"):
+        measured = runner.run_shmwriter_blocks(job, in_place=writer == "shmwriter-frames")
     elif writer.startswith("shmwriter-"):
         mode: Literal["thread", "process"] = (
             "process" if writer == "shmwriter-process" else "thread")
