@@ -16,7 +16,7 @@ import numpy.typing as npt
 from ._spec import Schema
 from .errors import FrameError
 
-__all__ = ["EventArrays", "check_counts", "check_events"]
+__all__ = ["EventArrays", "check_batch_events", "check_counts", "check_events"]
 
 #: What a frame's events are given as: feature name to array-like of ``(nevents, *shape)``.
 EventArrays = Mapping[str, npt.ArrayLike]
@@ -90,3 +90,25 @@ def check_counts(frames: object, nevents: object) -> list[tuple[int, int]]:
                              frame_index=frame)
         pairs.append((frame, int(count)))
     return pairs
+
+
+def check_batch_events(schema: Schema, pairs: Sequence[tuple[int, int]],
+                       events: EventArrays | None) -> dict[str, np.ndarray[Any, Any]]:
+    """Validate a batch's events: ``pairs`` are its ``(frame, nevents)``, ``events`` the
+    events of all of them concatenated; return the arrays."""
+    total = sum(count for _, count in pairs)
+    if not pairs:
+        return {}
+    first = pairs[0][0]
+    where = f"the batch of {len(pairs)} frames from frame {first}"
+    if events is None:
+        if total:
+            raise FrameError(f"{where}: events is None but nevents adds up to {total}",
+                             frame_index=first)
+        return {}
+    nevents, arrays = check_events(schema, first, events, where)
+    if nevents != total:
+        name = next(iter(arrays))
+        raise FrameError(f"{where}: feature {name!r} has {nevents} events but nevents adds "
+                         f"up to {total}", frame_index=first, feature=name)
+    return arrays

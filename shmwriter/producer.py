@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import threading
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from multiprocessing import context, reduction
 from typing import TYPE_CHECKING, Any
@@ -20,23 +18,23 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from ._channel.grants import SlotGrants
 from ._channel.records import (
-    GRANT_REFUSED,
     MAX_FRAMES_PER_RECORD,
     MAX_SLOTS_PER_RECORD,
     Kind,
-    batch_nbytes,
     encode_batch,
     encode_packed,
     encode_record,
     read_grants,
+    split_batch,
     write_record,
 )
-from ._events import EventArrays, check_counts, check_events
+from ._events import EventArrays, check_batch_events, check_counts, check_events
 from ._ring.ring import Field, RingSpec, SlotRing, State
 from ._rtdc import MAX_FRAME_INDEX
 from ._spec import Schema
-from .errors import BrokenError, ClosedError, FrameError, RingFullError
+from .errors import BrokenError, ClosedError, FrameError
 
 if TYPE_CHECKING:
     from ._channel.attach import Ticket
@@ -80,8 +78,8 @@ class Producer:
         self._desc_fd, self._grant_fd = desc_fd, grant_fd
         self._lock = threading.RLock()
         self._pid = 0  # the process that said HELLO
-        self._cache: list[int] = []  # granted slots not used yet
-        self._owed = 0  # slots requested but not granted yet
+        self._grants = SlotGrants(self._send, self._read_grants, self._writer_gone_error,
+                                  self._ring_full_message)
         self._slot_views: list[dict[str, np.ndarray[Any, Any]]] = []
         self._masks = frozenset(n for n, f in spec.layout.schema.items() if f.dtype.kind == "b")
         #: Frames this producer has put (in this process).
@@ -137,7 +135,7 @@ class Producer:
             try:
                 self._copy_into_slots(slots, arrays, nevents)
             except BaseException:
-                self._cache.extend(slots)
+                self._grants.keep(slots)
                 raise
             self._send_frame(index, nevents, slots)
 
@@ -173,9 +171,10 @@ class Producer:
         with self._lock:
             self._check_open()
             pairs = self._check_batch(frames, nevents)
-            arrays = self._check_batch_events(pairs, events)
+            arrays = check_batch_events(self.schema, pairs, events)
             start = 0
-            for part in self._batch_parts(pairs):
+            for part in split_batch(pairs, self._spec.layout.slots_for,
+                                    max(1, self._spec.slots // 2)):
                 self._put_part(part, arrays, start, timeout_s)
                 start += sum(count for _, count in part)
 
@@ -275,7 +274,8 @@ class Producer:
                     f"the batch of {len(pairs)} frames from frame {lowest} has {total} events: "
                     f"{nslots} slots, more than half of the ring's {self._spec.slots}; put "
                     f"fewer frames at a time or raise slots", frame_index=lowest)
-            run = self._take_run(lowest, nslots, timeout_s) if nslots else []
+            run = self._grants.take_run(lowest, nslots, self._timeout(timeout_s)) \
+                if nslots else []
             arrays = self._run_arrays(run, total)
             with self._filling(arrays, run, in_ring=True):
                 yield arrays
@@ -290,7 +290,8 @@ class Producer:
             self._closed = True
             try:
                 if self._pid == os.getpid():
-                    self._send(encode_record(Kind.RELEASE, slots=self._cache[:MAX_SLOTS_PER_RECORD])
+                    unused = self._grants.unused[:MAX_SLOTS_PER_RECORD]
+                    self._send(encode_record(Kind.RELEASE, slots=unused)
                                + encode_record(Kind.CLOSE))
             except (BrokenError, ClosedError, TimeoutError, OSError):
                 pass  # the writer is done, gone or stuck: closing our ends is all that is left
@@ -335,46 +336,12 @@ class Producer:
             pairs.append((index, count))
         return pairs
 
-    def _check_batch_events(self, pairs: list[tuple[int, int]], events: EventArrays | None,
-                            ) -> dict[str, np.ndarray[Any, Any]]:
-        total = sum(count for _, count in pairs)
-        if not pairs:
-            return {}
-        first = pairs[0][0]
-        where = f"the batch of {len(pairs)} frames from frame {first}"
-        if events is None:
-            if total:
-                raise FrameError(f"{where}: events is None but nevents adds up to {total}",
-                                 frame_index=first)
-            return {}
-        nevents, arrays = check_events(self.schema, first, events, where)
-        if nevents != total:
-            name = next(iter(arrays))
-            raise FrameError(f"{where}: feature {name!r} has {nevents} events but nevents adds "
-                             f"up to {total}", frame_index=first, feature=name)
-        return arrays
-
-    def _batch_parts(self, pairs: list[tuple[int, int]]) -> Iterator[list[tuple[int, int]]]:
-        """The batch cut into parts that fit one record and at most half the ring."""
-        most = max(1, self._spec.slots // 2)
-        part: list[tuple[int, int]] = []
-        nslots = 0
-        for frame, count in pairs:
-            need = self._spec.layout.slots_for(count)
-            if part and (nslots + need > most
-                         or batch_nbytes(len(part) + 1, nslots + need) > select.PIPE_BUF):
-                yield part
-                part, nslots = [], 0
-            part.append((frame, count))
-            nslots += need
-        if part:
-            yield part
-
     def _put_part(self, part: list[tuple[int, int]], arrays: Mapping[str, np.ndarray[Any, Any]],
                   start: int, timeout_s: float | None) -> None:
         layout = self._spec.layout
         nslots = sum(layout.slots_for(count) for _, count in part)
-        slots = self._take_slots(part[0][0], nslots, timeout_s) if nslots else []
+        slots = self._grants.take(part[0][0], nslots, self._timeout(timeout_s)) \
+            if nslots else []
         try:
             at_slot, at_event = 0, start
             for _, count in part:
@@ -384,7 +351,7 @@ class Producer:
                     self._copy_into_slots(slots[at_slot:at_slot + need], rows, count)
                 at_slot, at_event = at_slot + need, at_event + count
         except BaseException:
-            self._cache.extend(slots)
+            self._grants.keep(slots)
             raise
         self._send_described([frame for frame, _ in part], sum(count for _, count in part),
                              slots, encode_batch(part, slots))
@@ -395,40 +362,13 @@ class Producer:
         if nslots == 0:
             return []
         self._check_fits(frame_index, nevents, nslots)
-        return self._take_slots(frame_index, nslots, timeout_s)
+        return self._grants.take(frame_index, nslots, self._timeout(timeout_s))
 
-    def _take_slots(self, frame_index: int, nslots: int, timeout_s: float | None) -> list[int]:
-        """``nslots`` granted slots, asked for on behalf of ``frame_index``."""
-        if len(self._cache) < nslots and self._owed == 0:
-            # give back what we hold and ask for all at once: a waiting
-            # producer then holds no slot, so producers cannot deadlock
-            message = encode_record(Kind.REQUEST, frame_index, nevents=nslots)
-            if self._cache:
-                message = encode_record(Kind.RELEASE, slots=self._cache) + message
-                self._cache.clear()
-            self._send(message)
-            self._owed = nslots
-        elif len(self._cache) + self._owed < nslots:
-            more = nslots - len(self._cache) - self._owed
-            self._send(encode_record(Kind.REQUEST, frame_index, nevents=more))
-            self._owed += more
-        self._wait_for_grants(frame_index, nslots,
-                              self._timeout_s if timeout_s is None else timeout_s)
-        slots, self._cache = self._cache[:nslots], self._cache[nslots:]
-        return slots
+    def _timeout(self, timeout_s: float | None) -> float:
+        return self._timeout_s if timeout_s is None else timeout_s
 
-    def _wait_for_grants(self, frame_index: int, nslots: int, timeout_s: float) -> None:
-        deadline = _now() + timeout_s
-        while len(self._cache) < nslots:
-            grants = read_grants(self._grant_fd, deadline - _now())
-            if grants is None:
-                raise self._writer_gone_error()
-            if GRANT_REFUSED in grants:
-                raise self._writer_gone_error()
-            self._cache.extend(grants)
-            self._owed = max(0, self._owed - len(grants))
-            if len(self._cache) < nslots and _now() >= deadline:
-                raise RingFullError(self._ring_full_message(frame_index, nslots, timeout_s))
+    def _read_grants(self, timeout_s: float) -> list[int] | None:
+        return read_grants(self._grant_fd, timeout_s)
 
     @contextlib.contextmanager
     def _filling(self, arrays: dict[str, np.ndarray[Any, Any]], slots: list[int], *,
@@ -443,34 +383,11 @@ class Producer:
             if in_ring:
                 self._store_masks_as_bytes(arrays)
         except BaseException:
-            self._cache.extend(slots)
+            self._grants.keep(slots)
             raise
         finally:
             for array in arrays.values():
                 array.flags.writeable = False
-
-    def _take_run(self, frame_index: int, nslots: int, timeout_s: float | None) -> list[int]:
-        """``nslots`` consecutive granted slots, asked for on behalf of ``frame_index``.
-
-        Slots held (prefetched) are given back first, and grants still owed
-        are awaited first, so that the next grants are the run and nothing else.
-        """
-        timeout = self._timeout_s if timeout_s is None else timeout_s
-        if self._owed:
-            self._wait_for_grants(frame_index, len(self._cache) + self._owed, timeout)
-        message = encode_record(Kind.REQUEST_RUN, frame_index, nevents=nslots)
-        if self._cache:
-            message = encode_record(Kind.RELEASE, slots=self._cache) + message
-            self._cache.clear()
-        self._send(message)
-        self._owed = nslots
-        self._wait_for_grants(frame_index, nslots, timeout)
-        run, self._cache = self._cache[:nslots], self._cache[nslots:]
-        if run != list(range(run[0], run[0] + nslots)):
-            self._cache.extend(run)
-            raise BrokenError(f"frame {frame_index}: the writer granted slots {run}, not "
-                              f"{nslots} consecutive ones")
-        return run
 
     def _run_arrays(self, run: list[int], nevents: int) -> dict[str, np.ndarray[Any, Any]]:
         """Writable views of ``nevents`` events from the first slot of ``run`` on."""
@@ -530,7 +447,7 @@ class Producer:
             taken = claimed[index]
             if taken if isinstance(index, int) else taken.any():  # put meanwhile elsewhere
                 frame = frames[int(np.argmax(taken))] if isinstance(index, list) else index
-                self._cache.extend(slots)
+                self._grants.keep(slots)
                 raise FrameError(f"frame {frame} was already put", frame_index=frame)
             claimed[index] = 1
         try:
@@ -538,7 +455,7 @@ class Producer:
         except BaseException:
             if claimed is not None:
                 claimed[index] = 0
-            self._cache.extend(slots)
+            self._grants.keep(slots)
             raise
         # the writer says ABORTING before it reads the last descriptors: seen after
         # sending, the frames may have come too late, so this put() must not return
@@ -645,5 +562,3 @@ def _rebuild_producer(spec: RingSpec, producer_id: int, desc: Any, grant: Any,
     producer._say_hello()
     return producer
 
-
-_now = time.monotonic

@@ -17,14 +17,14 @@ import select
 import struct
 import time
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from ..errors import BrokenError
 
 __all__ = ["MAX_FRAMES_PER_RECORD", "MAX_SLOTS_PER_RECORD", "Kind", "Record", "batch_nbytes",
            "decode_records", "encode_batch", "encode_packed", "encode_record", "open_pipe_pair",
-           "read_grants", "write_record"]
+           "read_grants", "split_batch", "write_record"]
 
 _HEADER = struct.Struct("<BxHIq")
 _BATCH_FRAME = struct.Struct("<qI")
@@ -78,6 +78,24 @@ def encode_record(kind: Kind, value: int = 0, nevents: int = 0,
 def batch_nbytes(nframes: int, nslots: int) -> int:
     """Bytes of a BATCH record of ``nframes`` frames and ``nslots`` slots."""
     return _HEADER.size + _BATCH_FRAME.size * nframes + 4 * nslots
+
+
+def split_batch(frames: Sequence[tuple[int, int]], slots_for: Callable[[int], int],
+                most_slots: int) -> Iterator[list[tuple[int, int]]]:
+    """``(frame, nevents)`` pairs cut into parts that fit one BATCH record and
+    ``most_slots`` slots (``slots_for(nevents)`` are a frame's)."""
+    part: list[tuple[int, int]] = []
+    nslots = 0
+    for frame, count in frames:
+        need = slots_for(count)
+        if part and (nslots + need > most_slots
+                     or batch_nbytes(len(part) + 1, nslots + need) > select.PIPE_BUF):
+            yield part
+            part, nslots = [], 0
+        part.append((frame, count))
+        nslots += need
+    if part:
+        yield part
 
 
 def encode_batch(frames: Sequence[tuple[int, int]], slots: Sequence[int]) -> bytes:
