@@ -18,7 +18,7 @@ import struct
 import time
 from array import array
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import BrokenError
 
@@ -51,9 +51,11 @@ class Kind(enum.IntEnum):
     MALFORMED = 255  # what decode_records makes of a record that cannot be one
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One decoded record from a producer."""
+_BATCH, _PACKED = int(Kind.BATCH), int(Kind.PACKED)  # plain ints: compared once per record
+
+
+class Record(NamedTuple):
+    """One decoded record from a producer (a named tuple: the writer makes one per frame)."""
 
     kind: int
     """A :class:`Kind` value (unchecked: the writer validates it)."""
@@ -128,8 +130,8 @@ def decode_records(buffer: bytearray) -> Iterator[Record]:
     try:
         while end - pos >= _HEADER.size:
             kind, nslots, nevents, value = _HEADER.unpack_from(view, pos)
-            nframes = nevents if kind in (Kind.BATCH, Kind.PACKED) else 0
-            if batch_nbytes(nframes, nslots) > select.PIPE_BUF:
+            nframes = nevents if kind == _BATCH or kind == _PACKED else 0
+            if _HEADER.size + _BATCH_FRAME.size * nframes + 4 * nslots > select.PIPE_BUF:
                 pos = end  # nothing after it can be trusted
                 yield Record(Kind.MALFORMED, value, nevents, ())
                 break
@@ -138,7 +140,8 @@ def decode_records(buffer: bytearray) -> Iterator[Record]:
             if stop > end:
                 break
             slots = tuple(array("i", bytes(view[start:stop]))) if nslots else ()
-            frames = tuple(_BATCH_FRAME.iter_unpack(bytes(view[pos + _HEADER.size:start])))
+            frames = tuple(_BATCH_FRAME.iter_unpack(bytes(view[pos + _HEADER.size:start]))) \
+                if nframes else ()
             pos = stop
             yield Record(kind, value, nevents, slots, frames)
     finally:

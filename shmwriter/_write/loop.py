@@ -76,6 +76,10 @@ class WriterLoop:
         #: What made the run fail, in one line (the errno's text first), or None.
         self.failure: str | None = None
         self._last_flush = time.monotonic()
+        # looked up for every frame: kept at hand
+        total = config.ring.total_frames
+        self._frame_limit = MAX_FRAME_INDEX + 1 if total is None else total
+        self._slot_events = config.ring.layout.slot_events
 
     # -- lifecycle --------------------------------------------------------------
     def run(self) -> RunResult:
@@ -410,15 +414,15 @@ class WriterLoop:
 
     def _check_frame(self, channel: ProducerChannel, frame: int, nevents: int,
                      slots: list[int]) -> str | None:
-        if len(slots) != self.config.ring.layout.slots_for(nevents):
+        if len(slots) != -(-nevents // self._slot_events):
             return f"{nevents} events do not match {len(slots)} slots"
-        if not self.slots.owns(channel.id, slots):
+        if slots and not self.slots.owns(channel.id, slots):
             return f"slots {slots} were not granted to this producer"
         return self._check_index(frame)
 
     def _check_index(self, frame: int) -> str | None:
-        total = self.config.ring.total_frames
-        if frame < 0 or frame > MAX_FRAME_INDEX or (total is not None and frame >= total):
+        if not 0 <= frame < self._frame_limit:
+            total = self.config.ring.total_frames
             return f"frame index out of range (total_frames={total})"
         if self._frames().reorder.is_known(frame):
             return "duplicate frame index: this frame was received already"
