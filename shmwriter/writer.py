@@ -329,6 +329,17 @@ class Writer:
         return self._closed
 
     @property
+    def stage_cpu_s(self) -> dict[str, float]:
+        """CPU seconds the writer spent per stage, once the run has ended ({} before).
+
+        ``descriptors``: the writer loop's own work (records, grants, checks,
+        reordering); ``gather``: copying events out of the ring into chunks;
+        ``hdf5``: storing chunks and closing the file (HDF5, in the sink
+        thread); ``encode``: checksums and compression in the encoder threads.
+        """
+        return dict(self._result.stage_cpu_s) if self._result else {}
+
+    @property
     def written_events(self) -> int:
         """Events written to the file so far."""
         return self._figure(Field.WRITTEN_EVENTS, "written_events")

@@ -221,3 +221,17 @@ def test_the_other_commands_import_none_of_the_benchmark(tmp_path):
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_shmwriter_rows_say_where_the_cpu_goes(full_run):
+    result, data = full_run
+    stages = {"producers", "descriptors", "gather", "encode", "hdf5"}
+    for summary in data["summaries"]:
+        per_gb = summary["stage_cpu_s_per_gb"]
+        if summary["writer"].startswith("shmwriter-"):
+            assert set(per_gb) == stages, summary["writer"]
+            assert per_gb["gather"] > 0 and per_gb["hdf5"] > 0 and per_gb["producers"] > 0
+        else:
+            assert per_gb == {}
+    assert "where the CPU goes" in result.stdout
+    assert "| checksums + compression | HDF5 write + close |" in result.stdout

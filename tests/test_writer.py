@@ -285,3 +285,15 @@ def test_a_bad_argument_found_while_starting_is_named_and_leaves_nothing(tmp_pat
     is removed (the autouse fixture checks /dev/shm)."""
     with pytest.raises(error, match=match):
         shmwriter.Writer(tmp_path / "out.rtdc", SCHEMA, total_frames=1, **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["process", "thread"])
+def test_the_writer_reports_its_cpu_per_stage_once_the_run_has_ended(tmp_path, mode):
+    path = tmp_path / "out.rtdc"
+    with shmwriter.Writer(path, SCHEMA, total_frames=200, mode=mode) as writer:
+        assert writer.stage_cpu_s == {}  # not before the end
+        run_workers(writer, [list(range(0, 200, 2)), list(range(1, 200, 2))])
+    stages = writer.stage_cpu_s
+    assert set(stages) == {"descriptors", "gather", "encode", "hdf5"}
+    assert all(seconds >= 0 for seconds in stages.values())
+    assert stages["gather"] > 0 and stages["hdf5"] > 0 and stages["encode"] > 0

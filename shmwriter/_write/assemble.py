@@ -12,6 +12,7 @@ copied out of the ring only when it runs short of free slots (see
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -58,6 +59,8 @@ class FrameAssembler:
         self._in_order: list[tuple[int, int, list[tuple[int, int]]]] = []
         self._in_order_slots: list[int] = []
         self._noted_budget = False
+        #: CPU nanoseconds spent copying events into chunks and out of the ring.
+        self.gather_cpu_ns = 0
 
     def release_views(self) -> None:
         """Drop every view of the ring (before it is unmapped)."""
@@ -100,7 +103,9 @@ class FrameAssembler:
         if self._in_order:
             batch, self._in_order = self._in_order, []
             slots, self._in_order_slots = self._in_order_slots, []
+            started = time.thread_time_ns()
             self.gatherer.append_from_ring(batch, self._rows)
+            self.gather_cpu_ns += time.thread_time_ns() - started
             self._allocator.free(slots)
 
     def flush(self) -> None:
@@ -115,7 +120,9 @@ class FrameAssembler:
             self._in_order_slots += arrival.slots
         else:
             self.settle()
+            started = time.thread_time_ns()
             self.gatherer.append(arrival.frame, arrival.nevents, arrival.arrays)
+            self.gather_cpu_ns += time.thread_time_ns() - started
         if self.gatherer.nframes + len(self._in_order) >= self._write_threshold:
             self.flush()
 
@@ -147,6 +154,7 @@ class FrameAssembler:
 
     def _copy_out(self, arrival: Arrival) -> None:
         """Copy a waiting frame's events out of its slots into private memory; free the slots."""
+        started = time.thread_time_ns()
         arrays = {}
         for name, feature in self._layout.schema.items():
             arrays[name] = np.empty((arrival.nevents, *feature.shape), feature.file_dtype)
@@ -156,6 +164,7 @@ class FrameAssembler:
                 at += count
         self._allocator.free(self.reorder.store_copy(arrival, arrays,
                                                      self.nbytes(arrival.nevents)))
+        self.gather_cpu_ns += time.thread_time_ns() - started
 
     def nbytes(self, nevents: int) -> int:
         """Bytes of ``nevents`` events over all features."""

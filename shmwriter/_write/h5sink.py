@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -120,6 +121,9 @@ class H5Sink:
                  metadata: Mapping[str, Any] | None) -> None:
         self.path = os.fspath(path)
         self.nevents = 0
+        #: CPU nanoseconds of this sink's writes (HDF5, in the writing thread) and of its
+        #: encoder threads (checksums and compression).
+        self.write_cpu_ns = self.encode_cpu_ns = 0
         self._kwargs = dataset_kwargs(hdf5_dataset_kwargs)
         self._file = h5py.File(self.path, "w", libver="latest")
         try:
@@ -146,6 +150,14 @@ class H5Sink:
         """Append ``chunk`` to every dataset and flush, so live readers see it."""
         if self._file is None:
             raise ValueError(f"cannot write to the closed file {self.path!r}")
+        started = time.thread_time_ns()
+        try:
+            self._write(chunk)
+        finally:
+            self.write_cpu_ns += time.thread_time_ns() - started
+
+    def _write(self, chunk: Chunk) -> None:
+        assert self._file is not None
         if chunk.nevents:
             start, stop = self.nevents, self.nevents + chunk.nevents
             arrays = {name: _file_array(chunk, name, dataset)
@@ -163,6 +175,8 @@ class H5Sink:
             except BaseException:
                 encoded.cancel()
                 raise
+            finally:
+                self.encode_cpu_ns += encoded.cpu_ns
             self.nevents = stop
         self._file.flush()
 
@@ -245,8 +259,11 @@ class _EncodeWindow:
 
     def __init__(self, pool: ThreadPoolExecutor | None, jobs: list[_Job], window: int) -> None:
         self._pool, self._jobs = pool, iter(jobs)
-        self._pending: deque[tuple[h5py.Dataset, tuple[int, ...], Future[bytes | memoryview]]]
+        self._pending: deque[tuple[h5py.Dataset, tuple[int, ...],
+                                   Future[tuple[bytes | memoryview, int]]]]
         self._pending = deque()
+        #: CPU nanoseconds the encoder threads spent on the jobs handed out so far.
+        self.cpu_ns = 0
         for _ in range(window):
             if not self._submit_next():
                 break
@@ -256,13 +273,14 @@ class _EncodeWindow:
         if job is None or self._pool is None:
             return False
         dataset, offset, codec, rows = job
-        self._pending.append((dataset, offset, self._pool.submit(codec.encode, rows)))
+        self._pending.append((dataset, offset, self._pool.submit(_encode_timed, codec, rows)))
         return True
 
     def __iter__(self) -> Iterator[tuple[h5py.Dataset, tuple[int, ...], bytes | memoryview]]:
         while self._pending:
             dataset, offset, future = self._pending.popleft()
-            data = future.result()
+            data, cpu_ns = future.result()
+            self.cpu_ns += cpu_ns
             self._submit_next()
             yield dataset, offset, data
 
@@ -271,6 +289,14 @@ class _EncodeWindow:
         for _, _, future in self._pending:
             future.cancel()
         self._pending.clear()
+
+
+def _encode_timed(codec: ChunkCodec, rows: np.ndarray[Any, Any],
+                  ) -> tuple[bytes | memoryview, int]:
+    """``codec.encode(rows)`` and the CPU nanoseconds it took (in the encoder thread)."""
+    started = time.thread_time_ns()
+    data = codec.encode(rows)
+    return data, time.thread_time_ns() - started
 
 
 class _ChunkAppender:

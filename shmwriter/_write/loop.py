@@ -76,6 +76,7 @@ class WriterLoop:
         #: What made the run fail, in one line (the errno's text first), or None.
         self.failure: str | None = None
         self._last_flush = time.monotonic()
+        self._close_cpu_ns = 0
         # looked up for every frame: kept at hand
         total = config.ring.total_frames
         self._frame_limit = MAX_FRAME_INDEX + 1 if total is None else total
@@ -84,6 +85,7 @@ class WriterLoop:
     # -- lifecycle --------------------------------------------------------------
     def run(self) -> RunResult:
         """Serve the run to its end and return how it ended (never raises)."""
+        started_ns = time.thread_time_ns()
         state, error = State.DONE, None
         try:
             self._start()
@@ -104,7 +106,8 @@ class WriterLoop:
             error = self.abort_reason
         return RunResult(state=state, written_events=self.sink.nevents if self.sink else 0,
                          written_frames=self.written_frames, missing_frames=self._missing(),
-                         rejected_frames=self.rejected, error=error)
+                         rejected_frames=self.rejected, error=error,
+                         stage_cpu_s=self._stage_cpu_s(time.thread_time_ns() - started_ns))
 
     def request_abort(self, reason: str) -> None:
         """End the run soon: take what was sent, write it, close the file (signal-safe)."""
@@ -214,7 +217,9 @@ class WriterLoop:
                 error = f"writing {self.config.path} failed: {self.failure}"
                 self._announce(state, error)
         if self.sink is not None:
+            started = time.thread_time_ns()
             state, error = self._close_sink(self.sink, state, error)
+            self._close_cpu_ns = time.thread_time_ns() - started
         if self.header is not None:
             self._publish()
             self.written_frames = self.header.written_frames
@@ -253,6 +258,15 @@ class WriterLoop:
             written_frames=self.header.written_frames if self.header else 0,
             missing_frames=len(self._missing()), rejected_frames=self.rejected,
             reason=self.abort_reason, error=self.failure or error)
+
+    def _stage_cpu_s(self, loop_ns: int) -> dict[str, float]:
+        """CPU seconds per stage: this thread's own work, the copies, HDF5, the encoders."""
+        gather_ns = self.frames.gather_cpu_ns if self.frames else 0
+        write_ns = (self.sink.write_cpu_ns + self._close_cpu_ns) if self.sink else 0
+        encode_ns = self.sink.encode_cpu_ns if self.sink else 0
+        own_ns = max(0, loop_ns - gather_ns - self._close_cpu_ns)
+        return {"descriptors": own_ns / 1e9, "gather": gather_ns / 1e9,
+                "hdf5": write_ns / 1e9, "encode": encode_ns / 1e9}
 
     def _missing(self) -> FrameRanges:
         return self.frames.reorder.missing if self.frames else FrameRanges()

@@ -67,6 +67,8 @@ class RunResult:
     """Descriptors the writer refused (duplicates, forged or malformed)."""
     error: str | None = None
     """What went wrong, for FAILED; why, for ABORTED."""
+    stage_cpu_s: Mapping[str, float] = field(default_factory=dict)
+    """CPU seconds the writer spent in each stage (see ``Writer.stage_cpu_s``)."""
 
 
 def run_log_lines(*, state: State, total_frames: int | None, frames_done: int,

@@ -59,6 +59,7 @@ def format_report(result: BenchResult) -> str:
               "closed file. Writer CPU: " + _scopes(result) + ". Peak MB: summed PSS of the "
               "process tree (shared memory counted once); over idle: above the same tree, "
               "set up and idle, just before the start."]
+    lines += _stage_lines(result, fallback)
     if result.overhead is not None:
         o = result.overhead
         lines += ["", (f"descriptor path ({o.frames:,} empty frames, one producer, writer "
@@ -80,6 +81,27 @@ def _row(s: WriterSummary, filters_label: str, ratio: dict[str, float], fallback
             f"| {s.peak_memory_nbytes / 1e6:,.0f} (+{s.peak_over_baseline_nbytes / 1e6:,.0f}) "
             f"| {times('events_per_s_vs_dcnum')} | {times('events_per_s_vs_h5py')} "
             f"| {times('writer_cpu_per_gb_vs_dcnum')} |")
+
+
+_STAGES = (("producers", "producers"), ("descriptors", "writer loop"),
+           ("gather", "gather copy"), ("encode", "checksums + compression"),
+           ("hdf5", "HDF5 write + close"))
+
+
+def _stage_lines(result: BenchResult, fallback: bool) -> list[str]:
+    """Where shmwriter's CPU goes, per stage, in CPU seconds per GB (medians)."""
+    from .config import FILTERS
+    summaries = [s for s in result.summaries() if s.stage_cpu_s_per_gb]
+    if not summaries:
+        return []
+    lines = ["", ("where the CPU goes (CPU s per GB of event data, medians; the writer's "
+                  "stages add up to its threads' CPU):"), "",
+             "| filters | writer | " + " | ".join(label for _, label in _STAGES) + " |",
+             "|---|---|" + "---:|" * len(_STAGES)]
+    for s in summaries:
+        cells = " | ".join(f"{s.stage_cpu_s_per_gb.get(key, 0.0):.2f}" for key, _ in _STAGES)
+        lines.append(f"| {FILTERS[s.filters]} | {_label(s.writer, fallback)} | {cells} |")
+    return lines
 
 
 def _scopes(result: BenchResult) -> str:

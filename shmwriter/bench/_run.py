@@ -23,8 +23,8 @@ import multiprocessing
 import resource
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -264,6 +264,8 @@ class Measured:
     """Seconds from the start signal until the last producer handed over its last frame."""
     producer_reports: tuple[ProducerReport, ...] = ()
     """What each producer reported."""
+    stage_cpu_s: Mapping[str, float] = field(default_factory=dict)
+    """shmwriter's CPU seconds per writer stage (``Writer.stage_cpu_s``); {} otherwise."""
 
 
 def run_shmwriter(job: Job, mode: Literal["thread", "process"]) -> Measured:
@@ -321,7 +323,7 @@ def _run_writer(writer: Writer, target: Callable[..., None],
     return Measured(window=window, writer_cpu_s=max(0.0, writer_cpu), writer_cpu_scope=scope,
                     cpu_s=_total_cpu(window, [r.cpu_start_s for r in rows] + [writer_cpu_before]),
                     producers_s=max(r.done for r in rows) - window.t0,
-                    producer_reports=tuple(rows))
+                    producer_reports=tuple(rows), stage_cpu_s=writer.stage_cpu_s)
 
 
 def run_dcnum(job: Job) -> Measured:

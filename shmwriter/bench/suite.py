@@ -117,6 +117,10 @@ class RunFigures:
     """HDF5 filter ids of the file's image dataset."""
     path: str | None
     """The file written, if it was kept."""
+    producers_cpu_s: float | None = None
+    """CPU seconds of the producers from the start signal on (None: no producers)."""
+    stage_cpu_s: dict[str, float] = field(default_factory=dict)
+    """shmwriter's writer CPU seconds per stage (``Writer.stage_cpu_s``); {} for the others."""
     series: tuple[tuple[float, int, int], ...] = field(repr=False)
     """Samples ``(seconds since the start, events handed to the file, summed PSS)``."""
 
@@ -177,6 +181,8 @@ class WriterSummary:
     """Median peak memory."""
     peak_over_baseline_nbytes: int
     """Median peak above the idle process tree."""
+    stage_cpu_s_per_gb: dict[str, float] = field(default_factory=dict)
+    """Median CPU seconds per GB of each stage: ``producers`` and the writer's stages."""
 
     @classmethod
     def of(cls, runs: Sequence[RunFigures]) -> WriterSummary:
@@ -193,7 +199,19 @@ class WriterSummary:
                    writer_cpu_scope=first.writer_cpu_scope,
                    peak_memory_nbytes=int(median(r.peak_memory_nbytes for r in runs)),
                    peak_over_baseline_nbytes=int(median(r.peak_over_baseline_nbytes
-                                                        for r in runs)))
+                                                        for r in runs)),
+                   stage_cpu_s_per_gb=_stage_medians(runs))
+
+
+def _stage_medians(runs: Sequence[RunFigures]) -> dict[str, float]:
+    """Median CPU seconds per GB of the producers and of each writer stage."""
+    if not runs[0].stage_cpu_s:
+        return {}
+    gb = runs[0].data_nbytes / 1e9
+    stages = {"producers": [(r.producers_cpu_s or 0.0) / gb for r in runs]}
+    for name in runs[0].stage_cpu_s:
+        stages[name] = [r.stage_cpu_s.get(name, 0.0) / gb for r in runs]
+    return {name: float(statistics.median(values)) for name, values in stages.items()}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -358,7 +376,9 @@ def _measure_here(writer: str, job: runner.Job, repetition: int, keep: bool) -> 
         producers_s=measured.producers_s, baseline_memory_nbytes=window.baseline_nbytes,
         peak_memory_nbytes=window.peak_nbytes, monitor_cpu_s=window.monitor_cpu_s,
         image_chunks=chunks, image_filters=filters, path=str(job.path) if keep else None,
-        series=tuple(window.samples))
+        producers_cpu_s=(sum(r.cpu_end_s - r.cpu_start_s for r in measured.producer_reports)
+                         if measured.producer_reports else None),
+        stage_cpu_s=dict(measured.stage_cpu_s), series=tuple(window.samples))
     if not keep:
         job.path.unlink()
     logger.info("%s %s rep %d: %.0f events/s, %.1f MB/s", writer, job.filters, repetition,
