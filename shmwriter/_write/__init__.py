@@ -4,6 +4,7 @@
 ``entry``        the writer process's entry point (or the writer thread's)
 ``loop``         WriterLoop: reads the sockets and passes events between the rooms below
 ``channels``     the writer's ends of the producers' pipes
+``intake``       FrameIntake: frame descriptors checked, their slots held, the frames handed on
 ``slots``        SlotAllocator: which slot is free, granted to a producer or held by frames
 ``assemble``     FrameAssembler: frames into frame order, into chunks, and out of the ring
 ``reorder``      ReorderBuffer: the frontier, frames waiting for earlier ones, the gaps

@@ -26,12 +26,13 @@ from .._channel.records import GRANT_REFUSED, Kind, Record
 from .._liveness import is_alive
 from .._ranges import FrameRanges
 from .._ring.ring import SlotRing, State
-from .._rtdc import MAX_FRAME_INDEX, RUN_LOG
+from .._rtdc import RUN_LOG
 from .assemble import FrameAssembler
 from .channels import Channels, ProducerChannel
 from .gather import Chunk
 from .h5sink import H5Sink
 from .header import RunHeader
+from .intake import FrameIntake
 from .run import RunConfig, RunResult, describe_failure, run_log_lines
 from .sink_thread import SinkThread
 from .slots import SlotAllocator, SlotRequest
@@ -72,15 +73,12 @@ class WriterLoop:
         self.handout_over = self.producer_died = self.stopping = False
         #: Why the run is aborted; None while it is not.
         self.abort_reason: str | None = None
-        self.rejected = self.written_frames = 0
+        self.intake: FrameIntake | None = None
+        self.written_frames = 0
         #: What made the run fail, in one line (the errno's text first), or None.
         self.failure: str | None = None
         self._last_flush = time.monotonic()
         self._close_cpu_ns = 0
-        # looked up for every frame: kept at hand
-        total = config.ring.total_frames
-        self._frame_limit = MAX_FRAME_INDEX + 1 if total is None else total
-        self._slot_events = config.ring.layout.slot_events
 
     # -- lifecycle --------------------------------------------------------------
     def run(self) -> RunResult:
@@ -106,7 +104,7 @@ class WriterLoop:
             error = self.abort_reason
         return RunResult(state=state, written_events=self.sink.nevents if self.sink else 0,
                          written_frames=self.written_frames, missing_frames=self._missing(),
-                         rejected_frames=self.rejected, error=error,
+                         rejected_frames=self._rejected(), error=error,
                          stage_cpu_s=self._stage_cpu_s(time.thread_time_ns() - started_ns))
 
     def request_abort(self, reason: str) -> None:
@@ -128,6 +126,7 @@ class WriterLoop:
         self.frames = FrameAssembler(
             ring, self.slots, write_threshold=config.write_threshold, derived=config.derived,
             reorder_budget_nbytes=config.reorder_budget_nbytes, emit=self._emit)
+        self.intake = FrameIntake(config.ring, self.slots, self.frames, self._refuse)
         self.attach_server = AttachServer(config.ticket)
         header.set_state(State.RUNNING)
         self.control.send(MSG_STARTED)
@@ -256,7 +255,7 @@ class WriterLoop:
         return run_log_lines(
             state=state, total_frames=self.config.ring.total_frames, frames_done=frames_done,
             written_frames=self.header.written_frames if self.header else 0,
-            missing_frames=len(self._missing()), rejected_frames=self.rejected,
+            missing_frames=len(self._missing()), rejected_frames=self._rejected(),
             reason=self.abort_reason, error=self.failure or error)
 
     def _stage_cpu_s(self, loop_ns: int) -> dict[str, float]:
@@ -267,6 +266,13 @@ class WriterLoop:
         own_ns = max(0, loop_ns - gather_ns - self._close_cpu_ns)
         return {"descriptors": own_ns / 1e9, "gather": gather_ns / 1e9,
                 "hdf5": write_ns / 1e9, "encode": encode_ns / 1e9}
+
+    def _rejected(self) -> int:
+        return self.intake.rejected if self.intake else 0
+
+    def _intake(self) -> FrameIntake:
+        assert self.intake is not None, "frames are taken once the run has started"
+        return self.intake
 
     def _missing(self) -> FrameRanges:
         return self.frames.reorder.missing if self.frames else FrameRanges()
@@ -336,10 +342,11 @@ class WriterLoop:
 
     def _on_record(self, channel: ProducerChannel, record: Record) -> None:
         kind = record.kind
+        intake = self._intake()
         if kind == Kind.FRAME:
-            self._on_frame(channel, record)
+            intake.frame(channel, record)
         elif kind == Kind.BATCH:
-            self._on_batch(channel, record)
+            intake.batch(channel, record)
         elif kind in (Kind.REQUEST, Kind.REQUEST_RUN):
             if not 1 <= record.nevents <= self.config.ring.slots:
                 self._refuse(channel, f"asked for {record.nevents} slots")
@@ -347,7 +354,7 @@ class WriterLoop:
                 self.slots.request(SlotRequest(record.value, channel.id, record.nevents,
                                                contiguous=kind == Kind.REQUEST_RUN))
         elif kind == Kind.PACKED:
-            self._on_packed(channel, record)
+            intake.packed(channel, record)
         elif kind == Kind.RELEASE:
             self.slots.release(channel.id, list(record.slots))
         elif kind == Kind.HELLO:
@@ -366,81 +373,6 @@ class WriterLoop:
             return
         channel.pid = pid
         self._header().count_producer()
-
-    def _on_frame(self, channel: ProducerChannel, record: Record) -> None:
-        frame, nevents, slots = record.value, record.nevents, list(record.slots)
-        problem = self._check_frame(channel, frame, nevents, slots)
-        if problem:
-            self.rejected += 1
-            logger.error("producer %d: rejected frame %d: %s", channel.id, frame, problem)
-            self.slots.release(channel.id, slots)
-            return
-        self.slots.hold(channel.id, slots)
-        # it waits in its slots (no copy) until the frontier reaches it, unless
-        # the ring runs short: then the assembler copies waiting frames out
-        self._frames().accept(frame, nevents, slots)
-
-    def _on_batch(self, channel: ProducerChannel, record: Record) -> None:
-        """A batch is its frames in a row, each with its own slots, listed in order."""
-        layout = self.config.ring.layout
-        needed = [layout.slots_for(nevents) for _, nevents in record.frames]
-        if sum(needed) != len(record.slots):
-            self._refuse(channel, f"sent a batch of {len(record.frames)} frames needing "
-                                  f"{sum(needed)} slots with {len(record.slots)} slots")
-            return
-        at = 0
-        for (frame, nevents), count in zip(record.frames, needed, strict=True):
-            self._on_frame(channel, Record(Kind.FRAME, frame, nevents,
-                                           record.slots[at:at + count]))
-            at += count
-            if channel.done:
-                return
-
-    def _on_packed(self, channel: ProducerChannel, record: Record) -> None:
-        """A packed batch: its frames' events back to back in consecutive slots, in order."""
-        per_slot, total_slots = self.config.ring.layout.slot_events, self.config.ring.slots
-        nevents = sum(count for _, count in record.frames)
-        first = record.value
-        run = list(range(first, first + -(-nevents // per_slot)))
-        if run and not (0 <= first and run[-1] < total_slots
-                        and self.slots.owns(channel.id, run)):
-            self._refuse(channel, f"sent a packed batch in slots {first}..{first + len(run) - 1}"
-                                  f" that were not granted to it")
-            return
-        accepted, row, seen = [], first * per_slot, set()
-        for frame, count in record.frames:
-            problem = self._check_index(frame) or (
-                "duplicate frame index: it is in the batch twice" if frame in seen else None)
-            seen.add(frame)
-            if problem:
-                self.rejected += 1
-                logger.error("producer %d: rejected frame %d: %s", channel.id, frame, problem)
-            else:
-                slots = list(range(row // per_slot, (row + count - 1) // per_slot + 1)) \
-                    if count else []
-                # every frame holds its slots before any is gathered (and may free them)
-                self.slots.hold(channel.id, slots)
-                accepted.append((frame, count, slots, [(row, count)] if count else []))
-            row += count
-        for frame, count, slots, rows in accepted:
-            self._frames().accept(frame, count, slots, rows)
-        self.slots.release(channel.id, run)  # the slots no accepted frame holds
-
-    def _check_frame(self, channel: ProducerChannel, frame: int, nevents: int,
-                     slots: list[int]) -> str | None:
-        if len(slots) != -(-nevents // self._slot_events):
-            return f"{nevents} events do not match {len(slots)} slots"
-        if slots and not self.slots.owns(channel.id, slots):
-            return f"slots {slots} were not granted to this producer"
-        return self._check_index(frame)
-
-    def _check_index(self, frame: int) -> str | None:
-        if not 0 <= frame < self._frame_limit:
-            total = self.config.ring.total_frames
-            return f"frame index out of range (total_frames={total})"
-        if self._frames().reorder.is_known(frame):
-            return "duplicate frame index: this frame was received already"
-        return None
 
     def _refuse(self, channel: ProducerChannel, why: str) -> None:
         logger.error("producer %d %s; refusing it", channel.id, why)
@@ -510,5 +442,5 @@ class WriterLoop:
     def _publish(self) -> None:
         if self.header is not None and self.frames is not None:
             self.header.publish(slots_in_use=self.slots.in_use, reorder=self.frames.reorder,
-                                rejected=self.rejected,
+                                rejected=self._rejected(),
                                 producers_alive=len(self.channels.open_ids()))

@@ -1,0 +1,126 @@
+"""Intake: what producers say about their frames, checked, then handed to the rooms.
+
+:class:`FrameIntake` takes the descriptors of frames (one frame, a batch, a
+packed batch). It checks each against the slot allocator (its slots must be
+granted to its producer) and the reorder buffer (no frame twice, none out of
+range). Then the frame's slots become the frame's and the frame goes to the
+assembler. A frame that fails the checks is rejected (logged, counted, its
+slots back); a record that cannot be honest (a batch whose slots do not add
+up, a packed batch in slots never granted) refuses its sender.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from .._channel.records import Kind, Record
+from .._ring.ring import RingSpec
+from .._rtdc import MAX_FRAME_INDEX
+from .assemble import FrameAssembler
+from .channels import ProducerChannel
+from .slots import SlotAllocator
+
+__all__ = ["FrameIntake"]
+
+logger = logging.getLogger(__name__)
+
+
+class FrameIntake:
+    """Checks frame descriptors and hands the frames over. Called by the writer loop only.
+
+    Parameters
+    ----------
+    spec
+        The run's ring.
+    slots
+        Whose slots are whose.
+    frames
+        Where accepted frames go.
+    refuse
+        Refuses a producer that sent a record that cannot be honest, saying why.
+    """
+
+    def __init__(self, spec: RingSpec, slots: SlotAllocator, frames: FrameAssembler,
+                 refuse: Callable[[ProducerChannel, str], None]) -> None:
+        self._slots, self._frames, self._refuse = slots, frames, refuse
+        # looked up for every frame: kept at hand
+        self._slot_events, self._nslots = spec.layout.slot_events, spec.slots
+        self._total_frames = spec.total_frames
+        self._frame_limit = MAX_FRAME_INDEX + 1 if spec.total_frames is None else spec.total_frames
+        #: Frames rejected so far (out of range, put twice, in slots not granted).
+        self.rejected = 0
+
+    def frame(self, channel: ProducerChannel, record: Record) -> None:
+        """One frame, its slots listed."""
+        frame, nevents, slots = record.value, record.nevents, list(record.slots)
+        problem = self._check_frame(channel, frame, nevents, slots)
+        if problem:
+            self.rejected += 1
+            logger.error("producer %d: rejected frame %d: %s", channel.id, frame, problem)
+            self._slots.release(channel.id, slots)
+            return
+        self._slots.hold(channel.id, slots)
+        # it waits in its slots (no copy) until the frontier reaches it, unless
+        # the ring runs short: then the assembler copies waiting frames out
+        self._frames.accept(frame, nevents, slots)
+
+    def batch(self, channel: ProducerChannel, record: Record) -> None:
+        """A batch is its frames in a row, each with its own slots, listed in order."""
+        needed = [-(-nevents // self._slot_events) for _, nevents in record.frames]
+        if sum(needed) != len(record.slots):
+            self._refuse(channel, f"sent a batch of {len(record.frames)} frames needing "
+                                  f"{sum(needed)} slots with {len(record.slots)} slots")
+            return
+        at = 0
+        for (frame, nevents), count in zip(record.frames, needed, strict=True):
+            self.frame(channel, Record(Kind.FRAME, frame, nevents,
+                                           record.slots[at:at + count]))
+            at += count
+            if channel.done:
+                return
+
+    def packed(self, channel: ProducerChannel, record: Record) -> None:
+        """A packed batch: its frames' events back to back in consecutive slots, in order."""
+        per_slot, total_slots = self._slot_events, self._nslots
+        nevents = sum(count for _, count in record.frames)
+        first = record.value
+        run = list(range(first, first + -(-nevents // per_slot)))
+        if run and not (0 <= first and run[-1] < total_slots
+                        and self._slots.owns(channel.id, run)):
+            self._refuse(channel, f"sent a packed batch in slots {first}..{first + len(run) - 1}"
+                                  f" that were not granted to it")
+            return
+        accepted, row, seen = [], first * per_slot, set()
+        for frame, count in record.frames:
+            problem = self._check_index(frame) or (
+                "duplicate frame index: it is in the batch twice" if frame in seen else None)
+            seen.add(frame)
+            if problem:
+                self.rejected += 1
+                logger.error("producer %d: rejected frame %d: %s", channel.id, frame, problem)
+            else:
+                slots = list(range(row // per_slot, (row + count - 1) // per_slot + 1)) \
+                    if count else []
+                # every frame holds its slots before any is gathered (and may free them)
+                self._slots.hold(channel.id, slots)
+                accepted.append((frame, count, slots, [(row, count)] if count else []))
+            row += count
+        for frame, count, slots, rows in accepted:
+            self._frames.accept(frame, count, slots, rows)
+        self._slots.release(channel.id, run)  # the slots no accepted frame holds
+
+    def _check_frame(self, channel: ProducerChannel, frame: int, nevents: int,
+                     slots: list[int]) -> str | None:
+        if len(slots) != -(-nevents // self._slot_events):
+            return f"{nevents} events do not match {len(slots)} slots"
+        if slots and not self._slots.owns(channel.id, slots):
+            return f"slots {slots} were not granted to this producer"
+        return self._check_index(frame)
+
+    def _check_index(self, frame: int) -> str | None:
+        if not 0 <= frame < self._frame_limit:
+            return f"frame index out of range (total_frames={self._total_frames})"
+        if self._frames.reorder.is_known(frame):
+            return "duplicate frame index: this frame was received already"
+        return None
