@@ -21,6 +21,7 @@ import numpy.typing as npt
 from ._channel.grants import SlotGrants
 from ._channel.records import (
     MAX_FRAMES_PER_RECORD,
+    MAX_SLOTS_PER_BATCH_FRAME,
     MAX_SLOTS_PER_RECORD,
     Kind,
     encode_batch,
@@ -279,6 +280,8 @@ class Producer:
             arrays = self._run_arrays(run, total)
             with self._filling(arrays, run, in_ring=True):
                 yield arrays
+            if not pairs:
+                return  # an empty batch: nothing to send
             self._send_described([frame for frame, _ in pairs], total, run,
                                  encode_packed(pairs, run[0] if run else 0))
 
@@ -332,7 +335,8 @@ class Producer:
             if index in seen:
                 raise FrameError(f"frame {index} is in the batch twice", frame_index=index)
             seen.add(index)
-            self._check_fits(index, count, self._spec.layout.slots_for(count))
+            self._check_fits(index, count, self._spec.layout.slots_for(count),
+                             most=MAX_SLOTS_PER_BATCH_FRAME)
             pairs.append((index, count))
         return pairs
 
@@ -395,8 +399,9 @@ class Producer:
             return {name: np.empty((0, *f.shape), f.dtype) for name, f in self.schema.items()}
         return self._attached_ring().run_views(run[0], nevents)
 
-    def _check_fits(self, frame_index: int, nevents: int, nslots: int) -> None:
-        limit = min(self._spec.slots, MAX_SLOTS_PER_RECORD)
+    def _check_fits(self, frame_index: int, nevents: int, nslots: int, *,
+                    most: int = MAX_SLOTS_PER_RECORD) -> None:
+        limit = min(self._spec.slots, most)
         if nslots > limit:
             most = limit * self._spec.layout.slot_events
             raise FrameError(

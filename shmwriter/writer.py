@@ -334,8 +334,9 @@ class Writer:
 
         ``descriptors``: the writer loop's own work (records, grants, checks,
         reordering); ``gather``: copying events out of the ring into chunks;
-        ``hdf5``: storing chunks and closing the file (HDF5, in the sink
-        thread); ``encode``: checksums and compression in the encoder threads.
+        ``hdf5``: HDF5 storing chunks (in the sink thread) and closing the
+        file (in the loop's thread); ``encode``: checksums and compression in
+        the encoder threads.
         """
         return dict(self._result.stage_cpu_s) if self._result else {}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import h5py
 import numpy as np
@@ -162,15 +163,21 @@ def test_a_run_of_slots_waits_for_frames_ahead_to_be_written(tmp_path):
     assert_file_holds(path, range(40))
 
 
-def test_a_forged_packed_batch_refuses_its_sender_and_the_run_goes_on(tmp_path, caplog):
+@pytest.mark.parametrize(("record", "slots"), [
+    (encode_packed([(3, 2), (4, 1)], 2), "2..3"),  # slots never granted
+    (encode_packed([(3, 2**32 - 1)] * 340, 0), "0..730144440149"),  # far beyond the ring
+], ids=["slots-not-granted", "beyond-the-ring"])
+def test_a_forged_packed_batch_refuses_its_sender_and_the_run_goes_on(tmp_path, caplog, record,
+                                                                     slots):
     caplog.set_level(logging.ERROR, logger="shmwriter")
     path = tmp_path / "out.rtdc"
     with shmwriter.Writer(path, SCHEMA, total_frames=10, slots=4, slot_events=2) as writer:
         forger, honest = writer.producer(), writer.producer()
         forger.put(0, None)  # says HELLO
-        os.write(forger._desc_fd, encode_packed([(3, 2), (4, 1)], 2))  # slots never granted
-        with pytest.raises(shmwriter.BrokenError, match=r"refused this producer: producer 0 "
-                                                        r"sent a packed batch in slots 2\.\.3"):
+        os.write(forger._desc_fd, record)
+        with pytest.raises(shmwriter.BrokenError, match=rf"refused this producer: producer 0 "
+                                                        rf"sent a packed batch in slots "
+                                                        rf"{re.escape(slots)}"):
             forger.put(1, events_of(1), timeout_s=10)
         counts, events = batch_of(list(range(1, 10)))
         honest.put_many(list(range(1, 10)), counts, events)

@@ -11,7 +11,7 @@ import pytest
 from _workers import SCHEMA, assert_file_holds, batch_of, events_of, put_batches, run_workers
 
 import shmwriter
-from shmwriter._channel.records import Kind, encode_batch
+from shmwriter._channel.records import Kind, encode_batch, encode_record
 
 
 @pytest.mark.parametrize("mode", ["process", "thread"])
@@ -114,6 +114,8 @@ def test_a_frame_put_already_refuses_the_batch(tmp_path):
 
 @pytest.mark.parametrize(("record", "why"), [
     (encode_batch([(3, 2), (4, 1)], [0]), "sent a batch of 2 frames needing 2 slots with 1"),
+    (encode_record(Kind.REQUEST, -5, nevents=1), "asked for slots for frame -5, out of range"),
+    (encode_record(Kind.REQUEST_RUN, 1, nevents=3), "asked for 3 slots"),  # a run: half at most
     (struct.pack("<BxHIq", Kind.BATCH, 0, 10**6, 0), "sent a record larger than one write"),
 ])
 def test_a_forged_batch_refuses_its_sender_and_the_run_goes_on(tmp_path, caplog, record, why):
@@ -132,3 +134,17 @@ def test_a_forged_batch_refuses_its_sender_and_the_run_goes_on(tmp_path, caplog,
         honest.close()
     assert any(why in r.getMessage() for r in caplog.records)
     assert_file_holds(path, range(10))
+
+
+def test_a_frame_too_large_for_a_batch_record_is_a_frame_error_and_keeps_no_slot(tmp_path):
+    schema = shmwriter.Schema({"area": shmwriter.Feature("int64")})
+    with shmwriter.Writer(tmp_path / "out.rtdc", schema, total_frames=2, slots=2048,
+                          slot_events=1, mode="thread") as writer:
+        with writer.producer() as producer:
+            with pytest.raises(shmwriter.FrameError, match="frame 0 has 1020 events but one "
+                                                           "frame can hold at most 1017"):
+                producer.put_many([0], [1020], {"area": np.arange(1020)})
+            assert producer._grants.unused == []  # nothing was taken for it
+            producer.put_many([0], [1017], {"area": np.arange(1017)})
+            producer.put(1, {"area": np.arange(1020)})  # a single put can hold it
+    assert writer.written_events == 1017 + 1020

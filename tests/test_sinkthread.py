@@ -61,3 +61,19 @@ def test_finish_without_start_returns():
     sink = SinkThread(print, where="x", queue_size=1)
     sink.finish()
     sink.raise_if_failed()
+
+
+def test_a_failing_callback_is_a_failure_too_and_nothing_vanishes():
+    written = []
+
+    def count(chunk):
+        if chunk == 2:
+            raise RuntimeError("the header is gone")
+
+    sink = SinkThread(written.append, where="x.rtdc", queue_size=1, on_written=count)
+    sink.start()
+    with pytest.raises(OSError, match=r"writing x\.rtdc failed: the header is gone"):
+        for chunk in range(100):  # no put may return as if its chunk were taken
+            sink.put(chunk)
+    sink.finish()
+    assert written[:3] == [0, 1, 2] and isinstance(sink.error, RuntimeError)

@@ -62,13 +62,15 @@ class SlotGrants:
         RingFullError
             If they were not granted within ``timeout_s``.
         """
-        if len(self._cache) < nslots and self._owed == 0:
-            self._ask(Kind.REQUEST, frame_index, nslots)
-        elif len(self._cache) + self._owed < nslots:
-            more = nslots - len(self._cache) - self._owed
-            self._send(encode_record(Kind.REQUEST, frame_index, nevents=more))
-            self._owed += more
-        self._wait(frame_index, nslots, timeout_s)
+        deadline = _now() + timeout_s
+        if len(self._cache) + self._owed < nslots:
+            if self._owed:
+                # at most one request is out at a time: a grant then answers exactly it
+                # (with spare slots, maybe), so what is owed is never miscounted
+                self._wait(frame_index, len(self._cache) + self._owed, timeout_s)
+            if len(self._cache) < nslots:
+                self._ask(Kind.REQUEST, frame_index, nslots)
+        self._wait(frame_index, nslots, max(0.0, deadline - _now()))
         slots, self._cache = self._cache[:nslots], self._cache[nslots:]
         return slots
 
@@ -85,10 +87,11 @@ class SlotGrants:
         BrokenError
             If the writer granted slots that are not consecutive.
         """
+        deadline = _now() + timeout_s
         if self._owed:
             self._wait(frame_index, len(self._cache) + self._owed, timeout_s)
         self._ask(Kind.REQUEST_RUN, frame_index, nslots)
-        self._wait(frame_index, nslots, timeout_s)
+        self._wait(frame_index, nslots, max(0.0, deadline - _now()))
         run, self._cache = self._cache[:nslots], self._cache[nslots:]
         if run != list(range(run[0], run[0] + nslots)):
             self._cache.extend(run)

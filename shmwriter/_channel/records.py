@@ -22,14 +22,16 @@ from typing import NamedTuple
 
 from ..errors import BrokenError
 
-__all__ = ["MAX_FRAMES_PER_RECORD", "MAX_SLOTS_PER_RECORD", "Kind", "Record", "batch_nbytes",
-           "decode_records", "encode_batch", "encode_packed", "encode_record", "open_pipe_pair",
-           "read_grants", "split_batch", "write_record"]
+__all__ = ["MAX_FRAMES_PER_RECORD", "MAX_SLOTS_PER_BATCH_FRAME", "MAX_SLOTS_PER_RECORD", "Kind",
+           "Record", "batch_nbytes", "decode_records", "encode_batch", "encode_packed",
+           "encode_record", "open_pipe_pair", "read_grants", "split_batch", "write_record"]
 
 _HEADER = struct.Struct("<BxHIq")
 _BATCH_FRAME = struct.Struct("<qI")
 #: Most slots a single frame record can list (the record must fit PIPE_BUF).
 MAX_SLOTS_PER_RECORD = (select.PIPE_BUF - _HEADER.size) // 4
+#: Most slots one frame of a BATCH record can have (the record must fit PIPE_BUF).
+MAX_SLOTS_PER_BATCH_FRAME = (select.PIPE_BUF - _HEADER.size - _BATCH_FRAME.size) // 4
 #: Most frames a BATCH or PACKED record can list.
 MAX_FRAMES_PER_RECORD = (select.PIPE_BUF - _HEADER.size) // _BATCH_FRAME.size
 #: Grant value telling a producer the writer refuses it (see the header's error text).

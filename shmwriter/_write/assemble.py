@@ -139,10 +139,11 @@ class FrameAssembler:
         """
         allocator = self._allocator
         quarter = allocator.slots // 4
-        if allocator.nfree >= quarter and allocator.can_serve(urgent):
+        served = allocator.can_serve(urgent)  # for a run: a scan of the ring, so once a copy
+        if allocator.nfree >= quarter and served:
             return  # the common case: nothing to relieve
         for arrival in self.reorder.held_in_slots():  # the furthest ahead first
-            stuck = not allocator.can_serve(urgent) and urgent is not None and (
+            stuck = not served and urgent is not None and (
                 urgent.frame < arrival.frame or desperate)
             if not stuck and allocator.nfree >= quarter:
                 break
@@ -151,6 +152,7 @@ class FrameAssembler:
                     break
                 self._note_budget_exceeded()
             self._copy_out(arrival)
+            served = allocator.can_serve(urgent)
 
     def _copy_out(self, arrival: Arrival) -> None:
         """Copy a waiting frame's events out of its slots into private memory; free the slots."""

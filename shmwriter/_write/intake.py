@@ -51,6 +51,10 @@ class FrameIntake:
         #: Frames rejected so far (out of range, put twice, in slots not granted).
         self.rejected = 0
 
+    def in_range(self, frame: int) -> bool:
+        """Whether ``frame`` is a frame index this run can take."""
+        return 0 <= frame < self._frame_limit
+
     def frame(self, channel: ProducerChannel, record: Record) -> None:
         """One frame, its slots listed."""
         frame, nevents, slots = record.value, record.nevents, list(record.slots)
@@ -77,18 +81,17 @@ class FrameIntake:
             self.frame(channel, Record(Kind.FRAME, frame, nevents,
                                            record.slots[at:at + count]))
             at += count
-            if channel.done:
-                return
 
     def packed(self, channel: ProducerChannel, record: Record) -> None:
         """A packed batch: its frames' events back to back in consecutive slots, in order."""
         per_slot, total_slots = self._slot_events, self._nslots
         nevents = sum(count for _, count in record.frames)
-        first = record.value
-        run = list(range(first, first + -(-nevents // per_slot)))
-        if run and not (0 <= first and run[-1] < total_slots
-                        and self._slots.owns(channel.id, run)):
-            self._refuse(channel, f"sent a packed batch in slots {first}..{first + len(run) - 1}"
+        first, nslots = record.value, -(-nevents // per_slot)
+        # bounds by arithmetic first: a forged count must not make a list of a trillion slots
+        in_ring = nslots == 0 or (0 <= first and first + nslots <= total_slots)
+        run = list(range(first, first + nslots)) if in_ring else []
+        if not in_ring or not self._slots.owns(channel.id, run):
+            self._refuse(channel, f"sent a packed batch in slots {first}..{first + nslots - 1}"
                                   f" that were not granted to it")
             return
         accepted, row, seen = [], first * per_slot, set()
@@ -119,7 +122,7 @@ class FrameIntake:
         return self._check_index(frame)
 
     def _check_index(self, frame: int) -> str | None:
-        if not 0 <= frame < self._frame_limit:
+        if not self.in_range(frame):
             return f"frame index out of range (total_frames={self._total_frames})"
         if self._frames.reorder.is_known(frame):
             return "duplicate frame index: this frame was received already"

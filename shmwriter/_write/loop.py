@@ -348,8 +348,13 @@ class WriterLoop:
         elif kind == Kind.BATCH:
             intake.batch(channel, record)
         elif kind in (Kind.REQUEST, Kind.REQUEST_RUN):
-            if not 1 <= record.nevents <= self.config.ring.slots:
+            # a run is at most half the ring (Producer.frames asks for no more)
+            most = self.config.ring.slots if kind == Kind.REQUEST else \
+                max(1, self.config.ring.slots // 2)
+            if not 1 <= record.nevents <= most:
                 self._refuse(channel, f"asked for {record.nevents} slots")
+            elif not intake.in_range(record.value):
+                self._refuse(channel, f"asked for slots for frame {record.value}, out of range")
             elif not self.stopping:
                 self.slots.request(SlotRequest(record.value, channel.id, record.nevents,
                                                contiguous=kind == Kind.REQUEST_RUN))

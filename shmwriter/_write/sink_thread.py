@@ -92,7 +92,11 @@ class SinkThread(Generic[ChunkT]):
                 break
             except queue.Full:
                 if not self._thread.is_alive():
-                    return  # never started, or ended: nobody will take it
+                    if chunk is None:
+                        return  # ended already: nothing more to say
+                    self.raise_if_failed()
+                    raise OSError(f"writing {self._where} failed: its sink thread is gone"
+                                  ) from None
         self._publish()
 
     def _run(self) -> None:
@@ -100,13 +104,16 @@ class SinkThread(Generic[ChunkT]):
             if self.error is None:
                 try:
                     self._write(chunk)
-                except BaseException as exc:  # raised by put(); the caller logs it
-                    self.error = exc
-                else:
                     if self._on_written is not None:
                         self._on_written(chunk)
-            self._publish()
-        self._publish()
+                    self._publish()
+                except BaseException as exc:  # raised by put(); the caller logs it
+                    self.error = exc
+        if self.error is None:
+            try:
+                self._publish()
+            except BaseException as exc:
+                self.error = exc
 
     def _publish(self) -> None:
         if self._on_queue_size is not None:
