@@ -274,7 +274,8 @@ class Producer:
                 raise FrameError(
                     f"the batch of {len(pairs)} frames from frame {lowest} has {total} events: "
                     f"{nslots} slots, more than half of the ring's {self._spec.slots}; put "
-                    f"fewer frames at a time or raise slots", frame_index=lowest)
+                    f"fewer frames at a time, or give the Writer slots >= 2 x producers x "
+                    f"{nslots} (two such batches per producer)", frame_index=lowest)
             run = self._grants.take_run(lowest, nslots, self._timeout(timeout_s)) \
                 if nslots else []
             arrays = self._run_arrays(run, total)
