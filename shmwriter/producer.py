@@ -81,7 +81,7 @@ class Producer:
         self._pid = 0  # the process that said HELLO
         self._grants = SlotGrants(self._send, self._read_grants, self._writer_gone_error,
                                   self._ring_full_message)
-        self._slot_views: list[dict[str, np.ndarray[Any, Any]]] = []
+        self._stored_rows: dict[str, np.ndarray[Any, Any]] = {}
         self._masks = frozenset(n for n, f in spec.layout.schema.items() if f.dtype.kind == "b")
         #: Frames this producer has put (in this process).
         self.frames_put = 0
@@ -208,7 +208,7 @@ class Producer:
             slots = self._acquire(index, nevents, timeout_s)
             zero_copy = len(slots) == 1
             if zero_copy:
-                arrays = {name: view[:nevents] for name, view in self._views(slots[0]).items()}
+                arrays = self._attached_ring().run_views(slots[0], nevents)
             else:
                 arrays = {name: np.empty((nevents, *f.shape), f.dtype)
                           for name, f in self.schema.items()}
@@ -409,27 +409,26 @@ class Producer:
                 f"frame {frame_index} has {nevents} events but one frame can hold at most "
                 f"{most} (slots × slot_events); raise slot_events", frame_index=frame_index)
 
-    def _views(self, slot: int) -> dict[str, np.ndarray[Any, Any]]:
-        if not self._slot_views:
-            ring = self._attached_ring()
-            self._slot_views = [ring.slot_views(s, self._spec.layout.slot_events)
-                                for s in range(self._spec.slots)]
-        return self._slot_views[slot]
+    def _rows(self) -> dict[str, np.ndarray[Any, Any]]:
+        """Each feature across the ring, as stored (one view per feature, made once)."""
+        if not self._stored_rows:
+            self._stored_rows = self._attached_ring().row_views()
+        return self._stored_rows
 
     def _copy_into_slots(self, slots: list[int], arrays: Mapping[str, np.ndarray[Any, Any]],
                          nevents: int) -> None:
         # masks are stored as the file has them (uint8 0/255), so that this
         # conversion runs in the producers, in parallel, not in the writer
-        per_slot, masks = self._spec.layout.slot_events, self._masks
+        per_slot, masks, rows = self._spec.layout.slot_events, self._masks, self._rows()
         for j, slot in enumerate(slots):
             start, stop = j * per_slot, min((j + 1) * per_slot, nevents)
-            views = self._views(slot)
+            at = slot * per_slot
             for name, array in arrays.items():
-                view = views[name][:stop - start]
+                row = rows[name][at:at + stop - start]
                 if name in masks:
-                    np.multiply(array[start:stop], _MASK_TRUE, out=view.view(np.uint8))
+                    np.multiply(array[start:stop], _MASK_TRUE, out=row)
                 else:
-                    np.copyto(view, array[start:stop], casting="unsafe")
+                    np.copyto(row, array[start:stop], casting="unsafe")
 
     def _store_masks_as_bytes(self, arrays: Mapping[str, np.ndarray[Any, Any]]) -> None:
         """Turn boolean features filled in place into the uint8 0/255 the file stores."""
@@ -557,7 +556,7 @@ class Producer:
                 setattr(self, attr, -1)
                 os.close(fd)
         if self._ring is not None:
-            self._slot_views = []
+            self._stored_rows = {}
             self._ring.close()
             self._ring = None
 

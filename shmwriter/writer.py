@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 #: Most slots a ring may have (grants of all slots must fit one pipe buffer).
 _PAGE_NBYTES = 4096
+#: The ring a Writer gets unless told otherwise: slots, and events per slot.
+DEFAULT_SLOTS, DEFAULT_SLOT_EVENTS = 64, 4
 _START_TIMEOUT_S = 120.0
 _ABORT_TIMEOUT_S = 60.0
 _CONTROL_BUFFER_NBYTES = 8 * 2**20
@@ -128,7 +130,8 @@ class Writer:
     _closed = False
 
     def __init__(self, path: str | os.PathLike[str], schema: Schema, *,
-                 total_frames: int | None = None, slots: int = 64, slot_events: int = 4,
+                 total_frames: int | None = None, slots: int = DEFAULT_SLOTS,
+                 slot_events: int = DEFAULT_SLOT_EVENTS,
                  memory_budget_nbytes: int | None = None, write_threshold: int = 500,
                  hdf5_dataset_kwargs: Mapping[str, Any] | None = None,
                  metadata: Mapping[str, Any] | None = None, flush_interval_s: float = 1.0,

@@ -255,12 +255,6 @@ class SlotRing:
             raise ValueError(f"nevents must be in [0, {per_slot}] (slot_events); got {nevents}")
         return self.run_views(slot, nevents, as_stored=as_stored)
 
-    def feature_views(self) -> dict[str, np.ndarray[Any, Any]]:
-        """Each feature across all slots, ``(slots, slot_events, *shape)``, as stored."""
-        slots, per_slot = self.spec.slots, self.spec.layout.slot_events
-        return {name: block.reshape(slots, per_slot, *block.shape[1:])
-                for name, block in self._stored_rows.items()}
-
     def row_views(self) -> dict[str, np.ndarray[Any, Any]]:
         """Each feature across all slots, ``(slots * slot_events, *shape)``, as stored.
 

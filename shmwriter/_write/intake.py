@@ -46,6 +46,7 @@ class FrameIntake:
         self._slots, self._frames, self._refuse = slots, frames, refuse
         # looked up for every frame: kept at hand
         self._slot_events, self._nslots = spec.layout.slot_events, spec.slots
+        self._slots_for = spec.layout.slots_for
         self._total_frames = spec.total_frames
         self._frame_limit = MAX_FRAME_INDEX + 1 if spec.total_frames is None else spec.total_frames
         #: Frames rejected so far (out of range, put twice, in slots not granted).
@@ -71,7 +72,7 @@ class FrameIntake:
 
     def batch(self, channel: ProducerChannel, record: Record) -> None:
         """A batch is its frames in a row, each with its own slots, listed in order."""
-        needed = [-(-nevents // self._slot_events) for _, nevents in record.frames]
+        needed = [self._slots_for(nevents) for _, nevents in record.frames]
         if sum(needed) != len(record.slots):
             self._refuse(channel, f"sent a batch of {len(record.frames)} frames needing "
                                   f"{sum(needed)} slots with {len(record.slots)} slots")
@@ -86,7 +87,7 @@ class FrameIntake:
         """A packed batch: its frames' events back to back in consecutive slots, in order."""
         per_slot, total_slots = self._slot_events, self._nslots
         nevents = sum(count for _, count in record.frames)
-        first, nslots = record.value, -(-nevents // per_slot)
+        first, nslots = record.value, self._slots_for(nevents)
         # bounds by arithmetic first: a forged count must not make a list of a trillion slots
         in_ring = nslots == 0 or (0 <= first and first + nslots <= total_slots)
         run = list(range(first, first + nslots)) if in_ring else []
@@ -115,7 +116,7 @@ class FrameIntake:
 
     def _check_frame(self, channel: ProducerChannel, frame: int, nevents: int,
                      slots: list[int]) -> str | None:
-        if len(slots) != -(-nevents // self._slot_events):
+        if len(slots) != self._slots_for(nevents):
             return f"{nevents} events do not match {len(slots)} slots"
         if slots and not self._slots.owns(channel.id, slots):
             return f"slots {slots} were not granted to this producer"

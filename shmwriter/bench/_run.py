@@ -35,7 +35,7 @@ import psutil
 
 from .._rtdc import chunk_rows
 from ..ops.memory import TreeMemory
-from ..writer import Writer
+from ..writer import DEFAULT_SLOT_EVENTS, DEFAULT_SLOTS, Writer
 from . import _work as work
 
 __all__ = ["Job", "Measured", "ProducerReport", "Window", "read_back", "run_dcnum", "run_h5py",
@@ -44,7 +44,6 @@ __all__ = ["Job", "Measured", "ProducerReport", "Window", "read_back", "run_dcnu
 _SAMPLE_INTERVAL_S = 0.1
 _READY_TIMEOUT_S = 300.0
 _JOIN_TIMEOUT_S = 600.0
-_DEFAULT_SLOTS, _SLOT_EVENTS = 64, 4  # the Writer's defaults
 _CTX = multiprocessing.get_context("spawn")
 
 
@@ -234,8 +233,8 @@ class Job:
         nevents = self.workload.frame_nevents(self.frames)
         largest = max(int(nevents[at:at + self.batch_frames].sum())
                       for at in range(0, self.frames, self.batch_frames))
-        per_block = -(-largest // _SLOT_EVENTS)
-        return max(_DEFAULT_SLOTS, 2 * self.producers * per_block)
+        per_block = -(-largest // DEFAULT_SLOT_EVENTS)
+        return max(DEFAULT_SLOTS, 2 * self.producers * per_block)
 
     def shmwriter_kwargs(self) -> dict[str, Any] | None:
         """shmwriter's ``hdf5_dataset_kwargs`` of the filter setting (None: its defaults)."""
@@ -283,7 +282,7 @@ def run_shmwriter_blocks(job: Job, *, in_place: bool) -> Measured:
     ``put_many`` each, or (``in_place``) filling each with ``frames()``."""
     writer = Writer(job.path, work.BENCH_SCHEMA, total_frames=job.frames, mode="process",
                     write_threshold=job.write_threshold, slots=job.block_slots(),
-                    slot_events=_SLOT_EVENTS, hdf5_dataset_kwargs=job.shmwriter_kwargs())
+                    slot_events=DEFAULT_SLOT_EVENTS, hdf5_dataset_kwargs=job.shmwriter_kwargs())
     worker = work.fill_batches_in_ring if in_place else work.put_batches_into_ring
     return _run_writer(writer, worker,
                        [(job.workload, share, job.batch_frames) for share in job.block_shares()],
