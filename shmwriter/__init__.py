@@ -37,7 +37,9 @@ from .errors import QueueFullError as QueueFullError
 from .errors import RingFullError as RingFullError
 from .errors import ShmSpaceError as ShmSpaceError
 from .errors import ShmWriterError as ShmWriterError
+from .eventqueue import EventLease as EventLease
 from .eventqueue import EventQueue as EventQueue
+from .eventqueue import EventReader as EventReader
 from .producer import Producer as Producer
 from .writer import Writer as Writer
 
@@ -48,7 +50,9 @@ __all__ = [
     "AttachError",
     "BrokenError",
     "ClosedError",
+    "EventLease",
     "EventQueue",
+    "EventReader",
     "Feature",
     "FrameError",
     "FrameRanges",

@@ -2,7 +2,8 @@
 
 The Producer and the EventQueue both check with :func:`check_events`, so a
 frame that does not fit raises the same :class:`~shmwriter.FrameError`,
-naming the frame and the feature, in the process that put it.
+naming the frame and the feature, in the process that put it. An EventQueue
+without a schema makes one from its first events with :func:`infer_schema`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._spec import Schema
+from ._spec import Feature, Schema
 from .errors import FrameError
 
 __all__ = ["EventArrays", "check_batch_events", "check_counts", "check_events"]
@@ -112,3 +113,19 @@ def check_batch_events(schema: Schema, pairs: Sequence[tuple[int, int]],
         raise FrameError(f"{where}: feature {name!r} has {nevents} events but nevents adds "
                          f"up to {total}", frame_index=first, feature=name)
     return arrays
+
+
+def infer_schema(frame_index: int, arrays: Mapping[str, np.ndarray[Any, Any]]) -> Schema:
+    """One Feature per array: its dtype and the shape of one event."""
+    features = {}
+    for name, array in arrays.items():
+        try:
+            features[name] = Feature(array.dtype, array.shape[1:])
+        except (TypeError, ValueError) as exc:
+            raise FrameError(f"frame {frame_index}: feature {name!r} (dtype {array.dtype}, "
+                             f"shape {array.shape}) cannot be a feature: {exc}",
+                             frame_index=frame_index, feature=str(name)) from None
+    try:
+        return Schema(features)
+    except (TypeError, ValueError) as exc:
+        raise FrameError(f"frame {frame_index}: {exc}", frame_index=frame_index) from None

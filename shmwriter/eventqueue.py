@@ -3,56 +3,50 @@
 Workers call ``queue.put((frame_index, events))`` exactly as with an
 ``mp.Queue``; the arrays are copied into slots of a shared-memory segment and
 only a small descriptor (frame index, event count, slot numbers) travels
-through a socket. ``queue.get()`` returns the same tuple in any process.
+through a pipe. ``queue.get()`` returns the same tuple in any process.
 Consumers that want the events without an intermediate copy use
 :meth:`EventQueue.lease` and copy straight out of the slots, as the writers of
 :mod:`shmwriter.compat.dcnum` do.
 
-How the pieces are shared between processes, and why no process can block
-another forever, is described in :mod:`shmwriter._queue.shared`.
+The slots are handed out by the queue's hub, a thread of the process that
+created the queue, with the same protocol, allocator and liveness check as a
+:class:`~shmwriter.Writer`'s loop: see :mod:`shmwriter._queue.hub`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import queue
 import threading
-import time
+import weakref
 from collections.abc import Mapping
-from multiprocessing import reduction
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from ._channel.records import MAX_SLOTS_PER_RECORD, Kind, encode_record
-from ._events import check_events
-from ._queue.shared import (
-    IN_FLIGHT,
-    QueueShared,
-    budget_nbytes,
-    lock_publish,
-    segment_nbytes,
-    slots_that_fit,
-    unlock_publish,
+from ._channel.records import Kind, Record, encode_record
+from ._events import check_events, infer_schema
+from ._queue.client import (
+    FrameReader,
+    QueueClient,
+    QueueTicket,
+    new_ticket,
+    open_client,
 )
-from ._ring.ring import MAX_SLOTS, Field, SlotRing
-from ._spec import Feature, Schema, SlotLayout
+from ._queue.hub import MAX_SLOTS_PER_FRAME, NO_EVENTS, QueueHub
+from ._queue.leases import EventLease, EventReader, seconds
+from ._queue.segment import QueueSegment, queue_nbytes
+from ._ring.ring import Field, SlotRing
+from ._spec import Schema
 from ._validate import check_positive_int
 from .errors import BrokenError, ClosedError, FrameError, QueueFullError
 
-__all__ = ["EventLease", "EventQueue"]
+__all__ = ["EventLease", "EventQueue", "EventReader"]
 
 logger = logging.getLogger(__name__)
 
-#: Segment budget when the schema is inferred and no budget is given.
-DEFAULT_BUDGET_NBYTES = 64 * 2**20
-_DEFAULT_SLOTS = 64
-#: Event count sent for a frame put as ``(index, None)``, so that get() returns None again.
-_NO_EVENTS = 2**32 - 1
-_WAIT_SLICE_S = 0.5  # longest single wait: dead holders and consumers are looked for between
 
 
 class EventQueue:
@@ -93,50 +87,60 @@ class EventQueue:
     it, naming the frame and the feature; nothing of it is sent and the queue
     goes on.
 
-    **Lifetime.** The queue pickles into ``spawn``-ed processes (pass it as a
-    ``Process`` argument, like an ``mp.Queue``). Its memory is freed by the
+    **Lifetime.** The queue pickles (into ``spawn``-ed processes as a
+    ``Process`` argument, like an ``mp.Queue``, and anywhere else: it pickles
+    into a small ticket without file descriptors), and any process of the same
+    user on the same host can use it. Each thread that uses it attaches to the
+    queue's hub on first use. The hub is a thread of the process that created
+    the queue: the queue lives as long as that process keeps it open. Its
+    :meth:`close` there, or its exit, ends the queue for every process (their
+    calls raise :class:`~shmwriter.BrokenError`). The memory is freed by the
     kernel when the last process using it closes it or exits, however it
     exits: nothing is left in /dev/shm and nothing needs unlinking.
-    :meth:`close` releases this process's handles.
 
     **Differences from mp.Queue.** Items must be ``(int, dict or None)``
     tuples. Arrays come back in the schema's dtypes (in native byte order).
     A frame without events comes back as ``None`` if it was put as ``None``,
-    otherwise as a dict of empty arrays of the schema's features.
-    :meth:`qsize` is not available (as on macOS).
+    otherwise as a dict of empty arrays of the schema's features. The
+    creator's process must stay while others use the queue.
 
     **Waiting.** :meth:`put` waits for a free slot as the ``put`` of a bounded
     ``mp.Queue`` does: without a ``timeout`` for as long as it takes, with one
     until it runs out (then :class:`QueueFullError`, a ``queue.Full``). It
-    never waits for a consumer that is gone: every 0.5 s it takes back the
-    slots of dead holders and checks that some process that takes frames
-    (``get`` or ``lease``) is still there, and raises
-    :class:`~shmwriter.BrokenError` if none is (before the first frame was
-    taken, the queue's creator stands for the consumer).
+    never waits for a consumer that is gone: the hub takes back the slots of a
+    process the moment it dies, and once some process took frames (``get``
+    or ``lease``), a put that has to wait while no such process is left raises
+    :class:`~shmwriter.BrokenError`. Before the first frame was taken, the
+    queue's creator stands for the consumer. When slots are scarce, the put of
+    the lowest frame index is served first.
     """
 
-    _shared: QueueShared | None = None
-    _schema: Schema | None = None
     _closed = False
+    _hub: QueueHub | None = None
+    _segment: QueueSegment | None = None
 
     def __init__(self, schema: Schema | None = None, *, slots: int | None = None,
                  slot_events: int = 4, memory_budget_nbytes: int | None = None) -> None:
         slot_events = check_positive_int("slot_events", slot_events)
-        nbytes = _parse_size(schema, slots, slot_events, memory_budget_nbytes)
-        self._shared = QueueShared.create(nbytes, slot_events)
-        self._setup()
-        if schema is not None:
-            try:
-                self._shared.publish(schema, inferred=False)
-            except BaseException:
-                self.close()
-                raise
-            self._schema = schema
+        nbytes = queue_nbytes(schema, slots, slot_events, memory_budget_nbytes)
+        segment = QueueSegment.create(nbytes, slot_events)
+        try:
+            if schema is not None:
+                segment.write_schema(schema, inferred=False)
+            self._hub = QueueHub(segment)
+        except BaseException:
+            segment.close()
+            raise
+        self._setup(new_ticket(self._hub.address, self._hub.secret, segment.name, nbytes),
+                    segment)
 
-    def _setup(self) -> None:
-        self._schema = None
-        self._lock = threading.Lock()  # guards the lazy schema and ring set-up
-        self._next_reclaim = 0.0
+    def _setup(self, ticket: QueueTicket, segment: QueueSegment | None) -> None:
+        self._ticket, self._segment = ticket, segment
+        self._schema: Schema | None = None
+        self._lock = threading.Lock()  # guards the segment's mapping and the ring views
+        self._local = threading.local()  # this thread's client
+        self._clients: weakref.WeakSet[QueueClient] = weakref.WeakSet()
+        self._pid = os.getpid()
 
     # -- the mp.Queue interface ---------------------------------------------------------------
     def put(self, obj: tuple[int, Mapping[str, npt.ArrayLike] | None], block: bool = True,
@@ -159,40 +163,31 @@ class EventQueue:
         FrameError
             If the events do not fit the schema (see the class Notes); nothing was sent.
         QueueFullError
-            A ``queue.Full`` (and :class:`~shmwriter.RingFullError`): no slot,
-            or no room in the descriptor channel, came free within ``timeout``
-            (at once with ``block=False``).
+            A ``queue.Full`` (and :class:`~shmwriter.RingFullError`): no slot
+            came free within ``timeout`` (at once with ``block=False``).
         BrokenError
-            If put would have to wait for a consumer and none is left: every
-            process that took frames from the queue closed it or died (or,
-            before any did, the queue's creator is gone).
+            If put would have to wait for a consumer and none is left (every
+            process that took frames closed the queue or died), or the queue's
+            creator closed it or exited.
         TypeError
             If ``obj`` is not a ``(frame_index, events)`` pair.
         ClosedError
             If this queue was closed in this process.
         """
         frame_index, events = _unpack(obj)
-        if not block:
-            deadline = time.monotonic()
-        elif timeout is None:
-            deadline = math.inf
-        else:
-            deadline = time.monotonic() + max(0.0, float(timeout))
-        shared = self._check_open()
-        nevents, arrays = self._prepare(frame_index, events, deadline)
+        client = self._client()
+        nevents, arrays = self._prepare(client, frame_index, events)
         if nevents == 0:
-            code = _NO_EVENTS if events is None else 0
-            self._send(frame_index, encode_record(Kind.FRAME, frame_index, code), [], deadline)
+            code = NO_EVENTS if events is None else 0
+            client.send(encode_record(Kind.FRAME, frame_index, code))
             return
-        slots = self._acquire(frame_index, nevents, deadline)
+        slots = self._take_slots(client, frame_index, nevents, block, timeout)
         try:
             self._copy_into_slots(slots, arrays, nevents)
-            shared.owners[slots] = IN_FLIGHT
         except BaseException:
-            shared.give_slots(slots)
+            client.grants.keep(slots)  # they serve the next frame
             raise
-        record = encode_record(Kind.FRAME, frame_index, nevents, slots)
-        self._send(frame_index, record, slots, deadline)
+        client.send(encode_record(Kind.FRAME, frame_index, nevents, slots))
 
     def put_nowait(self, obj: tuple[int, Mapping[str, npt.ArrayLike] | None]) -> None:
         """Like :meth:`put` with ``block=False``: :class:`QueueFullError` if no slot is free."""
@@ -202,13 +197,14 @@ class EventQueue:
             timeout: float | None = None) -> tuple[int, dict[str, np.ndarray[Any, Any]] | None]:
         """Take the next ``(frame_index, events)`` (arrays copied out of shared memory).
 
-        ``timeout=None`` waits until a frame arrives, as ``mp.Queue.get`` does;
-        meanwhile, every 0.5 s, it takes back the slots of dead holders.
+        ``timeout=None`` waits until a frame arrives, as ``mp.Queue.get`` does.
 
         Raises
         ------
         queue.Empty
             If nothing arrived within ``timeout`` (or at once, with ``block=False``).
+        BrokenError
+            If the queue's creator closed it or exited.
         ClosedError
             If this queue was closed in this process.
         """
@@ -219,26 +215,33 @@ class EventQueue:
         """Like :meth:`get` with ``block=False``."""
         return self.get(block=False)
 
+    def qsize(self) -> int:
+        """Frames put and not yet taken, now (may change at once, as for mp.Queue)."""
+        return self._client().status()[1]
+
     def empty(self) -> bool:
         """Whether no frame is waiting right now (may change at once, as for mp.Queue)."""
-        return self._check_open().empty()
+        return self.qsize() == 0
 
     def full(self) -> bool:
         """Whether no slot is free now (a put with events would wait)."""
-        shared = self._check_open()
-        return shared.ready and shared.free_tokens() == 0
-
-    def qsize(self) -> int:
-        """Not available: descriptors are counted by no one (raises NotImplementedError)."""
-        raise NotImplementedError("EventQueue.qsize() is not available; use empty()")
+        return self._segment_now().ready and self.free_slots == 0
 
     def close(self) -> None:
-        """Release this process's handles on the queue. Idempotent; other processes go on."""
+        """Release this process's handles (idempotent); in the creator, end the queue.
+
+        Other processes go on after they close theirs; when the creator closes
+        it, their next call raises :class:`~shmwriter.BrokenError`.
+        """
         if self._closed:
             return
         self._closed = True
-        if self._shared is not None:
-            self._shared.close()
+        for client in list(self._clients):
+            client.close()
+        if self._hub is not None and self._pid == os.getpid():
+            self._hub.stop()
+        if self._segment is not None:
+            self._segment.close()
 
     def join_thread(self) -> None:
         """Nothing to do: the queue has no feeder thread (kept for mp.Queue code)."""
@@ -252,39 +255,43 @@ class EventQueue:
 
         The returned :class:`EventLease` holds the frame's slots until
         :meth:`EventLease.release` (or the end of a ``with`` block); copy out
-        what you need before that. The first call makes this process one of
-        the queue's consumers (until it closes the queue or exits), whom
-        waiting producers check for (see the class Notes).
+        what you need before that. The first call makes this thread's channel
+        one of the queue's consumers (until it closes or its process exits),
+        whom waiting producers count on (see the class Notes).
 
         Raises
         ------
         queue.Empty
             If nothing arrived within ``timeout`` (or at once, with ``block=False``).
+        BrokenError
+            If the queue's creator closed it or exited.
         """
-        shared = self._check_open()
-        shared.register_consumer()
-        if not block:
-            deadline: float | None = time.monotonic()
-        elif timeout is None:
-            deadline = None
-        else:
-            deadline = time.monotonic() + max(0.0, float(timeout))
-        while True:
-            wait = _WAIT_SLICE_S if deadline is None else min(
-                _WAIT_SLICE_S, deadline - time.monotonic())
-            record = shared.receive(wait)
-            if record is not None:
-                break
-            if deadline is not None and time.monotonic() >= deadline:
-                raise queue.Empty
-            self._reclaim_now_and_then()
-        if record.kind != Kind.FRAME:
-            raise BrokenError(f"the queue received a record of kind {record.kind}; expected "
-                              f"frames only")
-        slots = list(record.slots)
-        shared.owners[slots] = -os.getpid()
-        nevents = 0 if record.nevents == _NO_EVENTS else record.nevents
-        return EventLease(self, record.value, nevents, slots, none=record.nevents == _NO_EVENTS)
+        client = self._client()
+        now = not block or (timeout is not None and timeout <= 0)
+        record = client.take_frame(now=now, timeout_s=seconds(timeout))
+        if record is None:
+            raise queue.Empty
+        return self._lease_of(client, record)
+
+    def reader(self, ahead: int = 8) -> EventReader:
+        """A consumer that keeps up to ``ahead`` frames on their way to it.
+
+        Each :meth:`get` or :meth:`lease` pays a round trip to the hub; a
+        reader's frames are sent as they arrive, so it takes them at once.
+        Frames it received and did not take go back to the front of the queue
+        when it is closed (if its process dies instead, they are dropped, as a
+        frame taken by a consumer that dies). Use it as a context manager.
+        """
+        ahead = check_positive_int("ahead", ahead)
+        client, segment_fd = open_client(self._ticket)
+        self._map_segment(segment_fd)
+        self._clients.add(client)
+        return EventReader(self, FrameReader(client, ahead))
+
+    def _lease_of(self, client: QueueClient, record: Record) -> EventLease:
+        none = record.nevents == NO_EVENTS
+        return EventLease(self, client, record.value, 0 if none else record.nevents,
+                          list(record.slots), none=none)
 
     # -- information ----------------------------------------------------------------------------
     @property
@@ -297,18 +304,18 @@ class EventQueue:
     @property
     def slots(self) -> int | None:
         """Slots of the segment; None until the schema is known."""
-        shared = self._check_open()
-        return int(shared.header[Field.SLOTS]) if shared.ready else None
+        segment = self._segment_now()
+        return segment.slots if segment.ready else None
 
     @property
     def slot_events(self) -> int:
         """Events one slot holds."""
-        return int(self._check_open().header[Field.SLOT_EVENTS])
+        return self._segment_now().slot_events
 
     @property
     def free_slots(self) -> int:
-        """Slots free right now."""
-        return self._check_open().free_tokens()
+        """Slots free right now (0 until the schema is known)."""
+        return self._client().status()[0]
 
     @property
     def closed(self) -> bool:
@@ -321,51 +328,78 @@ class EventQueue:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        if self._shared is not None and not self._shared.closed:
-            self._shared.close()
-
     def __reduce__(self) -> tuple[Any, ...]:
-        shared = self._check_open()
-        fds = tuple(reduction.DupFd(fd) for fd in shared.fds())
-        return (_rebuild_queue, (shared.name, shared.nbytes, fds))
+        self._check_open()
+        return (_rebuild_queue, (self._ticket,))
 
     def __repr__(self) -> str:
-        if self._closed or self._shared is None:
+        if self._closed:
             return "<closed EventQueue>"
-        shared = self._shared
-        if not shared.ready:
-            return f"<EventQueue {shared.name!r}: schema not known yet, {shared.nbytes} bytes>"
+        segment = self._segment_now()
+        if not segment.ready:
+            return (f"<EventQueue {segment.name!r}: schema not known yet, "
+                    f"{segment.nbytes} bytes>")
         features = len(self.schema or ())
-        return (f"<EventQueue {shared.name!r}: {features} features, "
-                f"{shared.header[Field.SLOTS]} slots × {shared.header[Field.SLOT_EVENTS]} events, "
-                f"{shared.free_tokens()} free>")
+        return (f"<EventQueue {segment.name!r}: {features} features, "
+                f"{segment.slots} slots × {segment.slot_events} events, "
+                f"{self.free_slots} free>")
 
     # -- internals ----------------------------------------------------------------------------
-    def _check_open(self) -> QueueShared:
-        if self._closed or self._shared is None:
+    def _check_open(self) -> None:
+        if self._closed:
             raise ClosedError("this EventQueue was closed in this process")
-        return self._shared
+        if self._pid != os.getpid():  # forked: the parent's channels and hub are not ours
+            self._hub = None
+            self._setup(self._ticket, self._segment)
+
+    def _client(self) -> QueueClient:
+        """This thread's channel to the hub (attached on first use)."""
+        self._check_open()
+        client: QueueClient | None = getattr(self._local, "client", None)
+        if client is not None and not client.closed:
+            return client
+        client, segment_fd = open_client(self._ticket)
+        self._map_segment(segment_fd)
+        self._local.client = client
+        self._clients.add(client)
+        return client
+
+    def _map_segment(self, segment_fd: int) -> None:
+        """Map the segment the hub passed, unless it is mapped already."""
+        with self._lock:
+            if self._segment is None:
+                self._segment = QueueSegment.attach(self._ticket.name, segment_fd,
+                                                    self._ticket.nbytes)
+            else:
+                os.close(segment_fd)
+
+    def _segment_now(self) -> QueueSegment:
+        """The segment, mapped (attaching to the hub for it if need be)."""
+        self._check_open()
+        if self._segment is None:
+            self._client()
+        assert self._segment is not None
+        return self._segment
 
     def _load_schema(self) -> Schema | None:
-        shared = self._check_open()
+        segment = self._segment_now()
         with self._lock:
-            if self._schema is None and shared.ready:
-                self._schema = shared.stored_schema()
+            if self._schema is None and segment.ready:
+                self._schema = segment.stored_schema()
         return self._schema
 
     def _ring(self) -> SlotRing:
         """The slot views (the schema must be known)."""
-        shared = self._check_open()
+        segment = self._segment_now()
         schema = self._load_schema()
         if schema is None:
             raise BrokenError("a frame with events arrived before the queue's schema was "
                               "published")
         with self._lock:
-            return shared.bind_ring(schema)
+            return segment.bind_ring(schema)
 
-    def _prepare(self, frame_index: int, events: object,
-                 deadline: float) -> tuple[int, dict[str, np.ndarray[Any, Any]]]:
+    def _prepare(self, client: QueueClient, frame_index: int,
+                 events: object) -> tuple[int, dict[str, np.ndarray[Any, Any]]]:
         """Check the events (inferring the schema if needed); return count and arrays."""
         if events is None:
             return 0, {}
@@ -380,63 +414,51 @@ class EventQueue:
                                  feature=str(name))
         if all(len(array) == 0 for array in arrays.values()):
             return 0, {}
-        schema = self._schema_for(frame_index, arrays, deadline)
+        schema = self._schema_for(client, frame_index, arrays)
         try:
             return check_events(schema, frame_index, arrays)
         except FrameError as exc:
-            if not self._check_open().header[Field.QUEUE_INFERRED]:
+            if not self._segment_now().header[Field.QUEUE_INFERRED]:
                 raise
             raise FrameError(f"{exc} (this queue's schema was inferred from the first events "
                              f"put)", frame_index=exc.frame_index, feature=exc.feature) from None
 
-    def _schema_for(self, frame_index: int, arrays: Mapping[str, np.ndarray[Any, Any]],
-                    deadline: float) -> Schema:
+    def _schema_for(self, client: QueueClient, frame_index: int,
+                    arrays: Mapping[str, np.ndarray[Any, Any]]) -> Schema:
         schema = self._load_schema()
         if schema is not None:
             return schema
-        shared = self._check_open()
-        # the schema is being published by someone else (that takes microseconds, and the
-        # kernel drops the lock of a publisher that dies): wait at least a little
-        soon = time.monotonic() + 5.0
-        if lock_publish(shared, soon if deadline == math.inf else max(deadline, soon)):
+        inferred = infer_schema(frame_index, arrays)  # a FrameError before anything is asked
+        if client.publish_turn():  # the hub lets one client publish; the others wait
+            published = False
             try:
-                shared.publish(_infer_schema(frame_index, arrays), inferred=True)
+                self._segment_now().write_schema(inferred, inferred=True)
+                published = True
             finally:
-                unlock_publish(shared)
+                client.published(ok=published)
         schema = self._load_schema()
-        assert schema is not None
+        if schema is None:
+            raise BrokenError("the queue's hub said the schema was published, but it is not")
         return schema
 
-    def _acquire(self, frame_index: int, nevents: int, deadline: float) -> list[int]:
-        shared = self._check_open()
-        slot_events, total = int(shared.header[Field.SLOT_EVENTS]), int(shared.header[Field.SLOTS])
-        nslots = -(-nevents // slot_events)
-        most = min(total, MAX_SLOTS_PER_RECORD)
+    def _take_slots(self, client: QueueClient, frame_index: int, nevents: int, block: bool,
+                    timeout: float | None) -> list[int]:
+        segment = self._segment_now()
+        total = segment.slots
+        nslots = -(-nevents // segment.slot_events)
+        most = min(total, MAX_SLOTS_PER_FRAME)
         if nslots > most:
             raise FrameError(
                 f"frame {frame_index} has {nevents} events but one frame can hold at most "
-                f"{most * slot_events} (slots × slot_events); raise slot_events or the "
-                f"queue's memory budget", frame_index=frame_index)
-        started = next_check = time.monotonic()
-        while not (slots := shared.take_slots(nslots)):
-            now = time.monotonic()
-            if now >= deadline:
-                raise QueueFullError(
-                    f"frame {frame_index}: waited {now - started:.1f} s for {nslots} free "
-                    f"slot(s); {shared.free_tokens()} of {total} are free: the consumer is "
-                    f"behind or stuck")
-            if now >= next_check:
-                next_check = now + _WAIT_SLICE_S
-                if shared.reclaim_dead():
-                    continue  # slots of dead holders came back: try them first
-                self._check_consumer(frame_index)
-            wait = min(deadline, next_check) - now
-            if 0 < shared.free_tokens() < nslots:
-                # some are free, not enough: no wait on the pipe says "n tokens", so poll
-                time.sleep(min(0.002, wait))
-            else:
-                shared.wait_for_tokens(wait)  # blocks until a token comes (or the slice ends)
-        return slots
+                f"{most * segment.slot_events} (slots × slot_events); raise slot_events or "
+                f"the queue's memory budget", frame_index=frame_index)
+        try:
+            return client.take_slots(frame_index, nslots, timeout if block else 0.0)
+        except QueueFullError as exc:
+            raise QueueFullError(f"frame {frame_index}: {exc} of {total} are free: the consumer "
+                                 f"is behind or stuck") from None
+        except BrokenError as exc:
+            raise BrokenError(f"frame {frame_index}: {exc}") from None
 
     def _copy_into_slots(self, slots: list[int], arrays: Mapping[str, np.ndarray[Any, Any]],
                          nevents: int) -> None:
@@ -447,142 +469,6 @@ class EventQueue:
             views = ring.slot_views(slot, stop - start)
             for name, array in arrays.items():
                 np.copyto(views[name], array[start:stop], casting="unsafe")
-
-    def _send(self, frame_index: int, record: bytes, slots: list[int], deadline: float) -> None:
-        shared = self._check_open()
-        started = time.monotonic()
-        try:
-            while True:
-                now = time.monotonic()
-                try:
-                    shared.send(record, max(0.0, min(deadline, now + _WAIT_SLICE_S) - now))
-                    return
-                except TimeoutError:
-                    if time.monotonic() >= deadline:
-                        raise QueueFullError(
-                            f"frame {frame_index}: no consumer took a frame for "
-                            f"{time.monotonic() - started:.1f} s and the descriptor channel "
-                            f"is full") from None
-                    self._check_consumer(frame_index)
-        except BaseException:
-            shared.give_slots(slots)
-            raise
-
-    def _check_consumer(self, frame_index: int) -> None:
-        """Raise BrokenError if no process that takes frames from the queue is left."""
-        shared = self._check_open()
-        state = shared.consumers_alive()
-        if state == "alive":
-            return
-        if state == "none yet":
-            if shared.creator_alive():
-                return  # no frame was taken yet: the creator stands for the consumer
-            raise BrokenError(
-                f"frame {frame_index}: no process has taken a frame from this queue and its "
-                f"creator (pid {int(shared.header[Field.OWNER_PID])}) is gone")
-        pid = int(shared.header[Field.QUEUE_CONSUMER_PID])
-        raise BrokenError(f"frame {frame_index}: the queue's consumer (pid {pid}) is gone: no "
-                          f"process takes frames from it any more")
-
-    def _reclaim_now_and_then(self) -> None:
-        now = time.monotonic()
-        if now >= self._next_reclaim:
-            self._next_reclaim = now + _WAIT_SLICE_S
-            self._check_open().reclaim_dead()
-
-
-class EventLease:
-    """One received frame whose events still sit in the queue's slots.
-
-    Get it from :meth:`EventQueue.lease`. :meth:`parts` gives read-only views
-    into shared memory; :meth:`arrays` copies them. :meth:`release` hands the
-    slots back (idempotent; also at the end of a ``with`` block). BEWARE: the
-    views must not be used after the release; the slots are reused at once.
-    """
-
-    def __init__(self, queue: EventQueue, frame_index: int, nevents: int, slots: list[int], *,
-                 none: bool) -> None:
-        self._queue, self._slots, self._none = queue, slots, none
-        self._pid = os.getpid()
-        #: The frame index it was put with.
-        self.frame_index = frame_index
-        #: Events of the frame.
-        self.nevents = nevents
-
-    @property
-    def nslots(self) -> int:
-        """Slots this lease holds."""
-        return len(self._slots)
-
-    def parts(self) -> list[tuple[dict[str, np.ndarray[Any, Any]], int]]:
-        """``(views by feature, events)`` per slot, in event order; [] without events."""
-        if not self._slots:
-            return []
-        ring = self._queue._ring()
-        per_slot = int(ring.spec.layout.slot_events)
-        parts = []
-        for j, slot in enumerate(self._slots):
-            count = min(per_slot, self.nevents - j * per_slot)
-            views = ring.slot_views(slot, count)
-            for view in views.values():
-                view.flags.writeable = False
-            parts.append((views, count))
-        return parts
-
-    def arrays(self) -> dict[str, np.ndarray[Any, Any]] | None:
-        """The events as new arrays; None if the frame was put as ``(index, None)``."""
-        if self._none:
-            return None
-        schema = self._queue.schema
-        if self.nevents == 0:
-            return {} if schema is None else {
-                name: np.empty((0, *f.shape), f.dtype) for name, f in schema.items()}
-        assert schema is not None
-        arrays = {name: np.empty((self.nevents, *f.shape), f.dtype) for name, f in schema.items()}
-        start = 0
-        for views, count in self.parts():
-            for name, view in views.items():
-                arrays[name][start:start + count] = view
-            start += count
-        return arrays
-
-    def release(self) -> None:
-        """Hand the slots back to the queue. Idempotent."""
-        slots, self._slots = self._slots, []
-        if slots and os.getpid() == self._pid and not self._queue.closed:
-            self._queue._check_open().give_slots(slots)
-
-    def __enter__(self) -> EventLease:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    def __del__(self) -> None:
-        try:
-            self.release()
-        except Exception:  # a safety net at garbage collection: never raise from here
-            pass
-
-    def __repr__(self) -> str:
-        state = f"{len(self._slots)} slot(s) held" if self._slots else "released"
-        return f"<EventLease frame {self.frame_index}: {self.nevents} events, {state}>"
-
-
-def _infer_schema(frame_index: int, arrays: Mapping[str, np.ndarray[Any, Any]]) -> Schema:
-    """One Feature per array: its dtype and the shape of one event."""
-    features = {}
-    for name, array in arrays.items():
-        try:
-            features[name] = Feature(array.dtype, array.shape[1:])
-        except (TypeError, ValueError) as exc:
-            raise FrameError(f"frame {frame_index}: feature {name!r} (dtype {array.dtype}, "
-                             f"shape {array.shape}) cannot be a feature: {exc}",
-                             frame_index=frame_index, feature=str(name)) from None
-    try:
-        return Schema(features)
-    except (TypeError, ValueError) as exc:
-        raise FrameError(f"frame {frame_index}: {exc}", frame_index=frame_index) from None
 
 
 def _unpack(obj: object) -> tuple[int, object]:
@@ -597,35 +483,8 @@ def _unpack(obj: object) -> tuple[int, object]:
     return int(frame_index), events
 
 
-def _parse_size(schema: Schema | None, slots: int | None, slot_events: int,
-                memory_budget_nbytes: int | None) -> int:
-    if memory_budget_nbytes is not None:
-        check_positive_int("memory_budget_nbytes", memory_budget_nbytes)
-    if schema is None:
-        if slots is not None:
-            raise ValueError(f"slots={slots!r} needs a schema (the slot size depends on it); "
-                             f"pass memory_budget_nbytes instead")
-        return budget_nbytes(memory_budget_nbytes or DEFAULT_BUDGET_NBYTES)
-    if not isinstance(schema, Schema):
-        raise TypeError(f"schema must be a shmwriter.Schema or None; got {schema!r}")
-    layout = SlotLayout(schema=schema, slot_events=slot_events)
-    if memory_budget_nbytes is not None:
-        count = slots_that_fit(budget_nbytes(memory_budget_nbytes), layout)
-        if count < 1:
-            one = segment_nbytes(layout, 1) - budget_nbytes(0)
-            raise ValueError(f"memory_budget_nbytes={memory_budget_nbytes} cannot hold one slot "
-                             f"of {one} bytes; raise it or lower slot_events")
-    else:
-        count = check_positive_int("slots", _DEFAULT_SLOTS if slots is None else slots)
-    if count > MAX_SLOTS:
-        raise ValueError(f"slots must be at most {MAX_SLOTS}; got {count}")
-    return segment_nbytes(layout, count)
-
-
-def _rebuild_queue(name: str, nbytes: int, fds: tuple[Any, ...]) -> EventQueue:
+def _rebuild_queue(ticket: QueueTicket) -> EventQueue:
+    """How a pickled EventQueue comes back: it attaches to the hub on first use."""
     queue_ = EventQueue.__new__(EventQueue)
-    segment, send, recv, token_read, token_write = (fd.detach() for fd in fds)
-    queue_._shared = QueueShared.from_fds(name, nbytes,
-                                          (segment, send, recv, token_read, token_write))
-    queue_._setup()
+    queue_._setup(ticket, None)
     return queue_

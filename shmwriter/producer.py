@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from ._channel.grants import SlotGrants
+from ._channel.link import WriterLink
 from ._channel.records import (
     MAX_FRAMES_PER_RECORD,
     MAX_SLOTS_PER_BATCH_FRAME,
@@ -27,11 +27,10 @@ from ._channel.records import (
     encode_batch,
     encode_packed,
     encode_record,
-    read_grants,
     split_batch,
-    write_record,
 )
 from ._events import EventArrays, check_batch_events, check_counts, check_events
+from ._ring.fill import SlotFiller
 from ._ring.ring import Field, RingSpec, SlotRing, State
 from ._rtdc import MAX_FRAME_INDEX
 from ._spec import Schema
@@ -42,7 +41,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Producer"]
 
-_MASK_TRUE = np.uint8(255)  # how the file stores True
 #: Header states in which a frame sent may not have been taken (see ``_send_frame``).
 _STOPPED = frozenset({int(State.ABORTING), int(State.ABORTED), int(State.FAILED)})
 
@@ -67,22 +65,18 @@ class Producer:
     the writer, which takes back its slots.
     """
 
-    _desc_fd = -1
-    _grant_fd = -1
-    _ring: SlotRing | None = None
+    _link: WriterLink | None = None
     _closed = False
 
     def __init__(self, spec: RingSpec, producer_id: int, desc_fd: int, grant_fd: int,
                  timeout_s: float, ticket: Ticket | None = None) -> None:
         self._spec, self._id, self._timeout_s = spec, producer_id, timeout_s
         self._ticket = ticket
-        self._desc_fd, self._grant_fd = desc_fd, grant_fd
+        self._filler = SlotFiller(spec)
         self._lock = threading.RLock()
-        self._pid = 0  # the process that said HELLO
-        self._grants = SlotGrants(self._send, self._read_grants, self._writer_gone_error,
-                                  self._ring_full_message)
-        self._stored_rows: dict[str, np.ndarray[Any, Any]] = {}
-        self._masks = frozenset(n for n, f in spec.layout.schema.items() if f.dtype.kind == "b")
+        self._link = WriterLink(spec, producer_id, desc_fd, grant_fd, timeout_s,
+                                self._filler.ring)
+        self._grants = self._link.grants
         #: Frames this producer has put (in this process).
         self.frames_put = 0
         #: Events this producer has put (in this process).
@@ -134,7 +128,7 @@ class Producer:
             nevents, arrays = check_events(self.schema, index, events)
             slots = self._acquire(index, nevents, timeout_s)
             try:
-                self._copy_into_slots(slots, arrays, nevents)
+                self._filler.copy_in(slots, arrays, nevents)
             except BaseException:
                 self._grants.keep(slots)
                 raise
@@ -208,14 +202,14 @@ class Producer:
             slots = self._acquire(index, nevents, timeout_s)
             zero_copy = len(slots) == 1
             if zero_copy:
-                arrays = self._attached_ring().run_views(slots[0], nevents)
+                arrays = self._filler.ring().run_views(slots[0], nevents)
             else:
                 arrays = {name: np.empty((nevents, *f.shape), f.dtype)
                           for name, f in self.schema.items()}
             with self._filling(arrays, slots, in_ring=zero_copy):
                 yield arrays
             if not zero_copy:
-                self._copy_into_slots(slots, arrays, nevents)
+                self._filler.copy_in(slots, arrays, nevents)
             self._send_frame(index, nevents, slots)
 
     @contextlib.contextmanager
@@ -278,7 +272,7 @@ class Producer:
                     f"{nslots} (two such batches per producer)", frame_index=lowest)
             run = self._grants.take_run(lowest, nslots, self._timeout(timeout_s)) \
                 if nslots else []
-            arrays = self._run_arrays(run, total)
+            arrays = self._filler.run_views(run, total)
             with self._filling(arrays, run, in_ring=True):
                 yield arrays
             if not pairs:
@@ -293,7 +287,7 @@ class Producer:
                 return
             self._closed = True
             try:
-                if self._pid == os.getpid():
+                if self._link is not None and self._link.pid == os.getpid():
                     unused = self._grants.unused[:MAX_SLOTS_PER_RECORD]
                     self._send(encode_record(Kind.RELEASE, slots=unused)
                                + encode_record(Kind.CLOSE))
@@ -318,8 +312,9 @@ class Producer:
         if context.get_spawning_popen() is None and self._ticket is not None:
             from ._channel.attach import attach_on_unpickle  # the child is not being started here
             return (attach_on_unpickle, (self._ticket,))
-        return (_rebuild_producer, (self._spec, self._id, reduction.DupFd(self._desc_fd),
-                                    reduction.DupFd(self._grant_fd), self._timeout_s,
+        link = self._check_link()
+        return (_rebuild_producer, (self._spec, self._id, reduction.DupFd(link.desc_fd),
+                                    reduction.DupFd(link.grant_fd), self._timeout_s,
                                     self._ticket))
 
     def __repr__(self) -> str:
@@ -353,7 +348,7 @@ class Producer:
                 need = layout.slots_for(count)
                 if count:
                     rows = {name: a[at_event:at_event + count] for name, a in arrays.items()}
-                    self._copy_into_slots(slots[at_slot:at_slot + need], rows, count)
+                    self._filler.copy_in(slots[at_slot:at_slot + need], rows, count)
                 at_slot, at_event = at_slot + need, at_event + count
         except BaseException:
             self._grants.keep(slots)
@@ -372,9 +367,6 @@ class Producer:
     def _timeout(self, timeout_s: float | None) -> float:
         return self._timeout_s if timeout_s is None else timeout_s
 
-    def _read_grants(self, timeout_s: float) -> list[int] | None:
-        return read_grants(self._grant_fd, timeout_s)
-
     @contextlib.contextmanager
     def _filling(self, arrays: dict[str, np.ndarray[Any, Any]], slots: list[int], *,
                  in_ring: bool) -> Iterator[None]:
@@ -386,19 +378,13 @@ class Producer:
         try:
             yield
             if in_ring:
-                self._store_masks_as_bytes(arrays)
+                self._filler.store_masks_as_bytes(arrays)
         except BaseException:
             self._grants.keep(slots)
             raise
         finally:
             for array in arrays.values():
                 array.flags.writeable = False
-
-    def _run_arrays(self, run: list[int], nevents: int) -> dict[str, np.ndarray[Any, Any]]:
-        """Writable views of ``nevents`` events from the first slot of ``run`` on."""
-        if not run:
-            return {name: np.empty((0, *f.shape), f.dtype) for name, f in self.schema.items()}
-        return self._attached_ring().run_views(run[0], nevents)
 
     def _check_fits(self, frame_index: int, nevents: int, nslots: int, *,
                     most: int = MAX_SLOTS_PER_RECORD) -> None:
@@ -408,32 +394,6 @@ class Producer:
             raise FrameError(
                 f"frame {frame_index} has {nevents} events but one frame can hold at most "
                 f"{most} (slots × slot_events); raise slot_events", frame_index=frame_index)
-
-    def _rows(self) -> dict[str, np.ndarray[Any, Any]]:
-        """Each feature across the ring, as stored (one view per feature, made once)."""
-        if not self._stored_rows:
-            self._stored_rows = self._attached_ring().row_views()
-        return self._stored_rows
-
-    def _copy_into_slots(self, slots: list[int], arrays: Mapping[str, np.ndarray[Any, Any]],
-                         nevents: int) -> None:
-        # masks are stored as the file has them (uint8 0/255), so that this
-        # conversion runs in the producers, in parallel, not in the writer
-        per_slot, masks, rows = self._spec.layout.slot_events, self._masks, self._rows()
-        for j, slot in enumerate(slots):
-            start, stop = j * per_slot, min((j + 1) * per_slot, nevents)
-            at = slot * per_slot
-            for name, array in arrays.items():
-                row = rows[name][at:at + stop - start]
-                if name in masks:
-                    np.multiply(array[start:stop], _MASK_TRUE, out=row)
-                else:
-                    np.copyto(row, array[start:stop], casting="unsafe")
-
-    def _store_masks_as_bytes(self, arrays: Mapping[str, np.ndarray[Any, Any]]) -> None:
-        """Turn boolean features filled in place into the uint8 0/255 the file stores."""
-        for name in self._masks:
-            np.multiply(arrays[name], _MASK_TRUE, out=arrays[name].view(np.uint8))
 
     # -- descriptors ------------------------------------------------------------
     def _send_frame(self, frame_index: int, nevents: int, slots: list[int]) -> None:
@@ -466,25 +426,16 @@ class Producer:
         # sending, the frames may have come too late, so this put() must not return
         if int(ring.header[Field.STATE]) in _STOPPED:
             raise BrokenError(f"frame {frames[0]} was sent while the run stopped, so it may "
-                              f"be missing from the file: {self._ring_error()}")
+                              f"be missing from the file: {self._check_link().ring_error()}")
         self.frames_put += len(frames)
         self.events_put += nevents
 
     def _send(self, message: bytes) -> None:
-        if not self._pid:  # the first record from this process says who we are
-            self._pid = os.getpid()
-            message = encode_record(Kind.HELLO, self._pid) + message
-        try:
-            write_record(self._desc_fd, message, self._timeout_s)
-        except BrokenError as exc:
-            raise self._writer_gone_error() from exc
+        self._check_link().send(message)
 
     def _say_hello(self) -> None:
         """Tell the writer which process uses this producer (best effort; put() retries)."""
-        try:
-            self._send(b"")
-        except (BrokenError, ClosedError, TimeoutError):
-            self._pid = 0
+        self._check_link().say_hello()
 
     # -- checks and errors ------------------------------------------------------
     def _check_open(self) -> None:
@@ -514,51 +465,17 @@ class Producer:
         return index
 
     def _attached_ring(self) -> SlotRing:
-        if self._ring is None:
-            self._ring = SlotRing.attach(self._spec)
-        return self._ring
+        return self._filler.ring()
 
-    def _ring_error(self) -> str:
-        return self._attached_ring().error_text or "no reason given"
-
-    def _writer_gone_error(self) -> Exception:
-        """Why the writer closed this producer's channel, as the ring's header tells it.
-
-        The writer puts the reason into the header before it closes any
-        channel, so the header (not the pipe, which another process may have
-        read) is what tells a refusal, the end of the run and a failure apart.
-        """
-        ring = self._attached_ring()
-        state = ring.state
-        if state in (State.DONE, State.CLOSING):
-            return ClosedError("the writer has finished the run; no more frames are taken")
-        if state in (State.FAILED, State.ABORTING, State.ABORTED):
-            return BrokenError(f"the writer stopped ({state.name.lower()}): {ring.error_text}")
-        # a refusal names this producer in the header before the channel closes; any other
-        # close while the run is on is the writer's death (its process may still be exiting)
-        reason = ring.error_text
-        if reason.startswith(f"producer {self._id} "):
-            return BrokenError(f"the writer refused this producer: {reason}")
-        return BrokenError(f"the writer died (pid {ring.get(Field.WRITER_PID)}): its end of "
-                           f"the channel closed")
-
-    def _ring_full_message(self, frame_index: int, nslots: int, timeout_s: float) -> str:
-        ring = self._attached_ring()
-        return (f"frame {frame_index}: waited {timeout_s:.1f} s for {nslots} free slot(s); "
-                f"{ring.get(Field.SLOTS_IN_USE)} of {self._spec.slots} slots are in use and "
-                f"the writer is at frame {ring.get(Field.FRAMES_DONE)} "
-                f"(newest received {ring.get(Field.NEWEST_FRAME)})")
+    def _check_link(self) -> WriterLink:
+        if self._link is None:
+            raise ClosedError("this Producer was closed; get a new one from Writer.producer()")
+        return self._link
 
     def _release_os_resources(self) -> None:
-        for attr in ("_desc_fd", "_grant_fd"):
-            fd = getattr(self, attr)
-            if fd >= 0:
-                setattr(self, attr, -1)
-                os.close(fd)
-        if self._ring is not None:
-            self._stored_rows = {}
-            self._ring.close()
-            self._ring = None
+        if self._link is not None:
+            self._link.close()
+        self._filler.close()
 
 
 def _rebuild_producer(spec: RingSpec, producer_id: int, desc: Any, grant: Any,

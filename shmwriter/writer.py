@@ -18,14 +18,21 @@ from typing import Any, Literal
 from ._channel.attach import Ticket, new_ticket, open_channel
 from ._channel.control import MSG_HANDOUT_OVER, MSG_LOG, MSG_RESULT, MSG_STARTED, abort_message
 from ._ranges import FrameRanges
-from ._ring.ring import MAX_SLOTS, Field, RingSpec, SlotRing, State
+from ._ring.ring import Field, SlotRing, State
 from ._ring.stats import RunStatistics, read_statistics
 from ._spec import Schema, SlotLayout
-from ._validate import check_positive_int, check_seconds
 from ._write.entry import run_in_process, serve
 from ._write.loop import WriterLoop
 from ._write.recover import make_readable
-from ._write.run import RunConfig, RunResult
+from ._write.run import (
+    RunConfig,
+    RunResult,
+    check_directory,
+    check_run_args,
+    default_reorder_budget,
+    derived_features,
+    ring_slots,
+)
 from .errors import BrokenError, ClosedError, MissingFramesError
 from .producer import Producer
 
@@ -33,8 +40,6 @@ __all__ = ["Writer"]
 
 logger = logging.getLogger(__name__)
 
-#: Most slots a ring may have (grants of all slots must fit one pipe buffer).
-_PAGE_NBYTES = 4096
 #: The ring a Writer gets unless told otherwise: slots, and events per slot.
 DEFAULT_SLOTS, DEFAULT_SLOT_EVENTS = 64, 4
 _START_TIMEOUT_S = 120.0
@@ -140,10 +145,10 @@ class Writer:
                  reorder_budget_nbytes: int | None = None,
                  logs: Mapping[str, list[str]] | None = None) -> None:
         layout = SlotLayout(schema=schema, slot_events=slot_events)
-        slots = _parse_slots(slots, memory_budget_nbytes, layout)
-        _check_run_args(total_frames, write_threshold, flush_interval_s, mode, timeout_s)
+        slots = ring_slots(slots, memory_budget_nbytes, layout)
+        check_run_args(total_frames, write_threshold, flush_interval_s, mode, timeout_s)
         self.path = os.fspath(path)
-        _check_directory(self.path)
+        check_directory(self.path)
         self.schema, self.mode, self.allow_gaps = schema, mode, allow_gaps
         self._timeout_s = float(timeout_s)
         self._producers: list[Producer] = []
@@ -158,8 +163,9 @@ class Writer:
                 write_threshold=int(write_threshold),
                 flush_interval_s=float(flush_interval_s),
                 hdf5_dataset_kwargs=dict(hdf5_dataset_kwargs or {}) or None,
-                metadata=dict(metadata or {}), derived=_derived(schema, index_feature),
-                reorder_budget_nbytes=reorder_budget_nbytes or _default_budget(self._ring.spec),
+                metadata=dict(metadata or {}), derived=derived_features(schema, index_feature),
+                reorder_budget_nbytes=(reorder_budget_nbytes
+                                       or default_reorder_budget(self._ring.spec)),
                 prefetch=min(32, slots // 4), logs=dict(logs or {}),
                 log_level=logging.getLogger("shmwriter").getEffectiveLevel())
             self._start(config)
@@ -499,48 +505,3 @@ def _read_control(control: socket.socket, messages: queue.Queue[bytes]) -> None:
         messages.put(message)
         if not message or message.startswith(MSG_RESULT):
             return
-
-
-def _default_budget(spec: RingSpec) -> int:
-    """The reorder budget: the ring's size, and at least a page per slot (small events)."""
-    return max(spec.ring_nbytes, spec.slots * _PAGE_NBYTES)
-
-
-def _parse_slots(slots: int, memory_budget_nbytes: int | None, layout: SlotLayout) -> int:
-    if memory_budget_nbytes is not None:
-        budget = check_positive_int("memory_budget_nbytes", memory_budget_nbytes)
-        # exact: the slots region, block padding included, never exceeds the budget
-        slots = min(layout.slots_that_fit(budget), MAX_SLOTS)  # small events: many fit
-        if slots < 1:
-            raise ValueError(f"memory_budget_nbytes={budget} cannot hold one slot of "
-                             f"{layout.region_nbytes(1)} bytes; raise it or lower slot_events")
-    slots = check_positive_int("slots", slots)
-    if slots > MAX_SLOTS:
-        raise ValueError(f"slots must be at most {MAX_SLOTS}; got {slots}")
-    return slots
-
-
-def _check_run_args(total_frames: int | None, write_threshold: int, flush_interval_s: float,
-                    mode: str, timeout_s: float) -> None:
-    if total_frames is not None:
-        check_positive_int("total_frames", total_frames)
-    check_positive_int("write_threshold", write_threshold)
-    check_seconds("flush_interval_s", flush_interval_s)
-    check_seconds("timeout_s", timeout_s)
-    if mode not in ("thread", "process"):
-        raise ValueError(f"mode must be 'thread' or 'process'; got {mode!r}")
-
-
-def _check_directory(path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"cannot write {path!r}: directory {directory!r} does not exist")
-
-
-def _derived(schema: Schema, index_feature: str | None) -> tuple[str, ...]:
-    if index_feature not in (None, "frame", "index_unmapped"):
-        raise ValueError(f"index_feature must be 'frame', 'index_unmapped' or None; "
-                         f"got {index_feature!r}")
-    if index_feature is None or index_feature in schema:
-        return ("nevents",)
-    return (index_feature, "nevents")

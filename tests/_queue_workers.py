@@ -57,11 +57,12 @@ def get_frames(event_queue, count: int, report) -> None:
     report.put(got)
 
 
-def take_slots_then_die(event_queue, count: int) -> None:
-    """A producer killed after taking ``count`` slots and before sending its frame."""
-    slots = event_queue._check_open().take_slots(count)
+def take_slots_and_wait(event_queue, count: int, taken) -> None:
+    """A producer granted ``count`` slots that sends no frame; the test kills it."""
+    slots = event_queue._client().grants.take(0, count, 30)
     assert len(slots) == count
-    os.kill(os.getpid(), signal.SIGKILL)
+    taken.send(len(slots))  # a Connection: sent at once (an mp.Queue sends from a thread)
+    time.sleep(60)
 
 
 def lease_then_die(event_queue) -> None:
@@ -71,10 +72,9 @@ def lease_then_die(event_queue) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def publish_lock_then_die(event_queue) -> None:
-    """A process killed while it holds the lock for publishing the inferred schema."""
-    from shmwriter._queue.shared import lock_publish
-    assert lock_publish(event_queue._check_open(), time.monotonic() + 5)
+def publish_turn_then_die(event_queue) -> None:
+    """A process killed while it has the hub's leave to publish the inferred schema."""
+    assert event_queue._client().publish_turn()
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -102,3 +102,22 @@ def put_and_report(event_queue, frame: int, started, report) -> None:
         report.put((type(exc).__name__, str(exc)))
     else:
         report.put(None)
+
+
+def get_and_report(event_queue, started, report) -> None:
+    """A consumer that waits in get() without a timeout; reports how the get ended."""
+    started.set()
+    try:
+        frame, _ = event_queue.get()
+    except Exception as exc:
+        report.put((type(exc).__name__, str(exc)))
+    else:
+        report.put(frame)
+
+
+def wait_in_get_then_die(event_queue, started) -> None:
+    """A consumer killed while its get() waits for a frame (its TAKE is at the hub)."""
+    import threading
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGKILL)).start()
+    started.set()
+    event_queue.get(timeout=30)

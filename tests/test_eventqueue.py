@@ -14,14 +14,16 @@ import numpy as np
 import pytest
 from _queue_workers import (
     dcnum_events,
+    get_and_report,
     get_frames,
     get_one_then_wait,
     lease_slowly_then_get,
     lease_then_die,
-    publish_lock_then_die,
+    publish_turn_then_die,
     put_and_report,
     put_events,
-    take_slots_then_die,
+    take_slots_and_wait,
+    wait_in_get_then_die,
 )
 
 import shmwriter
@@ -280,16 +282,17 @@ def test_spawned_producers_and_a_spawned_consumer():
     assert own_segments() == set()
 
 
-def test_slots_of_a_killed_producer_come_back():
+def test_slots_of_a_killed_producer_come_back_at_once():
     with EventQueue(Schema({"deform": Feature("float64")}), slots=4, slot_events=1) as q:
-        dying = CTX.Process(target=take_slots_then_die, args=(q, 3))
+        taken, said = CTX.Pipe(duplex=False)
+        dying = CTX.Process(target=take_slots_and_wait, args=(q, 3, said))
         dying.start()
+        assert taken.poll(30) and taken.recv() == 3
+        assert q.free_slots == 1  # it holds three of the four
+        os.kill(dying.pid, signal.SIGKILL)
         dying.join(30)
         assert dying.exitcode == -signal.SIGKILL
-        assert q.free_slots == 1
-        with pytest.raises(queue.Empty):
-            q.get(timeout=1.2)  # a waiting consumer looks for dead holders
-        assert q.free_slots == 4
+        assert q.free_slots == 4  # its channel ended with it: the hub took them back
         for frame in range(4):  # all four slots are usable again
             q.put((frame, {"deform": np.full(1, frame, np.float64)}))
         assert [q.get(timeout=5)[0] for _ in range(4)] == [0, 1, 2, 3]
@@ -309,11 +312,11 @@ def test_slots_of_a_killed_consumer_come_back():
 
 def test_a_killed_schema_publisher_does_not_block_the_others():
     with EventQueue(memory_budget_nbytes=2**20) as q:
-        dying = CTX.Process(target=publish_lock_then_die, args=(q,))
+        dying = CTX.Process(target=publish_turn_then_die, args=(q,))
         dying.start()
         dying.join(30)
         assert dying.exitcode == -signal.SIGKILL
-        q.put((0, {"deform": np.ones(2)}))  # the kernel dropped the dead process's lock
+        q.put((0, {"deform": np.ones(2)}))  # the hub passed the turn on when it died
         assert q.schema == Schema({"deform": Feature("float64")})
         assert q.get(timeout=5)[0] == 0
 
@@ -327,8 +330,7 @@ def test_close_pickle_and_repr():
     assert f"1 features, {slots} slots × 4 events, {slots - 1} free" in repr(q)
     q.join_thread()
     q.cancel_join_thread()
-    with pytest.raises(NotImplementedError, match="use empty"):
-        q.qsize()
+    assert q.qsize() == 1 and not q.empty()
     q.close()
     q.close()
     assert q.closed and repr(q) == "<closed EventQueue>"
@@ -338,3 +340,101 @@ def test_close_pickle_and_repr():
         q.get(timeout=0.1)
     with pytest.raises(shmwriter.ClosedError):
         pickle.dumps(q)
+
+
+QUEUE_SCRIPT = """
+import pickle, sys
+import numpy as np
+event_queue = pickle.loads(sys.stdin.buffer.read())
+for frame in range(5):
+    event_queue.put((frame, {"deform": np.full(frame, frame, np.float64)}))
+event_queue.close()
+"""
+
+
+def test_a_process_started_by_hand_puts_into_the_pickled_queue():
+    """The queue pickles into a ticket: any process of the user attaches, not only children."""
+    import subprocess
+    import sys
+    with EventQueue(Schema({"deform": Feature("float64")}), slots=2, slot_events=2) as q:
+        blob = pickle.dumps(q)
+        assert b"shmwriter" in blob and len(blob) < 1000  # no descriptors, a few strings
+        script = subprocess.Popen([sys.executable, "-c", QUEUE_SCRIPT], stdin=subprocess.PIPE)
+        script.stdin.write(blob)
+        script.stdin.close()
+        got = [q.get(timeout=30) for _ in range(5)]  # 2 slots: the script waits for us
+        assert script.wait(30) == 0
+        assert [frame for frame, _ in got] == list(range(5))
+        for frame, events in got:
+            assert events["deform"].tolist() == [frame] * frame
+        assert q.free_slots == 2
+
+
+def test_a_forged_ticket_is_refused_and_the_queue_goes_on():
+    with EventQueue(Schema({"deform": Feature("float64")}), slots=2) as q:
+        q.put((0, {"deform": np.ones(1)}))
+        blob = pickle.dumps(q)
+        secret = q._ticket.secret.encode()
+        assert blob.count(secret) == 1
+        forged = pickle.loads(blob.replace(secret, b"00" * 32))
+        with pytest.raises(shmwriter.AttachError, match="wrong secret"):
+            forged.put((1, None))
+        assert q.get(timeout=5)[0] == 0
+        assert q.qsize() == 0  # nothing of the forged put arrived
+
+
+def test_closing_the_queue_in_its_creator_ends_it_for_every_process():
+    q = EventQueue(Schema({"deform": Feature("float64")}), slots=1, slot_events=1)
+    started, report = CTX.Event(), CTX.Queue()
+    consumer = CTX.Process(target=get_and_report, args=(q, started, report))
+    consumer.start()
+    assert started.wait(30)
+    time.sleep(0.3)  # most likely it waits at the hub now; attaching after the close
+    #                  raises the same error
+    q.close()
+    name, message = report.get(timeout=30)
+    assert name == "BrokenError"
+    assert f"the queue's creator (pid {os.getpid()}) closed the queue or exited" in message
+    consumer.join(30)
+    assert consumer.exitcode == 0
+
+
+def test_put_nowait_takes_a_free_slot_at_once_and_a_timed_out_get_loses_nothing():
+    with EventQueue(Schema({"deform": Feature("float64")}), slots=2, slot_events=1) as q:
+        with pytest.raises(queue.Empty):
+            q.get(timeout=0.2)  # the hub answers its withdrawn TAKE; nothing stays behind
+        q.put_nowait((0, {"deform": np.zeros(1)}))  # a free slot: taken without waiting
+        q.put_nowait((1, {"deform": np.ones(1)}))
+        assert q.qsize() == 2 and q.full()
+        assert [q.get_nowait()[0] for _ in range(2)] == [0, 1]
+        assert q.free_slots == 2 and q.empty()
+
+
+def test_a_consumer_killed_while_it_waits_leaves_the_next_frame_to_others():
+    with EventQueue(Schema({"deform": Feature("float64")}), slots=2, slot_events=1) as q:
+        started = CTX.Event()
+        dying = CTX.Process(target=wait_in_get_then_die, args=(q, started))
+        dying.start()
+        assert started.wait(30)
+        dying.join(30)
+        assert dying.exitcode == -signal.SIGKILL
+        q.put((7, {"deform": np.ones(1)}))  # not handed to the dead consumer's TAKE
+        assert q.get(timeout=5)[0] == 7
+
+
+def test_a_reader_keeps_frames_coming_and_gives_back_those_it_did_not_take():
+    with EventQueue(Schema({"deform": Feature("float64")}), slots=8, slot_events=1) as q:
+        for frame in range(6):
+            q.put((frame, {"deform": np.full(1, frame, np.float64)}))
+        with q.reader(ahead=4) as reader:
+            assert reader.get(timeout=5)[0] == 0
+            with reader.lease(timeout=5) as lease:
+                assert lease.frame_index == 1 and lease.parts()[0][0]["deform"][0] == 1
+            assert q.qsize() <= 2  # at least 2 and 3 went to the reader ahead of its takes
+        # closed: the frames it received and did not take are back at the front, in order
+        assert [q.get(timeout=5)[0] for _ in range(4)] == [2, 3, 4, 5]
+        assert q.free_slots == 8
+        with pytest.raises(shmwriter.ClosedError, match="EventReader is closed"):
+            reader.get(timeout=0.1)
+        with pytest.raises(ValueError, match="ahead"):
+            q.reader(ahead=0)

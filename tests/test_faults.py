@@ -134,10 +134,10 @@ def test_forged_descriptors_are_refused(tmp_path, caplog):
             encode_record(Kind.FRAME, 0, 0, []),           # duplicate frame
         ]
         for record in forged:
-            os.write(forger._desc_fd, record)
+            os.write(forger._link.desc_fd, record)
         for frame in range(1, 19):
             honest.put(frame, events_of(frame))
-        os.write(forger._desc_fd, encode_record(77))   # unknown kind: the forger is refused
+        os.write(forger._link.desc_fd, encode_record(77))   # unknown kind: the forger is refused
         with pytest.raises(shmwriter.BrokenError, match="refused this producer: producer 0 sent "
                                                          "a record of unknown kind 77"):
             forger.put(19, events_of(19), timeout_s=10)  # has events: it must ask for a slot

@@ -175,7 +175,7 @@ def test_a_forged_packed_batch_refuses_its_sender_and_the_run_goes_on(tmp_path, 
     with shmwriter.Writer(path, SCHEMA, total_frames=10, slots=4, slot_events=2) as writer:
         forger, honest = writer.producer(), writer.producer()
         forger.put(0, None)  # says HELLO
-        os.write(forger._desc_fd, record)
+        os.write(forger._link.desc_fd, record)
         with pytest.raises(shmwriter.BrokenError, match=rf"refused this producer: producer 0 "
                                                         rf"sent a packed batch in slots "
                                                         rf"{re.escape(slots)}"):

@@ -124,7 +124,7 @@ def test_a_forged_batch_refuses_its_sender_and_the_run_goes_on(tmp_path, caplog,
     with shmwriter.Writer(path, SCHEMA, total_frames=10, slots=4) as writer:
         forger, honest = writer.producer(), writer.producer()
         forger.put(0, None)  # says HELLO
-        os.write(forger._desc_fd, record)
+        os.write(forger._link.desc_fd, record)
         with pytest.raises(shmwriter.BrokenError, match=f"refused this producer: producer 0 "
                                                         f"{why}"):
             forger.put(1, events_of(1), timeout_s=10)  # has events: it asks for a slot

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import shmwriter
-from shmwriter._queue.shared import (
-    _TAIL_NBYTES,
-    QueueShared,
+from shmwriter._queue.segment import (
+    _SCHEMA_NBYTES,
+    QueueSegment,
     budget_nbytes,
     segment_nbytes,
     slots_that_fit,
@@ -188,26 +188,26 @@ def test_queue_segment_size_gives_back_its_slots(schema, slot_events):
         nbytes = segment_nbytes(layout, slots)
         assert slots_that_fit(nbytes, layout) == slots
         assert slots_that_fit(nbytes - 1, layout) == slots - 1
-        assert nbytes % 8 == 0  # the owners table in the tail stays int64-aligned
-        assert HEADER_NBYTES + layout.region_nbytes(slots) <= nbytes - _TAIL_NBYTES
+        assert nbytes % 8 == 0
+        assert HEADER_NBYTES + layout.region_nbytes(slots) <= nbytes - _SCHEMA_NBYTES
 
 
 def test_queue_segment_binds_the_bytes_it_sized():
     layout = SlotLayout(schema=ODD, slot_events=3)
     nbytes = segment_nbytes(layout, 11)
-    shared = QueueShared.create(nbytes, slot_events=3)
+    segment = QueueSegment.create(nbytes, slot_events=3)
     try:
-        shared.publish(ODD, inferred=False)
-        ring = shared.bind_ring(ODD)
+        segment.write_schema(ODD, inferred=False)
+        ring = segment.bind_ring(ODD)
         assert ring.spec.slots == 11
         assert ring.spec.slots_offset == HEADER_NBYTES  # no claimed flags in a queue
-        assert ring.spec.nbytes <= nbytes - _TAIL_NBYTES  # the tail (owners) follows
+        assert ring.spec.nbytes <= nbytes - _SCHEMA_NBYTES  # the schema's text follows
         for view in ring.run_views(0, 33, as_stored=True).values():
             view[...] = 255
-        assert not shared.owners.any()  # writing every slot left the tail alone
-        assert int(shared.header[0]) != 0  # and the queue's header (its magic)
+        assert segment.stored_schema() == ODD  # writing every slot left the schema alone
+        assert int(segment.header[0]) != 0  # and the queue's header (its magic)
     finally:
-        shared.close()
+        segment.close()
 
 
 @pytest.mark.parametrize(("schema", "slot_events"), [(ODD, 3), (TINY, 1), (SCHEMA, 4)])
@@ -242,7 +242,7 @@ def test_memory_budget_sizes_the_ring(tmp_path):
 def test_a_queue_and_a_ring_share_one_header_layout_and_one_slot_limit():
     queue = shmwriter.EventQueue()
     try:
-        header = queue._shared.header
+        header = queue._segment.header
         assert header[Field.MAGIC] == QUEUE_MAGIC and header[Field.OWNER_PID] == os.getpid()
         assert State(int(header[Field.STATE])) is State.STARTING  # no schema yet
         queue.put((0, {"x": np.ones(3)}))

@@ -35,8 +35,8 @@ from ..errors import AttachError, ClosedError
 from ..producer import Producer
 from .records import open_pipe_pair
 
-__all__ = ["AttachServer", "Attached", "Ticket", "attach", "attach_on_unpickle", "new_ticket",
-           "open_channel"]
+__all__ = ["AttachServer", "Attached", "Ticket", "attach", "attach_on_unpickle", "boot_id",
+           "check_same_host", "new_ticket", "open_channel", "pid_namespace", "request_channel"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class Ticket:
 def new_ticket(ring: RingSpec, timeout_s: float) -> Ticket:
     """A ticket with a fresh secret for ``ring``, valid on this host."""
     return Ticket(ring=ring, address=f"shmwriter/{ring.name}", secret=secrets.token_hex(32),
-                  host=_boot_id(), pid_namespace=_pid_namespace(), timeout_s=timeout_s)
+                  host=boot_id(), pid_namespace=pid_namespace(), timeout_s=timeout_s)
 
 
 def attach(ticket: Ticket, *, timeout_s: float = 10.0) -> Producer:
@@ -121,34 +121,62 @@ def open_channel(ticket: Ticket, timeout_s: float = 10.0) -> Producer:
     """
     if not isinstance(ticket, Ticket):
         raise TypeError(f"ticket must be a shmwriter Ticket; got {type(ticket).__name__}")
-    _check_same_host(ticket)
+    check_same_host(ticket.host, ticket.pid_namespace)
+    try:
+        producer_id, fds = request_channel(ticket.address, ticket.secret, timeout_s, nfds=2)
+    except ClosedError as exc:
+        raise ClosedError(str(exc) or _ended_text(ticket)) from None
+    return Producer(ticket.ring, producer_id, fds[0], fds[1], ticket.timeout_s, ticket)
+
+
+def request_channel(address: str, secret: str, timeout_s: float, *,
+                    nfds: int) -> tuple[int, list[int]]:
+    """Connect to the attach socket at ``address``, show ``secret``; return the channel.
+
+    Returns
+    -------
+    tuple
+        The channel's id and the ``nfds`` descriptors the server passed (the
+        caller owns them): the two pipe ends, then what the server adds.
+
+    Raises
+    ------
+    AttachError
+        If the server refused (a wrong secret, another user).
+    ClosedError
+        If nobody listens (any more), or the server takes no new channels; its
+        text is the server's reason, or empty.
+    TimeoutError
+        If the server did not answer within ``timeout_s``.
+    """
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
-        reply, fds = _ask(conn, ticket, timeout_s)
-    if reply[:1] == _OK and len(fds) == 2:
-        (producer_id,) = struct.unpack("<q", reply[1:9])
-        return Producer(ticket.ring, producer_id, fds[0], fds[1], ticket.timeout_s, ticket)
+        reply, fds = _ask(conn, address, secret, timeout_s, nfds)
+    if reply[:1] == _OK and len(fds) == nfds:
+        (channel_id,) = struct.unpack("<q", reply[1:9])
+        return channel_id, fds
     for fd in fds:
         os.close(fd)
     text = reply[1:].decode("utf-8", "replace")
     if reply[:1] == _CLOSED or not reply:
-        raise ClosedError(text or _ended_text(ticket))
-    raise AttachError(f"the writer refused the ticket: {text or 'no reason given'}")
+        raise ClosedError(text)
+    raise AttachError(f"the ticket was refused: {text or 'no reason given'}")
 
 
-def _ask(conn: socket.socket, ticket: Ticket, timeout_s: float) -> tuple[bytes, list[int]]:
-    """Connect, show the secret, return the writer's reply and the descriptors it passed."""
+def _ask(conn: socket.socket, address: str, secret: str, timeout_s: float,
+         nfds: int) -> tuple[bytes, list[int]]:
+    """Connect, show the secret, return the server's reply and the descriptors it passed."""
     # a blocking connect waits for room in a full backlog, for at most SO_SNDTIMEO
     seconds = max(timeout_s, 0.001)
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
                     struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
     try:
-        conn.connect("\0" + ticket.address)
+        conn.connect("\0" + address)
         conn.settimeout(timeout_s)
-        conn.sendall(_HELLO.pack(_MAGIC, bytes.fromhex(ticket.secret)))
-        reply, fds, _, _ = socket.recv_fds(conn, _REPLY_NBYTES, 2)
+        conn.sendall(_HELLO.pack(_MAGIC, bytes.fromhex(secret)))
+        reply, fds, _, _ = socket.recv_fds(conn, _REPLY_NBYTES, nfds)
     except (ConnectionRefusedError, FileNotFoundError, ConnectionResetError,
             BrokenPipeError):  # nobody listens (any more): the run has ended
-        raise ClosedError(_ended_text(ticket)) from None
+        raise ClosedError("") from None
     except (BlockingIOError, TimeoutError):
         raise TimeoutError(f"the writer did not answer within {timeout_s} s") from None
     return reply, fds
@@ -179,17 +207,32 @@ class AttachServer:
     The thread accepts peers and checks each: its user id at once (the kernel
     says it), then its hello, with a deadline per peer, so that a silent, slow
     or hostile peer delays neither the writer loop nor other peers. For a good
-    peer it makes the pipes of a new channel, queues the writer's ends for the
-    loop and passes the producer's ends to the peer. The writer loop owns the
-    server: it watches :attr:`wakeup_fd`, collects new channels with
-    :meth:`take`, calls :meth:`close_to_new` when the run takes no more
-    producers and :meth:`close` (idempotent) at the end.
+    peer it makes the pipes of a new channel, queues the server's ends for its
+    owner and passes the peer's ends to the peer. The owner (the writer loop,
+    or an EventQueue's hub) watches :attr:`wakeup_fd`, collects new channels
+    with :meth:`take`, calls :meth:`close_to_new` when it takes no more and
+    :meth:`close` (idempotent) at the end.
+
+    Parameters
+    ----------
+    address
+        Name of the socket in the abstract namespace.
+    secret
+        What a peer must show (hex).
+    pass_fds
+        Descriptors passed to every peer after its two pipe ends (an
+        EventQueue passes its segment); the caller keeps them open.
+    closing_text
+        What a peer is told once :meth:`close_to_new` was called.
     """
 
     _sock: socket.socket | None = None
 
-    def __init__(self, ticket: Ticket) -> None:
-        self._address, self._secret = ticket.address, bytes.fromhex(ticket.secret)
+    def __init__(self, address: str, secret: str, pass_fds: tuple[int, ...] = (),
+                 closing_text: str = "the run no longer takes producers: its Writer is "
+                                     "closing it") -> None:
+        self._address, self._secret = address, bytes.fromhex(secret)
+        self._pass_fds, self._closing_text = pass_fds, closing_text.encode("utf-8")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             sock.bind("\0" + self._address)
@@ -321,12 +364,11 @@ class AttachServer:
             if not admitted:
                 os.close(desc_read)
                 os.close(grant_write)
-                _reply(peer, _CLOSED + b"the run no longer takes producers: its Writer is "
-                                       b"closing it")
+                _reply(peer, _CLOSED + self._closing_text)
                 return
             _wake(self._wake_w)
             socket.send_fds(peer, [_OK + struct.pack("<q", producer_id)],
-                            [desc_write, grant_read])
+                            [desc_write, grant_read, *self._pass_fds])
             logger.debug("producer %d attached from pid %d", producer_id, pid)
         except OSError as exc:  # the peer went away: its channel ends at once (EOF)
             logger.debug("pid %d went away while attaching: %s", pid, exc)
@@ -390,13 +432,14 @@ def _peer_uid(peer: socket.socket) -> int:
         return -1
 
 
-def _check_same_host(ticket: Ticket) -> None:
-    if ticket.host != _boot_id():
-        raise AttachError(f"this ticket is for a run on another host (boot id {ticket.host}); "
+def check_same_host(host: str, namespace: str) -> None:
+    """Raise AttachError unless this process runs on ``host`` (a boot id), in ``namespace``."""
+    if host != boot_id():
+        raise AttachError(f"this ticket is for a run on another host (boot id {host}); "
                           f"a ticket only works on the machine of its run")
-    if ticket.pid_namespace != _pid_namespace():
+    if namespace != pid_namespace():
         raise AttachError(f"this ticket is for a run in another PID namespace "
-                          f"({ticket.pid_namespace}, this process is in {_pid_namespace()}); "
+                          f"({namespace}, this process is in {pid_namespace()}); "
                           f"attach from the run's container")
 
 
@@ -412,7 +455,8 @@ def _ended_text(ticket: Ticket) -> str:
     return "the run of this ticket has ended; its writer no longer takes producers"
 
 
-def _boot_id() -> str:
+def boot_id() -> str:
+    """This machine's boot id (its host name where there is none)."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as file:
             return file.read().strip()
@@ -420,7 +464,8 @@ def _boot_id() -> str:
         return socket.gethostname()
 
 
-def _pid_namespace() -> str:
+def pid_namespace() -> str:
+    """This process's PID namespace, as /proc names it ("" where it does not)."""
     try:
         return os.readlink("/proc/self/ns/pid")
     except OSError:

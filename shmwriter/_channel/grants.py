@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from ..errors import BrokenError, RingFullError
-from .records import GRANT_REFUSED, Kind, encode_record
+from .records import GRANT_NONE, GRANT_REFUSED, Kind, encode_record
 
 __all__ = ["SlotGrants"]
 
@@ -98,6 +98,52 @@ class SlotGrants:
             raise BrokenError(f"frame {frame_index}: the writer granted slots {run}, not "
                               f"{nslots} consecutive ones")
         return run
+
+    def take_now(self, frame_index: int, nslots: int, answer_s: float) -> list[int]:
+        """``nslots`` granted slots if the writer has them free right now.
+
+        The writer answers at once (REQUEST_NOW); ``answer_s`` bounds the wait
+        for its answer. Grants still owed are withdrawn first (:meth:`cancel`).
+
+        Raises
+        ------
+        RingFullError
+            If the slots are not free now.
+        """
+        if len(self._cache) < nslots:
+            self.cancel(answer_s)
+        if len(self._cache) < nslots:
+            self._ask(Kind.REQUEST_NOW, frame_index, nslots)
+            if not self._answered(nslots, answer_s):
+                raise RingFullError(self._ring_full(frame_index, nslots, 0.0))
+        slots, self._cache = self._cache[:nslots], self._cache[nslots:]
+        return slots
+
+    def cancel(self, answer_s: float) -> None:
+        """Withdraw the request still owed, if any; what was granted meanwhile is kept."""
+        if self._owed:
+            self._send(encode_record(Kind.CANCEL))
+            self._answered(None, answer_s)
+
+    def _answered(self, nslots: int | None, answer_s: float) -> bool:
+        """Read until the writer's answer: True once ``nslots`` are held, False at NOTHING.
+
+        With ``nslots`` None only NOTHING ends it (the answer to CANCEL).
+        """
+        deadline = _now() + answer_s
+        while nslots is None or len(self._cache) < nslots:
+            grants = self._read(deadline - _now())
+            if grants is None or GRANT_REFUSED in grants:
+                raise self._writer_gone()
+            nothing = GRANT_NONE in grants
+            self._cache.extend(slot for slot in grants if slot >= 0)
+            if nothing:
+                self._owed = 0
+                return nslots is not None and len(self._cache) >= nslots
+            if not grants and _now() >= deadline:
+                raise BrokenError(f"the writer did not answer within {answer_s:.0f} s")
+        self._owed = 0
+        return True
 
     def _ask(self, kind: Kind, frame_index: int, nslots: int) -> None:
         """Give back what is held and ask for ``nslots`` at once."""

@@ -1,12 +1,14 @@
-"""The descriptor channel between one producer and the writer: two pipes.
+"""The channel between one producer and the writer (or an EventQueue's hub): two pipes.
 
 ``desc`` carries fixed-format records from the producer to the writer (a
 16-byte header plus 4 bytes per slot; a batch of frames adds 12 bytes per
-frame, and a packed batch lists its first slot only); ``grant`` carries int32 slot indices
-from the writer to the producer. Every record is written with one ``write`` of
-at most ``PIPE_BUF`` bytes, which POSIX makes atomic, so no lock is needed
-between processes and a killed producer cannot leave a torn record or a held
-lock behind. End of file on a pipe means the other side is gone.
+frame, and a packed batch lists its first slot only); ``grant`` carries int32
+slot indices from the writer to the producer. An EventQueue's hub answers in
+records instead (GRANT, FRAME, NOTHING, ...), as its clients also take frames.
+Every record is written with one ``write`` of at most ``PIPE_BUF`` bytes,
+which POSIX makes atomic, so no lock is needed between processes and a killed
+producer cannot leave a torn record or a held lock behind. End of file on a
+pipe means the other side is gone.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from typing import NamedTuple
 
 from ..errors import BrokenError
 
-__all__ = ["MAX_FRAMES_PER_RECORD", "MAX_SLOTS_PER_BATCH_FRAME", "MAX_SLOTS_PER_RECORD", "Kind",
-           "Record", "batch_nbytes", "decode_records", "encode_batch", "encode_packed",
-           "encode_record", "open_pipe_pair", "read_grants", "split_batch", "write_record"]
+__all__ = ["GRANT_NONE", "GRANT_REFUSED", "MAX_FRAMES_PER_RECORD", "MAX_SLOTS_PER_BATCH_FRAME",
+           "MAX_SLOTS_PER_RECORD", "Kind", "Record", "batch_nbytes", "decode_records",
+           "encode_batch", "encode_packed", "encode_record", "open_pipe_pair", "read_grants",
+           "split_batch", "write_record"]
 
 _HEADER = struct.Struct("<BxHIq")
 _BATCH_FRAME = struct.Struct("<qI")
@@ -36,6 +39,8 @@ MAX_SLOTS_PER_BATCH_FRAME = (select.PIPE_BUF - _HEADER.size - _BATCH_FRAME.size)
 MAX_FRAMES_PER_RECORD = (select.PIPE_BUF - _HEADER.size) // _BATCH_FRAME.size
 #: Grant value telling a producer the writer refuses it (see the header's error text).
 GRANT_REFUSED = -1
+#: Grant value telling a producer that its REQUEST_NOW or CANCEL got nothing (more).
+GRANT_NONE = -2
 
 
 class Kind(enum.IntEnum):
@@ -50,6 +55,22 @@ class Kind(enum.IntEnum):
     REQUEST_RUN = 7  # as REQUEST, for consecutive slots (Producer.frames writes in place)
     PACKED = 8    # value = first slot, nevents = frames listed as (frame, nevents): their
     #               events back to back from that slot on (no slot list)
+    # -- used between an EventQueue's clients and its hub (see shmwriter._queue.hub) --
+    REQUEST_NOW = 9  # as REQUEST, answered at once: GRANT, or NOTHING
+    CANCEL = 10   # withdraw the request or TAKE outstanding; answered by NOTHING (after a
+    #               GRANT or FRAME already on its way, if any)
+    TAKE = 11     # send up to nevents frames (at least 1); value = 1: those waiting now, then
+    #               NOTHING; 0: each when it comes (until CANCEL)
+    DONE = 12     # the slots listed held a frame taken: free them
+    STATUS = 13   # how many slots are free; answered by STATUS (value = free slots,
+    #               nevents = frames waiting for a consumer)
+    PUBLISH = 14  # may I publish the schema? answered by PUBLISH (value = 1: yours to
+    #               publish, 0: it is published)
+    PUBLISHED = 15  # value = 1: the schema is in the segment, 0: gave up
+    GRANT = 16    # hub -> client: the slots listed are granted
+    NOTHING = 17  # hub -> client: no slot or no frame for the request
+    REFUSED = 18  # hub -> client: the request is dropped; value = reason, nevents = a pid
+    RETURN = 19   # as FRAME: a frame taken and not used, back to the front of the queue
     MALFORMED = 255  # what decode_records makes of a record that cannot be one
 
 

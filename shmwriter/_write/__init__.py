@@ -1,11 +1,12 @@
 """The writer's side of a run, in the order the data flows through it.
 
-``run``          RunConfig, RunResult: what the loop is given, how the run ended
+``run``          RunConfig, RunResult: what the loop is given (the Writer's arguments
+                 checked), how the run ended
 ``entry``        the writer process's entry point (or the writer thread's)
 ``loop``         WriterLoop: reads the sockets and passes events between the rooms below
-``channels``     the writer's ends of the producers' pipes
+``channels``     the server's ends of the producers' pipes (an EventQueue's hub's too)
 ``intake``       FrameIntake: frame descriptors checked, their slots held, the frames handed on
-``slots``        SlotAllocator: which slot is free, granted to a producer or held by frames
+``slots``        SlotAllocator: which slot is free, granted or held by frames (the hub's too)
 ``assemble``     FrameAssembler: frames into frame order, into chunks, and out of the ring
 ``reorder``      ReorderBuffer: the frontier, frames waiting for earlier ones, the gaps
 ``gather``       ChunkGatherer: write_threshold frames into one chunk of arrays

@@ -1,9 +1,11 @@
-"""The writer's side of the producers' channels: their pipes, what they sent, who is alive.
+"""The server's side of the producers' channels: their pipes, what they sent, who is alive.
 
-:class:`Channels` owns the writer's ends of every producer's two pipes (see
-:mod:`._channel`) and their registration with the loop's selector. The loop
-asks it for the records a producer sent, sends grants through it, and retires
-channels through it; nothing else closes a channel's descriptors.
+:class:`Channels` owns the server's ends of every channel's two pipes (see
+:mod:`.._channel`) and their registration with the server's selector. Its
+owner (the writer loop, or an EventQueue's hub) asks it for the records a
+channel sent, sends through it, and retires channels through it; nothing else
+closes a channel's descriptors. Both servers learn that a peer is gone the same
+way: end of file on its pipe, or (checked now and then) its process is dead.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Iterator
 
 from .._channel.attach import Attached
 from .._channel.records import Record, decode_records
+from .._liveness import is_alive
 
 __all__ = ["Channels", "ProducerChannel"]
 
@@ -58,10 +61,17 @@ class Channels:
     def __iter__(self) -> Iterator[ProducerChannel]:
         return iter(list(self._by_id.values()))
 
-    def add(self, attached: list[Attached]) -> None:
-        """Take the channels of newly attached producers."""
+    def add(self, attached: list[Attached], *, peer_is_user: bool = False) -> None:
+        """Take the channels of newly attached producers.
+
+        With ``peer_is_user`` the process that attached is the one that uses
+        the channel (an EventQueue's); otherwise it says hello first (a
+        Writer's producers are made by the owner and used by a child).
+        """
         for new in attached:
             channel = ProducerChannel(new.producer_id, new.desc_fd, new.grant_fd)
+            if peer_is_user:
+                channel.pid = new.pid
             self._by_id[channel.id] = channel
             self._selector.register(channel.desc_fd, selectors.EVENT_READ, channel)
 
@@ -88,12 +98,25 @@ class Channels:
         channel.buffer += raw
         return list(decode_records(channel.buffer)), len(raw)
 
+    def dead(self) -> list[ProducerChannel]:
+        """The open channels whose process is known and has died."""
+        return [c for c in self._by_id.values() if not c.done and c.pid and not is_alive(c.pid)]
+
     def send(self, channel: ProducerChannel, slots: list[int]) -> None:
         """Send slot numbers (grants, or the refusal) down the grant pipe."""
+        self.send_bytes(channel, array("i", slots).tobytes())
+
+    def send_bytes(self, channel: ProducerChannel, message: bytes) -> bool:
+        """Send ``message`` (at most PIPE_BUF bytes: written whole) down the grant pipe.
+
+        Returns False if it could not be sent: the peer is gone (its slots come
+        back when it is retired) or reads nothing while its pipe is full.
+        """
         try:
-            os.write(channel.grant_fd, array("i", slots).tobytes())
-        except OSError:  # the producer is gone: its slots come back when it is retired
-            pass
+            os.write(channel.grant_fd, message)
+        except OSError:
+            return False
+        return True
 
     def retire(self, channel: ProducerChannel) -> bool:
         """Close the channel's descriptors; False if it was retired already."""

@@ -127,7 +127,7 @@ class WriterLoop:
             ring, self.slots, write_threshold=config.write_threshold, derived=config.derived,
             reorder_budget_nbytes=config.reorder_budget_nbytes, emit=self._emit)
         self.intake = FrameIntake(config.ring, self.slots, self.frames, self._refuse)
-        self.attach_server = AttachServer(config.ticket)
+        self.attach_server = AttachServer(config.ticket.address, config.ticket.secret)
         header.set_state(State.RUNNING)
         self.control.send(MSG_STARTED)
 
@@ -393,8 +393,8 @@ class WriterLoop:
             self._grant_pending()
 
     def _check_liveness(self) -> None:
-        for channel in self.channels:
-            if not channel.done and channel.pid and not is_alive(channel.pid):
+        for channel in self.channels.dead():
+            if not channel.done:
                 while self._on_readable(channel):
                     pass  # what it sent before it died is valid: take all of it
                 if channel.done:

@@ -1,5 +1,7 @@
 """A run's terms and outcome: what the writer loop is given, and what it reports back.
 
+The Writer's arguments are checked here too, as they become the run's terms.
+
 :class:`RunConfig` pickles into the writer process; :class:`RunResult` comes
 back over the control socket. :func:`run_log_lines` are the lines of the run
 log ``/logs/shmwriter-run`` that tell a reader of the file how the run ended.
@@ -15,10 +17,15 @@ from typing import Any
 
 from .._channel.attach import Ticket
 from .._ranges import FrameRanges
-from .._ring.ring import RingSpec, State
+from .._ring.ring import MAX_SLOTS, RingSpec, State
 from .._rtdc import LOG_LINE_LIMIT
+from .._spec import Schema, SlotLayout
+from .._validate import check_positive_int, check_seconds
 
-__all__ = ["RunConfig", "RunResult", "describe_failure", "run_log_lines"]
+_PAGE_NBYTES = 4096
+
+__all__ = ["RunConfig", "RunResult", "check_directory", "check_run_args", "default_reorder_budget",
+           "derived_features", "describe_failure", "ring_slots", "run_log_lines"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -105,3 +112,53 @@ def describe_failure(exc: BaseException) -> str:
     if isinstance(code, int) and code > 0:
         return f"{os.strerror(code)} ({type(exc).__name__}: {text})"
     return f"{type(exc).__name__}: {text}"
+
+
+# -- the Writer's arguments, checked and turned into the run's terms -----------------------
+def default_reorder_budget(spec: RingSpec) -> int:
+    """The reorder budget: the ring's size, and at least a page per slot (small events)."""
+    return max(spec.ring_nbytes, spec.slots * _PAGE_NBYTES)
+
+
+def ring_slots(slots: int, memory_budget_nbytes: int | None, layout: SlotLayout) -> int:
+    """The ring's slot count from the Writer's ``slots`` or ``memory_budget_nbytes`` (checked)."""
+    if memory_budget_nbytes is not None:
+        budget = check_positive_int("memory_budget_nbytes", memory_budget_nbytes)
+        # exact: the slots region, block padding included, never exceeds the budget
+        slots = min(layout.slots_that_fit(budget), MAX_SLOTS)  # small events: many fit
+        if slots < 1:
+            raise ValueError(f"memory_budget_nbytes={budget} cannot hold one slot of "
+                             f"{layout.region_nbytes(1)} bytes; raise it or lower slot_events")
+    slots = check_positive_int("slots", slots)
+    if slots > MAX_SLOTS:
+        raise ValueError(f"slots must be at most {MAX_SLOTS}; got {slots}")
+    return slots
+
+
+def check_run_args(total_frames: int | None, write_threshold: int, flush_interval_s: float,
+                    mode: str, timeout_s: float) -> None:
+    """Check the Writer's run arguments; the error names the argument."""
+    if total_frames is not None:
+        check_positive_int("total_frames", total_frames)
+    check_positive_int("write_threshold", write_threshold)
+    check_seconds("flush_interval_s", flush_interval_s)
+    check_seconds("timeout_s", timeout_s)
+    if mode not in ("thread", "process"):
+        raise ValueError(f"mode must be 'thread' or 'process'; got {mode!r}")
+
+
+def check_directory(path: str) -> None:
+    """Raise FileNotFoundError unless the directory of ``path`` exists."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"cannot write {path!r}: directory {directory!r} does not exist")
+
+
+def derived_features(schema: Schema, index_feature: str | None) -> tuple[str, ...]:
+    """The per-event features the writer adds (the frame index unless the schema has it)."""
+    if index_feature not in (None, "frame", "index_unmapped"):
+        raise ValueError(f"index_feature must be 'frame', 'index_unmapped' or None; "
+                         f"got {index_feature!r}")
+    if index_feature is None or index_feature in schema:
+        return ("nevents",)
+    return (index_feature, "nevents")

@@ -6,6 +6,7 @@ any of it. Its rooms, in the order a run flows through them:
     config    BenchConfig: what to run (light: the command line's options come from it)
     _work     the workload (real or synthetic events) and the producer processes' loops
     _run      one run of one writer: shmwriter, dcnum's writer, plain h5py; its clocks
-    suite     every run side by side, medians, ratios; JSON and plot
+    suite     every run side by side; JSON and plot
+    figures   what was measured: a run's figures, medians, ratios (BenchResult)
     _report   the table the command prints, and the plot
 """

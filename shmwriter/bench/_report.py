@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from .suite import BenchResult, RunFigures, WriterSummary
+    from .figures import BenchResult, RunFigures, WriterSummary
 
 __all__ = ["format_report", "plot_runs"]
 

@@ -16,6 +16,17 @@ frame of ``feat_nevents``. Unlike dcnum it keeps taking frames from the queue
 while it waits for ``feat_nevents``, so an EventQueue's slots keep moving;
 frames it holds beyond half of the queue's slots are copied out of them.
 
+What it shares with the Writer, and what is its own: the queue (an EventQueue
+serves slots with the Writer's protocol and allocator), the bounded sink
+thread (:class:`~shmwriter._write.sink_thread.SinkThread`) and the creation of
+the datasets (:func:`~shmwriter._write.h5sink.create_event_dataset`) are the
+Writer's. Its own is what dcnum's file needs and the Writer's must not do:
+windows cut by ``feat_nevents`` (not by frames received), a frame that comes
+twice replacing the first, features that a frame may lack (zero there), the
+dtype of ``nevents`` taken from ``feat_nevents``. These live in
+:mod:`shmwriter.compat._stash`, with the tests that compare the file, dataset
+by dataset, with dcnum's own.
+
 Logging, as in dcnum: the records come from the logger
 ``dcnum.write.<class name>`` at the level of the ``dcnum`` logger, so they
 reach the handlers dcnum's pipeline puts on ``dcnum`` (a thread writer) or
@@ -54,6 +65,7 @@ _MP_SPAWN = multiprocessing.get_context("spawn")
 _CHUNK_QUEUE_SIZE = 4       # chunks waiting for the disk before collecting waits too
 _WAIT_NEVENTS_S = 0.03      # dcnum's pause while feat_nevents has -1 in the window
 _WAIT_FRAMES_S = 0.3        # dcnum's event_queue.get timeout
+_READ_AHEAD = 8             # frames of an EventQueue on their way to the writer
 
 #: The format of dcnum's pipeline log (``dcnum.logic.ctrl.DCNumJobRunner`` writes its log
 #: file with it and stores the file's lines in the output file's /logs).
@@ -241,6 +253,7 @@ class QueueWriterBase:
         try:
             self._collect(source, pending, sink, logger)
         finally:
+            source.close()
             for arrived in pending.values():
                 arrived.release()
             sink.finish()
@@ -362,6 +375,9 @@ class _Source:
     def __init__(self, event_queue: Any) -> None:
         self.queue = event_queue
 
+    def close(self) -> None:
+        """Stop taking frames (those on their way go back to the queue)."""
+
     def receive(self, pending: MutableMapping[int, Arrived], timeout_s: float,
                 logger: logging.Logger) -> set[int]:
         """Wait up to ``timeout_s`` for one frame; add it to ``pending``; return its index."""
@@ -374,16 +390,24 @@ class _Source:
 
 
 class _LeaseSource(_Source):
-    """Frames from an EventQueue: left in its slots while fewer than half of them are held."""
+    """Frames from an EventQueue: left in its slots while fewer than half of them are held.
+
+    They come through a reader, which keeps a few frames on their way: no round
+    trip to the queue's hub per frame.
+    """
 
     def __init__(self, event_queue: EventQueue) -> None:
         super().__init__(event_queue)
         self.held = 0
+        self.reader = event_queue.reader(ahead=_READ_AHEAD)
+
+    def close(self) -> None:
+        self.reader.close()
 
     def receive(self, pending: MutableMapping[int, Arrived], timeout_s: float,
                 logger: logging.Logger) -> set[int]:
         try:
-            lease = self.queue.lease(timeout=timeout_s)
+            lease = self.reader.lease(timeout=timeout_s)
         except queue.Empty:
             return set()
         arrived = arrived_from_lease(lease, self._released)

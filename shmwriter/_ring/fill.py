@@ -1,0 +1,77 @@
+"""How a producer writes events into the ring: copied into slots as the file stores them.
+
+:class:`SlotFiller` maps the ring in the producer's process (on first use)
+and copies a frame's events into its granted slots, feature by feature
+through one view per feature of the whole ring. Boolean features (masks) are
+stored as the file has them, uint8 0/255, so that this conversion runs in the
+producers, in parallel, not in the writer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from .ring import RingSpec, SlotRing
+
+__all__ = ["SlotFiller"]
+
+_MASK_TRUE = np.uint8(255)  # how the file stores True
+
+
+class SlotFiller:
+    """A producer's writes into the ring of ``spec``. :meth:`close` unmaps it (idempotent)."""
+
+    _ring: SlotRing | None = None
+
+    def __init__(self, spec: RingSpec) -> None:
+        self._spec = spec
+        self._rows: dict[str, np.ndarray[Any, Any]] = {}
+        self._masks = frozenset(n for n, f in spec.layout.schema.items() if f.dtype.kind == "b")
+
+    def ring(self) -> SlotRing:
+        """The ring, mapped in this process."""
+        if self._ring is None:
+            self._ring = SlotRing.attach(self._spec)
+        return self._ring
+
+    def copy_in(self, slots: list[int], arrays: Mapping[str, np.ndarray[Any, Any]],
+                nevents: int) -> None:
+        """Copy ``nevents`` events of ``arrays`` into ``slots``, in order."""
+        per_slot, masks, rows = self._spec.layout.slot_events, self._masks, self._row_views()
+        for j, slot in enumerate(slots):
+            start, stop = j * per_slot, min((j + 1) * per_slot, nevents)
+            at = slot * per_slot
+            for name, array in arrays.items():
+                row = rows[name][at:at + stop - start]
+                if name in masks:
+                    np.multiply(array[start:stop], _MASK_TRUE, out=row)
+                else:
+                    np.copyto(row, array[start:stop], casting="unsafe")
+
+    def run_views(self, run: list[int], nevents: int) -> dict[str, np.ndarray[Any, Any]]:
+        """Writable views of ``nevents`` events from the first slot of ``run`` on."""
+        if not run:
+            return {name: np.empty((0, *f.shape), f.dtype)
+                    for name, f in self._spec.layout.schema.items()}
+        return self.ring().run_views(run[0], nevents)
+
+    def store_masks_as_bytes(self, arrays: Mapping[str, np.ndarray[Any, Any]]) -> None:
+        """Turn boolean features filled in place into the uint8 0/255 the file stores."""
+        for name in self._masks:
+            np.multiply(arrays[name], _MASK_TRUE, out=arrays[name].view(np.uint8))
+
+    def close(self) -> None:
+        """Unmap the ring (views handed out keep their memory)."""
+        if self._ring is not None:
+            self._rows = {}
+            self._ring.close()
+            self._ring = None
+
+    def _row_views(self) -> dict[str, np.ndarray[Any, Any]]:
+        """Each feature across the ring, as stored (one view per feature, made once)."""
+        if not self._rows:
+            self._rows = self.ring().row_views()
+        return self._rows
