@@ -12,12 +12,13 @@ The data flow, room by room (each folder's docstring lists its modules)::
     errors      the exceptions, each saying whose fault it was
 
 Shared by the rooms: ``_validate`` (argument checks), ``_rtdc`` (the .rtdc layout names),
-``_ranges`` (FrameRanges, missing frames as ranges), ``_liveness`` (is a pid alive).
+``_ranges`` (FrameRanges, missing frames as ranges), ``_liveness`` (is a pid alive),
+``_forks`` (a forked child closes its copies of the servers' and clients' pipes).
 
-Beside the pipeline: ``eventqueue`` (with ``_queue/``) and ``compat`` give dcnum's
-queue-writer API on the same ring; ``ops/`` holds what the operator's commands do (inspect,
-status, top, clean, replay, demo); ``cli`` only parses and prints; ``bench`` is the
-benchmark lab, a subpackage only ``shmwriter bench`` imports.
+Beside the pipeline: ``eventqueue`` (with ``_queue/``: a hub on the Writer's protocol and
+allocator) and ``compat`` give dcnum's queue-writer API; ``ops/`` holds what the operator's
+commands do (inspect, status, top, clean, replay, demo); ``cli`` only parses and prints;
+``bench`` is the benchmark lab, a subpackage only ``shmwriter bench`` imports.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import logging
 import os
 import queue
 import threading
+import time
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -29,6 +30,7 @@ import numpy.typing as npt
 from ._channel.records import Kind, Record, encode_record
 from ._events import check_events, infer_schema
 from ._queue.client import (
+    MAX_READ_AHEAD,
     FrameReader,
     QueueClient,
     QueueTicket,
@@ -140,6 +142,9 @@ class EventQueue:
         self._lock = threading.Lock()  # guards the segment's mapping and the ring views
         self._local = threading.local()  # this thread's client
         self._clients: weakref.WeakSet[QueueClient] = weakref.WeakSet()
+        # the first client stays while the queue is open here, even after its thread ended:
+        # the hub counts a process that took frames as a consumer while it has a channel
+        self._presence: QueueClient | None = None
         self._pid = os.getpid()
 
     # -- the mp.Queue interface ---------------------------------------------------------------
@@ -236,8 +241,12 @@ class EventQueue:
         if self._closed:
             return
         self._closed = True
-        for client in list(self._clients):
-            client.close()
+        mine = getattr(self._local, "client", None)
+        for client in list(self._clients):  # other threads' waits end with ClosedError
+            if client is mine:
+                client.close()
+            else:
+                client.shut()
         if self._hub is not None and self._pid == os.getpid():
             self._hub.stop()
         if self._segment is not None:
@@ -280,9 +289,19 @@ class EventQueue:
         reader's frames are sent as they arrive, so it takes them at once.
         Frames it received and did not take go back to the front of the queue
         when it is closed (if its process dies instead, they are dropped, as a
-        frame taken by a consumer that dies). Use it as a context manager.
+        frame taken by a consumer that dies); leases it handed out stay valid
+        until released. Use it as a context manager.
+
+        Raises
+        ------
+        ValueError
+            If ``ahead`` is not 1 to 8 (the frames on their way must fit the
+            channel's pipe whatever their size).
         """
         ahead = check_positive_int("ahead", ahead)
+        if ahead > MAX_READ_AHEAD:
+            raise ValueError(f"ahead must be at most {MAX_READ_AHEAD}; got {ahead}")
+        self._client()  # this process keeps a channel while the queue is open in it
         client, segment_fd = open_client(self._ticket)
         self._map_segment(segment_fd)
         self._clients.add(client)
@@ -290,6 +309,8 @@ class EventQueue:
 
     def _lease_of(self, client: QueueClient, record: Record) -> EventLease:
         none = record.nevents == NO_EVENTS
+        if record.slots:
+            client.took_lease()
         return EventLease(self, client, record.value, 0 if none else record.nevents,
                           list(record.slots), none=none)
 
@@ -362,6 +383,8 @@ class EventQueue:
         self._map_segment(segment_fd)
         self._local.client = client
         self._clients.add(client)
+        if self._presence is None:
+            self._presence = client
         return client
 
     def _map_segment(self, segment_fd: int) -> None:
@@ -406,7 +429,7 @@ class EventQueue:
         if not isinstance(events, Mapping):
             raise TypeError(f"frame {frame_index}: events must be a mapping of feature name to "
                             f"array, or None; got {type(events).__name__}")
-        arrays = {name: np.asarray(value) for name, value in events.items()}
+        arrays = {name: _as_array(frame_index, name, value) for name, value in events.items()}
         for name, array in arrays.items():
             if array.ndim == 0:
                 raise FrameError(f"frame {frame_index}: feature {name!r} is a scalar; expected "
@@ -428,12 +451,15 @@ class EventQueue:
         schema = self._load_schema()
         if schema is not None:
             return schema
-        inferred = infer_schema(frame_index, arrays)  # a FrameError before anything is asked
+        inferred = infer_schema(frame_index, arrays)
+        check_events(inferred, frame_index, arrays)  # a frame that cannot be put defines nothing
         if client.publish_turn():  # the hub lets one client publish; the others wait
             published = False
             try:
                 self._segment_now().write_schema(inferred, inferred=True)
                 published = True
+            except ValueError as exc:
+                raise ValueError(f"frame {frame_index}: {exc}") from None
             finally:
                 client.published(ok=published)
         schema = self._load_schema()
@@ -452,13 +478,18 @@ class EventQueue:
                 f"frame {frame_index} has {nevents} events but one frame can hold at most "
                 f"{most * segment.slot_events} (slots × slot_events); raise slot_events or "
                 f"the queue's memory budget", frame_index=frame_index)
+        started = time.monotonic()
         try:
-            return client.take_slots(frame_index, nslots, timeout if block else 0.0)
-        except QueueFullError as exc:
-            raise QueueFullError(f"frame {frame_index}: {exc} of {total} are free: the consumer "
-                                 f"is behind or stuck") from None
+            slots = client.take_slots(frame_index, nslots, timeout if block else 0.0)
         except BrokenError as exc:
             raise BrokenError(f"frame {frame_index}: {exc}") from None
+        if slots is not None:
+            return slots
+        free = client.status()[0]
+        why = ("but puts that wait for more come first" if free >= nslots else
+               "the consumer is behind or stuck")
+        raise QueueFullError(f"frame {frame_index}: waited {time.monotonic() - started:.1f} s "
+                             f"for {nslots} free slot(s); {free} of {total} are free: {why}")
 
     def _copy_into_slots(self, slots: list[int], arrays: Mapping[str, np.ndarray[Any, Any]],
                          nevents: int) -> None:
@@ -469,6 +500,14 @@ class EventQueue:
             views = ring.slot_views(slot, stop - start)
             for name, array in arrays.items():
                 np.copyto(views[name], array[start:stop], casting="unsafe")
+
+
+def _as_array(frame_index: int, name: object, value: object) -> np.ndarray[Any, Any]:
+    try:
+        return np.asarray(value)
+    except (TypeError, ValueError) as exc:  # a ragged list, say
+        raise FrameError(f"frame {frame_index}: feature {name!r} is not an array: {exc}",
+                         frame_index=frame_index, feature=str(name)) from None
 
 
 def _unpack(obj: object) -> tuple[int, object]:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from ._channel.attach import Ticket, new_ticket, open_channel
 from ._channel.control import MSG_HANDOUT_OVER, MSG_LOG, MSG_RESULT, MSG_STARTED, abort_message
+from ._forks import close_in_forked_children
 from ._ranges import FrameRanges
 from ._ring.ring import Field, SlotRing, State
 from ._ring.stats import RunStatistics, read_statistics
@@ -174,12 +175,19 @@ class Writer:
             self._clean_up()
             raise
 
+    def _close_after_fork(self) -> None:
+        """In a forked child: close the copy of the control socket (the run is not its)."""
+        control, self._control = self._control, None
+        if control is not None:
+            control.close()
+
     # -- start ----------------------------------------------------------------------
     def _start(self, config: RunConfig) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for sock in (ours, theirs):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _CONTROL_BUFFER_NBYTES)
         self._control = ours
+        close_in_forked_children(self)  # a forked child must not hide this process's death
         self._messages: queue.Queue[bytes] = queue.Queue()
         threading.Thread(target=_read_control, args=(ours, self._messages),
                          name="shmwriter-control", daemon=True).start()

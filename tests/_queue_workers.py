@@ -121,3 +121,42 @@ def wait_in_get_then_die(event_queue, started) -> None:
     threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGKILL)).start()
     started.set()
     event_queue.get(timeout=30)
+
+
+def get_with_timeout_and_report(event_queue, started, report, timeout: float = 30) -> None:
+    """A consumer that attaches, says so, waits in get(timeout) and reports how it ended."""
+    event_queue.qsize()  # attached
+    started.set()
+    try:
+        report.put(event_queue.get(timeout=timeout)[0])
+    except Exception as exc:
+        report.put((type(exc).__name__, str(exc)))
+
+
+def fork_idle_child_then_close(event_queue_args, attached, closed) -> None:
+    """A creator that forks an idle child (as a fork pool would) and then closes its queue."""
+    import multiprocessing
+
+    from shmwriter import EventQueue, Feature, Schema
+    schema = Schema({"deform": Feature("float64")})
+    q = EventQueue(schema, slots=2)
+    event_queue_args.send(q)
+    assert attached.wait(30)
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,),
+                                                        daemon=True)
+    child.start()  # it holds copies of every descriptor of this process
+    event_queue_args.send(child.pid)
+    q.close()
+    closed.set()
+    time.sleep(60)
+
+
+def take_in_a_thread_then_again(event_queue, took, again) -> None:
+    """A consumer process whose first frames are taken by a thread that then ends."""
+    import threading
+    thread = threading.Thread(target=lambda: event_queue.get(timeout=30))
+    thread.start()
+    thread.join()
+    took.set()
+    assert again.wait(30)
+    event_queue.get(timeout=30)

@@ -14,14 +14,17 @@ import numpy as np
 import pytest
 from _queue_workers import (
     dcnum_events,
+    fork_idle_child_then_close,
     get_and_report,
     get_frames,
     get_one_then_wait,
+    get_with_timeout_and_report,
     lease_slowly_then_get,
     lease_then_die,
     publish_turn_then_die,
     put_and_report,
     put_events,
+    take_in_a_thread_then_again,
     take_slots_and_wait,
     wait_in_get_then_die,
 )
@@ -438,3 +441,170 @@ def test_a_reader_keeps_frames_coming_and_gives_back_those_it_did_not_take():
             reader.get(timeout=0.1)
         with pytest.raises(ValueError, match="ahead"):
             q.reader(ahead=0)
+
+
+def test_a_thread_that_put_a_frame_and_idles_keeps_no_slot_another_frame_needs():
+    with EventQueue(Schema({"deform": Feature("float64")}), slots=16, slot_events=1) as q:
+        done = threading.Event()
+        idler = threading.Thread(target=lambda: (q.put((0, {"deform": np.zeros(1)})),
+                                                 done.wait(30)))
+        idler.start()
+        assert q.get(timeout=5)[0] == 0  # the idler lives on, between its frames
+        q.put((1, {"deform": np.arange(16.0)}), timeout=5)  # needs every slot of the queue
+        assert q.get(timeout=5)[1]["deform"].tolist() == list(range(16))
+        done.set()
+        idler.join(30)
+
+
+def test_put_nowait_read_with_a_waiting_request_in_one_round_is_answered():
+    """A put_nowait's request and another producer's unservable request for a lower frame,
+    read by the hub in the same round: the put_nowait is answered at once, not left pending.
+
+    The test holds the GIL (and so the hub thread) for 1 s while both are sent, so that the
+    hub reads them together; before the fix put_nowait waited 10 s and raised BrokenError.
+    """
+    import sys
+    with EventQueue(Schema({"deform": Feature("float64")}), slots=8, slot_events=1) as q:
+        q.put((5, {"deform": np.zeros(2)}))
+        lease = q.lease(timeout=5)  # 2 of 8 slots held: 6 free
+        go, reports = CTX.Event(), CTX.Queue()
+        worker = CTX.Process(target=_nowait_and_big, args=(q, go, reports))
+        worker.start()
+        assert reports.get(timeout=30) == "attached"
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(30)
+        try:
+            go.set()
+            hold_until = time.monotonic() + 1.0
+            while time.monotonic() < hold_until:  # the hub cannot read meanwhile
+                pass
+        finally:
+            sys.setswitchinterval(interval)
+        nowait = reports.get(timeout=30)  # read first, the put_nowait goes in; read second,
+        #                                   the waiting put comes first: Full, said at once
+        assert nowait.startswith("returned in") or (
+            "QueueFullError after 1." in nowait and "6 of 8 are free: but puts that wait for "
+                                                     "more come first" in nowait), nowait
+        lease.release()  # the big frame gets its slots now
+        assert reports.get(timeout=30) == "big frame put"
+        worker.join(30)
+        assert worker.exitcode == 0
+
+
+def _nowait_and_big(q, go, reports) -> None:
+    """Two threads: a put of 7 slots for frame 0 (waits), a put_nowait of 1 slot for 100."""
+    q.qsize()
+    big_attached = threading.Event()
+
+    def big():
+        q.qsize()
+        big_attached.set()
+        go.wait(30)
+        q.put((0, {"deform": np.zeros(7)}), timeout=30)
+        reports.put("big frame put")
+
+    thread = threading.Thread(target=big)
+    thread.start()
+    assert big_attached.wait(30)
+    reports.put("attached")
+    go.wait(30)
+    started = time.monotonic()
+    try:
+        q.put_nowait((100, {"deform": np.zeros(1)}))
+        reports.put(f"returned in {time.monotonic() - started:.2f} s")
+    except Exception as exc:
+        reports.put(f"{type(exc).__name__} after {time.monotonic() - started:.2f} s: {exc}")
+    thread.join(60)
+
+
+def test_a_child_forked_by_the_creator_does_not_hide_its_close():
+    creator_end, ours = CTX.Pipe()
+    attached, closed, started, report = CTX.Event(), CTX.Event(), CTX.Event(), CTX.Queue()
+    creator = CTX.Process(target=fork_idle_child_then_close, args=(creator_end, attached, closed))
+    creator.start()
+    q = ours.recv()
+    consumer = CTX.Process(target=get_with_timeout_and_report, args=(q, started, report))
+    consumer.start()
+    assert started.wait(30)
+    attached.set()
+    forked = ours.recv()
+    assert closed.wait(30)
+    name, message = report.get(timeout=20)  # not the consumer's own 30 s timeout
+    assert name == "BrokenError" and "closed the queue or exited" in message
+    consumer.join(30)
+    os.kill(forked, signal.SIGKILL)  # it holds the creator's end of multiprocessing's sentinel
+    creator.kill()
+    creator.join(30)
+    assert creator.exitcode == -signal.SIGKILL
+
+
+def test_closing_a_reader_keeps_the_leases_it_handed_out():
+    with EventQueue(Schema({"deform": Feature("float64")}), slots=4, slot_events=2) as q:
+        q.put((0, {"deform": np.array([1.0, 2.0])}))
+        with q.reader(ahead=2) as reader:
+            lease = reader.lease(timeout=5)
+        q.put((1, {"deform": np.array([9.0, 9.0])}))  # must not land in the lease's slot
+        assert lease.parts()[0][0]["deform"].tolist() == [1.0, 2.0]
+        assert q.free_slots == 2
+        lease.release()
+        assert q.free_slots == 3  # frame 1 holds one; the reader's channel is closed now
+        with pytest.raises(ValueError, match="ahead must be at most 8"):
+            q.reader(ahead=9)
+
+
+def test_close_in_one_thread_ends_another_threads_wait_with_closed_error():
+    q = EventQueue(Schema({"deform": Feature("float64")}), slots=2)
+    outcome = []
+    waiting = threading.Thread(target=lambda: _record_outcome(outcome, q.get))
+    waiting.start()
+    time.sleep(0.3)  # most likely it waits now; a get after the close raises the same
+    q.close()
+    waiting.join(30)
+    assert outcome and outcome[0][0] == "ClosedError", outcome
+
+
+def _record_outcome(outcome, call) -> None:
+    try:
+        outcome.append(("returned", call()))
+    except Exception as exc:
+        outcome.append((type(exc).__name__, str(exc)))
+
+
+def test_a_consumer_process_whose_consumer_thread_ended_still_counts():
+    with EventQueue(Schema({"deform": Feature("float64")}), slots=1, slot_events=1) as q:
+        took, again, started, report = CTX.Event(), CTX.Event(), CTX.Event(), CTX.Queue()
+        consumer = CTX.Process(target=take_in_a_thread_then_again, args=(q, took, again))
+        consumer.start()
+        q.put((0, {"deform": np.zeros(1)}))
+        assert took.wait(30)  # its consumer thread ended; the process lives on
+        q.put((1, {"deform": np.zeros(1)}))  # the only slot is taken again
+        producer = CTX.Process(target=put_and_report, args=(q, 2, started, report))
+        producer.start()
+        assert started.wait(30)
+        time.sleep(1.0)  # the hub's checks run meanwhile: the producer must go on waiting
+        assert report.empty()
+        again.set()  # the consumer takes frame 1: frame 2 goes in
+        assert report.get(timeout=30) is None
+        for process in (consumer, producer):
+            process.join(30)
+            assert process.exitcode == 0
+
+
+def test_an_interrupted_get_leaves_no_frame_behind():
+    with EventQueue(Schema({"deform": Feature("float64")}), slots=4, slot_events=1) as q:
+        def interrupt(*_):
+            raise KeyboardInterrupt
+        previous = signal.signal(signal.SIGALRM, interrupt)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            with pytest.raises(KeyboardInterrupt):
+                q.get()  # as a Ctrl-C would
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        q.put((42, {"deform": np.ones(1)}))
+        got = []
+        other = threading.Thread(target=lambda: got.append(q.get(timeout=5)[0]))
+        other.start()
+        other.join(30)
+        assert got == [42]  # it went to the other thread, not to the interrupted channel

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import posix_ipc
 
+from .._forks import close_in_forked_children
 from .._ring.ring import RingSpec, SlotRing, State
 from ..errors import AttachError, ClosedError
 from ..producer import Producer
@@ -252,6 +253,7 @@ class AttachServer:
         self._thread = threading.Thread(target=self._serve, name="shmwriter-attach",
                                         daemon=True)
         self._thread.start()
+        close_in_forked_children(self)
 
     @property
     def wakeup_fd(self) -> int:
@@ -291,6 +293,14 @@ class AttachServer:
             os.close(attached.grant_fd)
         for fd in (self._wake_r, self._wake_w, self._stop_r, self._stop_w):
             os.close(fd)
+
+    def _close_after_fork(self) -> None:
+        """In a forked child: close the copies of the socket and of the pipes."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+            for fd in (self._wake_r, self._wake_w, self._stop_r, self._stop_w):
+                os.close(fd)
 
     # -- the thread ---------------------------------------------------------------------
     def _serve(self) -> None:

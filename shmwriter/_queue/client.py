@@ -30,10 +30,12 @@ from .._channel.records import (
     encode_record,
     write_record,
 )
-from ..errors import BrokenError, ClosedError, QueueFullError, RingFullError
+from .._forks import close_in_forked_children
+from ..errors import BrokenError, ClosedError, RingFullError
 from .hub import REFUSED_NO_CONSUMER
 
-__all__ = ["FrameReader", "QueueClient", "QueueTicket", "new_ticket", "open_client"]
+__all__ = ["ANSWER_TIMEOUT_S", "MAX_READ_AHEAD", "FrameReader", "QueueClient", "QueueTicket",
+           "new_ticket", "open_client"]
 
 #: Longest wait for an answer the hub gives at once (it serves requests in microseconds).
 ANSWER_TIMEOUT_S = 10.0
@@ -41,6 +43,9 @@ _ATTACH_TIMEOUT_S = 10.0
 _READ_NBYTES = 65536
 _LONGEST_SELECT_S = 3600.0  # select() takes no infinite timeout: wait in slices this long
 _FRAME, _NOTHING = frozenset((Kind.FRAME,)), frozenset((Kind.NOTHING,))
+#: Most frames a reader keeps on their way: their records (at most PIPE_BUF bytes each) and
+#: a few answers must fit the 64 KiB of its pipe, or the hub could not send them.
+MAX_READ_AHEAD = 8
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,6 +91,9 @@ def open_client(ticket: QueueTicket) -> tuple[QueueClient, int]:
             ticket.address, ticket.secret, _ATTACH_TIMEOUT_S, nfds=3)
     except ClosedError as exc:
         raise BrokenError(_gone_text(ticket.creator_pid, str(exc))) from None
+    except TimeoutError:
+        raise BrokenError(f"the queue's hub (pid {ticket.creator_pid}) did not answer within "
+                          f"{_ATTACH_TIMEOUT_S:.0f} s") from None
     return QueueClient(channel_id, desc, reply, ticket.creator_pid), segment_fd
 
 
@@ -117,8 +125,12 @@ class QueueClient:
         self._refusal: Record | None = None
         #: Frames received from the hub, in all.
         self.frames_received = 0
+        self._leases = 0  # frames taken through this channel and not released yet
+        self._close_when_released = False
+        self._shut = False  # closed by another thread of this process: see shut()
         self._pid = os.getpid()
         self.grants = self._new_grants()
+        close_in_forked_children(self)
 
     def _new_grants(self) -> SlotGrants:
         # through a weak proxy: no reference cycle, so the channel closes the moment its
@@ -135,19 +147,57 @@ class QueueClient:
         return self._desc_fd < 0
 
     def close(self) -> None:
-        """Say goodbye and close the channel (idempotent): slots held come back."""
+        """Say goodbye and close the channel (idempotent): slots held come back.
+
+        Only the thread that uses the channel closes it; others :meth:`shut` it.
+        """
         if self._desc_fd < 0:
             return
-        if os.getpid() == self._pid:
-            try:
-                os.write(self._desc_fd, encode_record(Kind.CLOSE))
-            except OSError:
-                pass  # the hub is gone already
+        if os.getpid() == self._pid and not self._shut:
+            self._say_close()
         for fd in (self._desc_fd, self._reply_fd):
             try:
                 os.close(fd)
             except OSError:
                 pass
+        self._desc_fd = self._reply_fd = -1
+
+    def shut(self) -> None:
+        """End the channel from another thread (``EventQueue.close``), without closing its
+        descriptors under the thread that may be waiting on them: the hub closes its ends,
+        and that thread's wait ends with ClosedError."""
+        if self._desc_fd >= 0 and not self._shut:
+            self._shut = True
+            self._say_close()
+
+    def _say_close(self) -> None:
+        try:
+            os.write(self._desc_fd, encode_record(Kind.CLOSE))
+        except OSError:
+            pass  # the hub is gone already
+
+    def took_lease(self) -> None:
+        """A frame taken through this channel is held (its slots are freed by DONE)."""
+        self._leases += 1
+
+    def released_lease(self) -> None:
+        """A lease of this channel was released; close if that was waited for."""
+        self._leases -= 1
+        if self._close_when_released and self._leases <= 0:
+            self.close()
+
+    def close_when_released(self) -> None:
+        """Close now, or once the leases still held are released (closing frees their slots)."""
+        if self._leases <= 0:
+            self.close()
+        else:
+            self._close_when_released = True
+
+    def _close_after_fork(self) -> None:
+        """In a forked child: close the copies of the pipe ends, saying nothing to the hub."""
+        for fd in (self._desc_fd, self._reply_fd):
+            if fd >= 0:
+                os.close(fd)
         self._desc_fd = self._reply_fd = -1
 
     def __del__(self) -> None:
@@ -165,13 +215,13 @@ class QueueClient:
         BrokenError
             If the hub is gone, or read nothing for ANSWER_TIMEOUT_S.
         """
-        if self._desc_fd < 0:
-            raise BrokenError(_gone_text(self._creator_pid))
+        if self._desc_fd < 0 or self._shut:
+            raise self._ended()
         try:
             write_record(self._desc_fd, record, ANSWER_TIMEOUT_S)
         except (BrokenError, TimeoutError):
             self.close()
-            raise BrokenError(_gone_text(self._creator_pid)) from None
+            raise self._ended() from None
 
     # -- answers ---------------------------------------------------------------------------
     def answer(self, kinds: frozenset[int], timeout_s: float) -> Record | None:
@@ -206,7 +256,7 @@ class QueueClient:
     def _read(self, timeout_s: float) -> bool:
         """Read what the hub sent within ``timeout_s``; False if nothing came."""
         if self._reply_fd < 0:
-            raise BrokenError(_gone_text(self._creator_pid))
+            raise self._ended()
         ready, _, _ = select.select([self._reply_fd], [], [], min(timeout_s, _LONGEST_SELECT_S))
         if not ready:
             return False
@@ -216,7 +266,7 @@ class QueueClient:
             return False
         if not raw:
             self.close()
-            raise BrokenError(_gone_text(self._creator_pid))
+            raise self._ended()
         self._buffer += raw
         for record in decode_records(self._buffer):
             if record.kind == Kind.GRANT:
@@ -246,10 +296,16 @@ class QueueClient:
             self._answers.remove(next(r for r in self._answers if r.kind == Kind.NOTHING))
         return grants
 
+    def _ended(self) -> Exception:
+        """The error of a channel that ended: closed in this process, or the hub is gone."""
+        if self._shut:
+            return ClosedError("this EventQueue was closed in this process")
+        return BrokenError(_gone_text(self._creator_pid))
+
     def _writer_gone(self) -> Exception:
         refusal, self._refusal = self._refusal, None
         if refusal is None:
-            return BrokenError(_gone_text(self._creator_pid))
+            return self._ended()
         self.grants = self._new_grants()  # the hub dropped the request: nothing is owed
         if refusal.value == REFUSED_NO_CONSUMER:
             return BrokenError(f"the queue's consumer (pid {refusal.nevents}) is gone: no "
@@ -262,11 +318,31 @@ class QueueClient:
         self.send(encode_record(Kind.TAKE, int(now), 1))
         if now:
             return self._frames_then_nothing()
-        answer = self.answer(_FRAME, timeout_s)
+        try:
+            answer = self.answer(_FRAME, timeout_s)
+        except (BrokenError, ClosedError):
+            raise
+        except BaseException:  # a Ctrl-C, say: no frame may stay on its way to this channel
+            self._withdraw_take()
+            raise
         if answer is not None:
             return answer
         self.send(encode_record(Kind.CANCEL))  # withdraw the TAKE; a FRAME on its way comes first
         return self._frames_then_nothing()
+
+    def _withdraw_take(self) -> None:
+        """Best effort: withdraw the TAKE and return the frame that came meanwhile, if any."""
+        try:
+            self.send(encode_record(Kind.CANCEL))
+            self.answer(_NOTHING, ANSWER_TIMEOUT_S)
+            while (record := self.answer(_FRAME, 0.0)) is not None:
+                self.give_back(record)
+        except (BrokenError, ClosedError):
+            pass
+
+    def give_back(self, record: Record) -> None:
+        """Return a frame received and not taken to the front of the queue."""
+        self.send(encode_record(Kind.RETURN, record.value, record.nevents, record.slots))
 
     def frames_waiting(self) -> int:
         """Frames received and not taken by :meth:`take_frame` or :meth:`next_frame` yet."""
@@ -283,19 +359,16 @@ class QueueClient:
                               f"within {ANSWER_TIMEOUT_S:.0f} s")
         return self.answer(_FRAME, 0.0)
 
-    def take_slots(self, frame_index: int, nslots: int, timeout_s: float | None) -> list[int]:
+    def take_slots(self, frame_index: int, nslots: int,
+                   timeout_s: float | None) -> list[int] | None:
         """``nslots`` slots for ``frame_index``: at once (``timeout_s`` 0), within it, or
-        whenever (None).
+        whenever (None); None if they did not come in time.
 
         Raises
         ------
-        QueueFullError
-            If they did not come in time; the text says how long it waited and how
-            many slots are free ("waited 0.3 s for 2 free slot(s); 1").
         BrokenError
             If the hub refused (no consumer left) or is gone.
         """
-        started = time.monotonic()
         deadline = _deadline(math.inf if timeout_s is None else max(0.0, timeout_s))
         try:
             if timeout_s == 0:
@@ -310,8 +383,7 @@ class QueueClient:
             self.grants.cancel(ANSWER_TIMEOUT_S)  # what came meanwhile serves the next put
         except RingFullError:
             pass  # take_now: not free now
-        raise QueueFullError(f"waited {time.monotonic() - started:.1f} s for {nslots} free "
-                             f"slot(s); {self.status()[0]}")
+        return None
 
     def status(self) -> tuple[int, int]:
         """``(free slots, frames waiting for a consumer)`` at the hub, now."""
@@ -390,9 +462,8 @@ class FrameReader:
             while (record := client.next_frame(0.0)) is not None:
                 unused.append(record)
             for record in reversed(unused):  # each goes to the front: the first last
-                client.send(encode_record(Kind.RETURN, record.value, record.nevents,
-                                          record.slots))
-        except BrokenError:
+                client.give_back(record)
+        except (BrokenError, ClosedError):
             pass  # the hub is gone: nothing to return to
         finally:
-            client.close()
+            client.close_when_released()

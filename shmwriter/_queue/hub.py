@@ -37,6 +37,7 @@ import time
 
 from .._channel.attach import AttachServer
 from .._channel.records import MAX_SLOTS_PER_RECORD, Kind, Record, encode_record
+from .._forks import close_in_forked_children
 from .._ring.ring import MAX_SLOTS, Field, State
 from .._write.channels import Channels, ProducerChannel
 from .._write.slots import SlotAllocator, SlotRequest
@@ -52,11 +53,8 @@ NO_EVENTS = 2**32 - 1
 REFUSED_NO_CONSUMER = 1
 _LIVENESS_INTERVAL_S = 0.5
 _STOP_TIMEOUT_S = 10.0
-#: Slots granted ahead to a producer while the queue is less than half full: most puts then
-#: need no round trip to the hub.
-_PREFETCH = 4
-#: Most slots one frame may take: its slots and those granted ahead fit one GRANT record.
-MAX_SLOTS_PER_FRAME = MAX_SLOTS_PER_RECORD - _PREFETCH
+#: Most slots one frame may take (they are listed in one GRANT record).
+MAX_SLOTS_PER_FRAME = MAX_SLOTS_PER_RECORD
 
 
 class QueueHub:
@@ -79,7 +77,7 @@ class QueueHub:
         self._waiting_frames: collections.deque[Record] = collections.deque()
         self._takers: dict[int, int] = {}  # frames each client asked for, in asking order
         self._taken: dict[int, list[tuple[int, ...]]] = {}  # per client: slots of its frames
-        self._consumers: set[int] = set()  # open clients that took frames
+        self._consumer_pids: set[int] = set()  # processes that took frames
         self._last_consumer_pid = 0
         self._status_asked: list[ProducerChannel] = []  # answered once the round is done
         self._publisher: int | None = None
@@ -92,6 +90,16 @@ class QueueHub:
         self._thread = threading.Thread(target=self._serve, name="shmwriter-queue-hub",
                                         daemon=True)
         self._thread.start()
+        close_in_forked_children(self)
+
+    def _close_after_fork(self) -> None:
+        """In a forked child: close the copies of the hub's own descriptors (the channels
+        and the attach socket close theirs themselves)."""
+        if self._stop_w >= 0:
+            self._selector.close()
+            for fd in (self._stop_r, self._stop_w):
+                os.close(fd)
+            self._stop_r = self._stop_w = -1
 
     def stop(self) -> None:
         """End the queue: close every channel and the attach socket (idempotent)."""
@@ -184,7 +192,9 @@ class QueueHub:
         slots = self.segment.slots
         if not 1 <= slots <= MAX_SLOTS:
             raise ValueError(f"the published schema gives {slots} slots")
-        self._slots = SlotAllocator(slots, prefetch=_PREFETCH)
+        # no slots granted ahead: a thread that put a frame and then idles must not sit on
+        # slots that a large frame of another thread needs (it would wait for ever)
+        self._slots = SlotAllocator(slots, prefetch=0)
         self.segment.header[Field.STATE] = State.RUNNING
 
     def _on_request(self, channel: ProducerChannel, record: Record) -> None:
@@ -194,10 +204,13 @@ class QueueHub:
             self._refuse(channel, f"asked for {record.nevents} slots")
             return
         self._drop_request(channel.id)  # a client asks again after it gave up waiting
-        if record.kind == Kind.REQUEST_NOW and (slots.pending or slots.nfree < record.nevents):
+        now = record.kind == Kind.REQUEST_NOW
+        if now and (slots.pending or slots.nfree < record.nevents):
             self._answer(channel, encode_record(Kind.NOTHING))
             return
         slots.request(SlotRequest(record.value, channel.id, record.nevents))
+        if now:  # served before anything else read in this round can queue ahead of it
+            self._grant_and_hand_out()
 
     def _on_cancel(self, channel: ProducerChannel) -> None:
         """Withdraw what the client waits for; a GRANT or FRAME already sent stays its."""
@@ -221,6 +234,11 @@ class QueueHub:
                 if self._slots is not None else 0
             self._answer(channel, encode_record(Kind.STATUS, free, len(self._waiting_frames)))
 
+    def _a_consumer_is_left(self) -> bool:
+        """Whether a process that took frames still has the queue open (a channel)."""
+        return any(channel.pid in self._consumer_pids for channel in self._channels
+                   if not channel.done)
+
     def _grant_and_hand_out(self) -> None:
         slots = self._slots
         if slots is None:
@@ -234,7 +252,7 @@ class QueueHub:
             if wanted > 1:
                 self._takers[client] = wanted - 1
             self._hand_out(client, self._waiting_frames.popleft())
-        if slots.pending and self._last_consumer_pid and not self._consumers:
+        if slots.pending and self._consumer_pids and not self._a_consumer_is_left():
             for request in list(slots.pending):
                 self._answer(self._channels[request.producer], encode_record(
                     Kind.REFUSED, REFUSED_NO_CONSUMER, self._last_consumer_pid))
@@ -261,8 +279,8 @@ class QueueHub:
         self._waiting_frames.append(record)
 
     def _on_take(self, channel: ProducerChannel, count: int, *, now: bool) -> None:
-        if channel.id not in self._consumers:
-            self._consumers.add(channel.id)
+        if channel.pid not in self._consumer_pids:
+            self._consumer_pids.add(channel.pid)
             self._last_consumer_pid = channel.pid
             self.segment.header[Field.QUEUE_CONSUMER_PID] = channel.pid
         if now:  # what waits now (after those who asked before), then NOTHING
@@ -363,7 +381,6 @@ class QueueHub:
             for slots in self._taken.pop(channel.id, []):
                 self._slots.free(list(slots))
         self._takers.pop(channel.id, None)
-        self._consumers.discard(channel.id)
         if channel.id in self._want_to_publish:
             self._want_to_publish.remove(channel.id)
         if self._publisher == channel.id:

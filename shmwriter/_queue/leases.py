@@ -85,8 +85,9 @@ class EventLease:
         if slots and os.getpid() == self._pid and not self._client.closed:
             try:
                 self._client.send(encode_record(Kind.DONE, slots=slots))
-            except BrokenError:
-                pass  # the hub is gone: nothing to give back to
+            except (BrokenError, ClosedError):
+                pass  # the hub is gone, or the queue closed here: nothing to give back to
+            self._client.released_lease()
 
     def __enter__(self) -> EventLease:
         return self

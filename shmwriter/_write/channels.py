@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 from .._channel.attach import Attached
 from .._channel.records import Record, decode_records
+from .._forks import close_in_forked_children
 from .._liveness import is_alive
 
 __all__ = ["Channels", "ProducerChannel"]
@@ -54,6 +55,7 @@ class Channels:
     def __init__(self, selector: selectors.BaseSelector) -> None:
         self._selector = selector
         self._by_id: dict[int, ProducerChannel] = {}
+        close_in_forked_children(self)
 
     def __getitem__(self, producer_id: int) -> ProducerChannel:
         return self._by_id[producer_id]
@@ -117,6 +119,14 @@ class Channels:
         except OSError:
             return False
         return True
+
+    def _close_after_fork(self) -> None:
+        """In a forked child: close the copies of every channel's descriptors."""
+        for channel in self._by_id.values():
+            if not channel.done:
+                channel.done = True
+                os.close(channel.desc_fd)
+                os.close(channel.grant_fd)
 
     def retire(self, channel: ProducerChannel) -> bool:
         """Close the channel's descriptors; False if it was retired already."""
