@@ -89,10 +89,12 @@ def test_every_figure_for_every_writer_and_filter_setting(full_run):
             for name in ("events_per_s_vs_dcnum", "events_per_s_vs_h5py",
                          "writer_cpu_per_gb_vs_dcnum"):
                 assert ratios[name] > 0
-    overhead = data["overhead"]
-    assert overhead.pop("frames") == 500
-    assert overhead.pop("mode") == "process"  # the first of --modes, by default the Writer's
-    assert all(value > 0 for value in overhead.values()), overhead
+    for key, batch in (("overhead", 0), ("overhead_batched", 100)):
+        overhead = data[key]
+        assert overhead.pop("frames") == 500
+        assert overhead.pop("mode") == "process"  # the first of --modes: the Writer's default
+        assert overhead.pop("batch_frames") == batch
+        assert all(value > 0 for value in overhead.values()), overhead
     assert data["warnings"] == []
     assert data["consistent"] is True
 
@@ -130,7 +132,8 @@ def test_report_names_the_workload_and_the_writers(full_run):
     assert f"workload: {data['workload']}" in result.stdout
     for label in ("shmwriter (thread)", "shmwriter (process)", "dcnum QueueWriterThread",
                   "plain h5py (limit)", "uncompressed + fletcher32", "Zstd-5 + fletcher32",
-                  "descriptor path (500 empty frames"):
+                  "descriptor path (500 empty frames, put one by one",
+                  "descriptor path (500 empty frames, put_many of 100"):
         assert label in result.stdout
     assert "WARNING" not in result.stdout + result.stderr
 
@@ -155,7 +158,7 @@ def test_without_dcnum_the_fallback_writer_and_loud_warnings(tmp_path):
                                                    "shmwriter-frames", "dcnum", "h5py"]
     counts = {r["file_events"] for r in data["runs"]} | {r["events"] for r in data["runs"]}
     assert len(counts) == 1 and counts.pop() > 0
-    assert data["overhead"] is None
+    assert data["overhead"] is None and data["overhead_batched"] is None
 
 
 def test_bad_arguments_are_one_line_errors():

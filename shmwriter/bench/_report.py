@@ -60,14 +60,16 @@ def format_report(result: BenchResult) -> str:
               "process tree (shared memory counted once); over idle: above the same tree, "
               "set up and idle, just before the start."]
     lines += _stage_lines(result, fallback)
-    if result.overhead is not None:
-        o = result.overhead
-        lines += ["", (f"descriptor path ({o.frames:,} empty frames, one producer, writer "
-                       f"{o.mode}): "
-                       f"{o.producer_us_per_frame:.1f} us/frame in the producer "
-                       f"({o.producer_cpu_us_per_frame:.1f} us CPU), "
-                       f"{o.end_to_end_us_per_frame:.1f} us/frame end to end, writer "
-                       f"{o.writer_cpu_us_per_frame:.1f} us CPU/frame")]
+    for o in (result.overhead, result.overhead_batched):
+        if o is None:
+            continue
+        how = f"put_many of {o.batch_frames}" if o.batch_frames else "put one by one"
+        lines += ["", (f"descriptor path ({o.frames:,} empty frames, {how}, one producer, "
+                       f"writer {o.mode}): "
+                       f"{o.producer_us_per_frame:.2f} us/frame in the producer "
+                       f"({o.producer_cpu_us_per_frame:.2f} us CPU), "
+                       f"{o.end_to_end_us_per_frame:.2f} us/frame end to end, writer "
+                       f"{o.writer_cpu_us_per_frame:.2f} us CPU/frame")]
     if result.scaling:
         lines += ["", *_scaling_lines(result, fallback)]
     return "\n".join(lines)

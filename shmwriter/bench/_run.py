@@ -289,10 +289,12 @@ def run_shmwriter_blocks(job: Job, *, in_place: bool) -> Measured:
                        lambda: writer.written_events)
 
 
-def run_overhead(frames: int, path: Path, mode: Literal["thread", "process"]) -> Measured:
-    """One producer puts ``frames`` empty frames: the descriptor path alone."""
+def run_overhead(frames: int, path: Path, mode: Literal["thread", "process"],
+                 batch_frames: int = 0) -> Measured:
+    """One producer puts ``frames`` empty frames (``batch_frames`` per put_many, or one per
+    put with 0): the descriptor path alone."""
     writer = Writer(path, work.BENCH_SCHEMA, total_frames=frames, mode=mode)
-    return _run_writer(writer, work.put_empty_frames, [(frames,)],
+    return _run_writer(writer, work.put_empty_frames, [(frames, batch_frames)],
                        lambda: writer.written_frames)
 
 

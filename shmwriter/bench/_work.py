@@ -328,13 +328,19 @@ def put_into_queue(event_queue: Any, feat_nevents: Any, workload: Workload, fram
     _report_and_exit(report, row, started, done)
 
 
-def put_empty_frames(producer: Producer, frames: int, ready: Semaphore, start: Event,
-                     report: Any, row: int) -> None:
-    """Worker: put ``frames`` frames without events (the descriptor path alone)."""
+def put_empty_frames(producer: Producer, frames: int, batch_frames: int, ready: Semaphore,
+                     start: Event, report: Any, row: int) -> None:
+    """Worker: put ``frames`` frames without events (the descriptor path alone), one by one
+    or ``batch_frames`` per ``put_many``."""
     started = _wait_for_start(ready, start)
     with producer:
-        for frame in range(frames):
-            producer.put(frame, None)
+        if batch_frames:
+            for first in range(0, frames, batch_frames):
+                block = range(first, min(first + batch_frames, frames))
+                producer.put_many(block, [0] * len(block), None)
+        else:
+            for frame in range(frames):
+                producer.put(frame, None)
         done = time.monotonic()
     _report_and_exit(report, row, started, done)
 

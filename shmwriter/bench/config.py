@@ -91,5 +91,6 @@ class BenchConfig:
     @property
     def runs_total(self) -> int:
         """Runs (and micro-benchmarks) this configuration makes."""
-        return (self.repeat * len(self.filters) * len(self.writers) + bool(self.overhead_frames)
+        return (self.repeat * len(self.filters) * len(self.writers)
+                + 2 * bool(self.overhead_frames)  # one frame at a time, then in batches
                 + (2 * len(self.scaling_frames) if self.memory_scaling else 0))

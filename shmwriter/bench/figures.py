@@ -163,8 +163,10 @@ class OverheadFigures:
     """Empty frames put."""
     mode: str
     """The writer's mode."""
+    batch_frames: int
+    """Frames per ``put_many`` call; 0: one ``put(i, None)`` per frame."""
     producer_us_per_frame: float
-    """Microseconds per ``put(i, None)`` in the producer's loop."""
+    """Microseconds per frame in the producer's loop."""
     producer_cpu_us_per_frame: float
     """Producer CPU microseconds per frame."""
     end_to_end_us_per_frame: float
@@ -190,6 +192,7 @@ class BenchResult:
     runs: list[RunFigures] = field(default_factory=list)
     """Every run of the comparison, in the order run."""
     overhead: OverheadFigures | None = None
+    overhead_batched: OverheadFigures | None = None
     """The descriptor-path micro-benchmark."""
     scaling: list[RunFigures] = field(default_factory=list)
     """The memory-scaling runs."""
@@ -230,6 +233,7 @@ class BenchResult:
             "warnings": list(self.warnings), "consistent": self.consistent,
             "summaries": [asdict(s) for s in self.summaries()], "ratios": self.ratios(),
             "overhead": asdict(self.overhead) if self.overhead else None,
+            "overhead_batched": asdict(self.overhead_batched) if self.overhead_batched else None,
             "runs": [r.to_dict() for r in self.runs],
             "scaling": [r.to_dict() for r in self.scaling],
             "scaling_ratios": self.scaling_ratios(),

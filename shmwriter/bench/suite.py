@@ -61,6 +61,8 @@ logger = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]
 _CTX = multiprocessing.get_context("spawn")
 _T = TypeVar("_T")
+#: Frames per put_many call in the batched descriptor-path micro-benchmark.
+_OVERHEAD_BATCH_FRAMES = 100
 
 
 def dcnum_warning() -> str | None:
@@ -147,18 +149,19 @@ def _measure_here(writer: str, job: runner.Job, repetition: int, keep: bool) -> 
     return figures
 
 
-def _overhead(frames: int, workdir: Path, mode: Literal["thread", "process"]) -> OverheadFigures:
+def _overhead(frames: int, workdir: Path, mode: Literal["thread", "process"],
+              batch_frames: int) -> OverheadFigures:
     """The descriptor-path micro-benchmark, in a fresh process of its own."""
-    return _in_fresh_process(_overhead_here, frames, workdir, mode)
+    return _in_fresh_process(_overhead_here, frames, workdir, mode, batch_frames)
 
 
-def _overhead_here(frames: int, workdir: Path, mode: Literal["thread", "process"]
-                   ) -> OverheadFigures:
+def _overhead_here(frames: int, workdir: Path, mode: Literal["thread", "process"],
+                   batch_frames: int) -> OverheadFigures:
     path = workdir / "overhead.rtdc"
-    measured = runner.run_overhead(frames, path, mode)
+    measured = runner.run_overhead(frames, path, mode, batch_frames)
     path.unlink()
     report = measured.producer_reports[0]
-    return OverheadFigures(frames=frames, mode=mode,
+    return OverheadFigures(frames=frames, mode=mode, batch_frames=batch_frames,
                            producer_us_per_frame=(report.done - report.began) / frames * 1e6,
                            producer_cpu_us_per_frame=(report.cpu_end_s - report.cpu_start_s)
                            / frames * 1e6,
@@ -218,8 +221,10 @@ def run_bench(config: BenchConfig | None = None, progress: ProgressFn | None = N
                     result.runs.append(measure(writer, config.frames, filters, repetition,
                                                f"{writer}-{filters}-{repetition}"))
         if config.overhead_frames:
-            result.overhead = _overhead(config.overhead_frames, workdir, config.modes[0])
-            done += 1
+            result.overhead = _overhead(config.overhead_frames, workdir, config.modes[0], 0)
+            result.overhead_batched = _overhead(config.overhead_frames, workdir,
+                                                config.modes[0], _OVERHEAD_BATCH_FRAMES)
+            done += 2
             if progress is not None:
                 progress(done, config.runs_total)
         if config.memory_scaling:
