@@ -148,3 +148,19 @@ def test_a_frame_too_large_for_a_batch_record_is_a_frame_error_and_keeps_no_slot
             producer.put_many([0], [1017], {"area": np.arange(1017)})
             producer.put(1, {"area": np.arange(1020)})  # a single put can hold it
     assert writer.written_events == 1017 + 1020
+
+
+def test_batches_at_the_frontier_ahead_of_it_and_over_chunk_bounds(tmp_path):
+    """A batch from the frontier on is taken whole (cut into chunks at write_threshold),
+    one ahead of the frontier waits, one out of order goes frame by frame."""
+    path, frames = tmp_path / "out.rtdc", 60
+    with shmwriter.Writer(path, SCHEMA, total_frames=frames, slots=64, slot_events=2,
+                          write_threshold=7) as writer:
+        with writer.producer() as producer:
+            for block in ([*range(0, 23)], [*range(40, 45)], [*range(30, 36)],
+                          [*range(23, 30)], [*range(36, 40)], [52, 45, 59, *range(46, 52),
+                                                               *range(53, 59)]):
+                counts, events = batch_of(block, 4)
+                producer.put_many(block, counts, events)
+    assert writer.written_frames == frames and not writer.missing_frames
+    assert_file_holds(path, range(frames), most=4)

@@ -80,6 +80,21 @@ class FrameAssembler:
             self._gather(arrival)
             self.drain()
 
+    def accept_in_order(self, frames: list[tuple[int, int, list[int], list[tuple[int, int]]]],
+                        ) -> None:
+        """Take checked frames ``(frame, nevents, slots, rows)`` that follow each other from
+        the frontier on (``reorder.can_advance`` said so), held in their slots: gathered
+        without a stop in the reorder buffer."""
+        self.reorder.advance(frames[0][0], len(frames))
+        in_order, threshold = self._in_order, self._write_threshold
+        for frame, nevents, slots, rows in frames:
+            in_order.append((frame, nevents, rows))
+            self._in_order_slots += slots
+            if self.gatherer.nframes + len(in_order) >= threshold:
+                self.flush()
+                in_order = self._in_order  # flush started a new list
+        self.drain()
+
     def drain(self) -> None:
         """Gather the frames waiting right after the frontier."""
         while (arrival := self.reorder.pop_next()) is not None:

@@ -77,11 +77,35 @@ class FrameIntake:
             self._refuse(channel, f"sent a batch of {len(record.frames)} frames needing "
                                   f"{sum(needed)} slots with {len(record.slots)} slots")
             return
+        if self._batch_in_order(channel, record, needed):
+            return
         at = 0
         for (frame, nevents), count in zip(record.frames, needed, strict=True):
             self.frame(channel, Record(Kind.FRAME, frame, nevents,
                                            record.slots[at:at + count]))
             at += count
+
+    def _batch_in_order(self, channel: ProducerChannel, record: Record,
+                        needed: list[int]) -> bool:
+        """The common batch, taken whole: consecutive frames from the frontier on, in
+        granted slots. False (nothing done) for any other: it goes frame by frame."""
+        frames, slots = record.frames, list(record.slots)
+        first, count = frames[0][0], len(frames)
+        if not (self.in_range(first) and first + count <= self._frame_limit
+                and self._frames.reorder.can_advance(first, count)
+                and [frame for frame, _ in frames] == list(range(first, first + count))
+                and (not slots or self._slots.owns(channel.id, slots))):
+            return False
+        self._slots.hold(channel.id, slots)
+        per_slot, at, taken = self._slot_events, 0, []
+        for (frame, nevents), nslots in zip(frames, needed, strict=True):
+            mine = slots[at:at + nslots]
+            rows = [(slot * per_slot, min(per_slot, nevents - j * per_slot))
+                    for j, slot in enumerate(mine)]
+            taken.append((frame, nevents, mine, rows))
+            at += nslots
+        self._frames.accept_in_order(taken)
+        return True
 
     def packed(self, channel: ProducerChannel, record: Record) -> None:
         """A packed batch: its frames' events back to back in consecutive slots, in order."""
@@ -94,6 +118,9 @@ class FrameIntake:
         if not in_ring or not self._slots.owns(channel.id, run):
             self._refuse(channel, f"sent a packed batch in slots {first}..{first + nslots - 1}"
                                   f" that were not granted to it")
+            return
+        if self._packed_in_order(channel, record.frames, first * per_slot):
+            self._slots.release(channel.id, run)  # the slots no frame holds (none, or padding)
             return
         accepted, row, seen = [], first * per_slot, set()
         for frame, count in record.frames:
@@ -113,6 +140,27 @@ class FrameIntake:
         for frame, count, slots, rows in accepted:
             self._frames.accept(frame, count, slots, rows)
         self._slots.release(channel.id, run)  # the slots no accepted frame holds
+
+    def _packed_in_order(self, channel: ProducerChannel, frames: tuple[tuple[int, int], ...],
+                         row: int) -> bool:
+        """The common packed batch, taken whole: consecutive frames from the frontier on.
+        False (nothing done) for any other."""
+        if not frames:
+            return False
+        first, count = frames[0][0], len(frames)
+        if not (self.in_range(first) and first + count <= self._frame_limit
+                and self._frames.reorder.can_advance(first, count)
+                and [frame for frame, _ in frames] == list(range(first, first + count))):
+            return False
+        per_slot, taken = self._slot_events, []
+        for frame, nevents in frames:
+            slots = list(range(row // per_slot, (row + nevents - 1) // per_slot + 1)) \
+                if nevents else []
+            self._slots.hold(channel.id, slots)  # frames may share a slot: each holds it
+            taken.append((frame, nevents, slots, [(row, nevents)] if nevents else []))
+            row += nevents
+        self._frames.accept_in_order(taken)
+        return True
 
     def _check_frame(self, channel: ProducerChannel, frame: int, nevents: int,
                      slots: list[int]) -> str | None:

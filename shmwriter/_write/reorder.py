@@ -100,6 +100,17 @@ class ReorderBuffer:
         self._count_copy(arrival.nbytes)
         return False
 
+    def can_advance(self, first: int, count: int) -> bool:
+        """Whether frames ``first .. first + count - 1`` are all new and start at the frontier."""
+        return first == self._frontier and (not self._heap or self._heap[0] >= first + count)
+
+    def advance(self, first: int, count: int) -> None:
+        """Frames ``first ..`` (``count`` of them, see :meth:`can_advance`) arrived in order
+        and go straight to the caller: the frontier moves past them."""
+        assert self.can_advance(first, count)
+        self._frontier += count
+        self._newest = max(self._newest, first + count - 1)
+
     def held_in_slots(self) -> list[Arrival]:
         """Waiting frames whose events are still in ring slots, the furthest ahead first."""
         return sorted(self._in_slots.values(), reverse=True)

@@ -53,8 +53,10 @@ class BenchConfig:
     """Folder for the files written (default: a temporary folder)."""
     keep_files: bool = False
     """Keep the files written (one per writer, filter setting and repetition)."""
-    overhead_frames: int = 20000
-    """Empty frames of the descriptor-path micro-benchmark (0 skips it)."""
+    overhead_frames: int = 100_000
+    """Empty frames of the descriptor-path micro-benchmark (0 skips it). Enough that the
+    run's fixed costs (starting the producer, closing the file: some 40 ms) stay a small part
+    of the per-frame figure."""
     memory_scaling: bool = False
     """Also run shmwriter and dcnum once for each of :attr:`scaling_frames` (Zstd-5)."""
     scaling_frames: tuple[int, ...] = (6000, 60000)
