@@ -362,7 +362,10 @@ class Producer:
         if nslots == 0:
             return []
         self._check_fits(frame_index, nevents, nslots)
-        return self._grants.take(frame_index, nslots, self._timeout(timeout_s))
+        timeout = self._timeout(timeout_s)
+        if timeout == 0:  # the writer answers at once: granted, or a RingFullError now
+            return self._grants.take_now(frame_index, nslots, self._timeout_s)
+        return self._grants.take(frame_index, nslots, timeout)
 
     def _timeout(self, timeout_s: float | None) -> float:
         return self._timeout_s if timeout_s is None else timeout_s

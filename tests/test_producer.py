@@ -172,3 +172,21 @@ def test_put_after_the_run_finished(tmp_path):
         producer.put(0, good(1))
     with pytest.raises((shmwriter.ClosedError, shmwriter.BrokenError)):
         producer.put(0, good(1))
+
+
+def test_put_nowait_with_free_slots_goes_in_at_once(tmp_path):
+    """The writer answers a put_nowait at once (REQUEST_NOW): granted if slots are free, a
+    RingFullError at once if not, never a miss for want of a round trip."""
+    with shmwriter.Writer(tmp_path / "out.rtdc", SCHEMA, total_frames=3, slots=2,
+                          slot_events=1) as writer:
+        holder, waiter = writer.producer(), writer.producer()
+        waiter.put_nowait(0, good(1))  # a fresh producer holds no slot: it asks and gets one
+        with holder.frame(1, 2) as ev:  # holds both slots (once frame 0 left its slot)
+            for name, array in good(2).items():
+                ev[name][:] = array
+            with pytest.raises(shmwriter.RingFullError, match=r"frame 2: waited 0\.0 s"):
+                waiter.put_nowait(2, good(1))
+        waiter.put(2, good(1))
+        holder.close()
+        waiter.close()
+    assert writer.written_frames == 3 and writer.written_events == 4

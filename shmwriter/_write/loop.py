@@ -22,7 +22,7 @@ import time
 
 from .._channel.attach import AttachServer
 from .._channel.control import MESSAGE_NBYTES, MSG_ABORT, MSG_HANDOUT_OVER, MSG_STARTED
-from .._channel.records import GRANT_REFUSED, Kind, Record
+from .._channel.records import GRANT_NONE, GRANT_REFUSED, Kind, Record
 from .._liveness import is_alive
 from .._ranges import FrameRanges
 from .._ring.ring import SlotRing, State
@@ -347,17 +347,11 @@ class WriterLoop:
             intake.frame(channel, record)
         elif kind == Kind.BATCH:
             intake.batch(channel, record)
-        elif kind in (Kind.REQUEST, Kind.REQUEST_RUN):
-            # a run is at most half the ring (Producer.frames asks for no more)
-            most = self.config.ring.slots if kind == Kind.REQUEST else \
-                max(1, self.config.ring.slots // 2)
-            if not 1 <= record.nevents <= most:
-                self._refuse(channel, f"asked for {record.nevents} slots")
-            elif not intake.in_range(record.value):
-                self._refuse(channel, f"asked for slots for frame {record.value}, out of range")
-            elif not self.stopping:
-                self.slots.request(SlotRequest(record.value, channel.id, record.nevents,
-                                               contiguous=kind == Kind.REQUEST_RUN))
+        elif kind in (Kind.REQUEST, Kind.REQUEST_RUN, Kind.REQUEST_NOW):
+            self._on_request(channel, record)
+        elif kind == Kind.CANCEL:  # withdraw the request outstanding; NOTHING answers it
+            self.slots.pending = [r for r in self.slots.pending if r.producer != channel.id]
+            self.channels.send(channel, [GRANT_NONE])
         elif kind == Kind.PACKED:
             intake.packed(channel, record)
         elif kind == Kind.RELEASE:
@@ -370,6 +364,25 @@ class WriterLoop:
             self._refuse(channel, "sent a record larger than one write can be (forged?)")
         else:
             self._refuse(channel, f"sent a record of unknown kind {kind}")
+
+    def _on_request(self, channel: ProducerChannel, record: Record) -> None:
+        """REQUEST, REQUEST_RUN, or REQUEST_NOW (granted at once, or NOTHING at once)."""
+        kind, wanted = record.kind, record.nevents
+        # a run is at most half the ring (Producer.frames asks for no more)
+        most = max(1, self.config.ring.slots // 2) if kind == Kind.REQUEST_RUN else \
+            self.config.ring.slots
+        if not 1 <= wanted <= most:
+            self._refuse(channel, f"asked for {wanted} slots")
+        elif not self._intake().in_range(record.value):
+            self._refuse(channel, f"asked for slots for frame {record.value}, out of range")
+        elif kind == Kind.REQUEST_NOW and (self.stopping or self.slots.pending
+                                           or self.slots.nfree < wanted):
+            self.channels.send(channel, [GRANT_NONE])
+        elif not self.stopping:
+            self.slots.request(SlotRequest(record.value, channel.id, wanted,
+                                           contiguous=kind == Kind.REQUEST_RUN))
+            if kind == Kind.REQUEST_NOW:
+                self._grant_pending()  # before anything read later can queue ahead of it
 
     def _on_hello(self, channel: ProducerChannel, pid: int) -> None:
         if channel.pid and channel.pid != pid and is_alive(channel.pid):
