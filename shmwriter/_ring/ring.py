@@ -38,7 +38,7 @@ __all__ = ["HEADER_NBYTES", "MAX_SLOTS", "QUEUE_MAGIC", "RING_MAGIC", "Field", "
 
 #: Bytes of the header at the start of every segment (a Writer's ring and an EventQueue's).
 HEADER_NBYTES = 4096
-#: Most slots a ring may have (an EventQueue's tokens must all fit its token pipe at once).
+#: Most slots a ring may have (a grant of all of them must fit the 64 KiB of a grant pipe).
 MAX_SLOTS = 16000
 #: ``Field.MAGIC`` of a Writer's ring ("shmwrit1") and of an EventQueue's segment ("shmwque1").
 RING_MAGIC, QUEUE_MAGIC = 0x73686D7772697431, 0x73686D7771756531
@@ -95,7 +95,7 @@ class Field(enum.IntEnum):
     QUEUE_SCHEMA_NBYTES = 24  # nonzero once the schema text is complete
     QUEUE_PUBLISHER_PID = 25
     QUEUE_INFERRED = 26       # 1 if the schema was inferred from events
-    QUEUE_CONSUMER_PID = 27   # the latest process that registered as a consumer; 0: none yet
+    QUEUE_CONSUMER_PID = 27   # the latest process that took frames; 0: none yet
 
 
 class State(enum.IntEnum):
