@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._channel.records import Kind, Record, encode_record
+from ._channel.records import MAX_SLOTS_PER_RECORD, Kind, Record, encode_record
 from ._events import check_events, infer_schema
 from ._queue.client import (
     MAX_READ_AHEAD,
@@ -37,7 +37,7 @@ from ._queue.client import (
     new_ticket,
     open_client,
 )
-from ._queue.hub import MAX_SLOTS_PER_FRAME, NO_EVENTS, QueueHub
+from ._queue.hub import NO_EVENTS, QueueHub
 from ._queue.leases import EventLease, EventReader, seconds
 from ._queue.segment import QueueSegment, queue_nbytes
 from ._ring.ring import Field, SlotRing
@@ -472,7 +472,7 @@ class EventQueue:
         segment = self._segment_now()
         total = segment.slots
         nslots = -(-nevents // segment.slot_events)
-        most = min(total, MAX_SLOTS_PER_FRAME)
+        most = min(total, MAX_SLOTS_PER_RECORD)  # a frame's slots are listed in one record
         if nslots > most:
             raise FrameError(
                 f"frame {frame_index} has {nevents} events but one frame can hold at most "

@@ -164,3 +164,15 @@ def test_batches_at_the_frontier_ahead_of_it_and_over_chunk_bounds(tmp_path):
                 producer.put_many(block, counts, events)
     assert writer.written_frames == frames and not writer.missing_frames
     assert_file_holds(path, range(frames), most=4)
+
+
+def test_a_batch_record_of_no_frames_changes_nothing(tmp_path):
+    """A BATCH record listing no frames (no honest producer sends one) is taken as nothing."""
+    path = tmp_path / "out.rtdc"
+    with shmwriter.Writer(path, SCHEMA, total_frames=3, slots=4) as writer:
+        with writer.producer() as producer:
+            producer.put(0, None)  # says HELLO
+            os.write(producer._link.desc_fd, encode_batch([], []))
+            counts, events = batch_of([1, 2])
+            producer.put_many([1, 2], counts, events)
+    assert writer.written_frames == 3 and not writer.missing_frames

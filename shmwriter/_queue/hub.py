@@ -43,7 +43,7 @@ from .._write.channels import Channels, ProducerChannel
 from .._write.slots import SlotAllocator, SlotRequest
 from .segment import QueueSegment
 
-__all__ = ["MAX_SLOTS_PER_FRAME", "NO_EVENTS", "REFUSED_NO_CONSUMER", "QueueHub"]
+__all__ = ["NO_EVENTS", "REFUSED_NO_CONSUMER", "QueueHub"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +53,6 @@ NO_EVENTS = 2**32 - 1
 REFUSED_NO_CONSUMER = 1
 _LIVENESS_INTERVAL_S = 0.5
 _STOP_TIMEOUT_S = 10.0
-#: Most slots one frame may take (they are listed in one GRANT record).
-MAX_SLOTS_PER_FRAME = MAX_SLOTS_PER_RECORD
 
 
 class QueueHub:
@@ -199,13 +197,13 @@ class QueueHub:
 
     def _on_request(self, channel: ProducerChannel, record: Record) -> None:
         slots = self._slots
-        most = min(slots.slots, MAX_SLOTS_PER_FRAME) if slots is not None else 0
+        most = min(slots.slots, MAX_SLOTS_PER_RECORD) if slots is not None else 0
         if slots is None or not 1 <= record.nevents <= most:
             self._refuse(channel, f"asked for {record.nevents} slots")
             return
         self._drop_request(channel.id)  # a client asks again after it gave up waiting
         now = record.kind == Kind.REQUEST_NOW
-        if now and (slots.pending or slots.nfree < record.nevents):
+        if now and not slots.can_grant_now(record.nevents):
             self._answer(channel, encode_record(Kind.NOTHING))
             return
         slots.request(SlotRequest(record.value, channel.id, record.nevents))
@@ -220,7 +218,7 @@ class QueueHub:
 
     def _drop_request(self, client: int) -> None:
         if self._slots is not None:
-            self._slots.pending = [r for r in self._slots.pending if r.producer != client]
+            self._slots.withdraw(client)
 
     def _settle(self) -> None:
         """Grant what can be granted, hand out frames, refuse what can never come; then

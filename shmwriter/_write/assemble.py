@@ -71,14 +71,18 @@ class FrameAssembler:
                rows: list[tuple[int, int]] | None = None) -> None:
         """Take a checked frame held in ``slots``; its events fill them from the start, or lie
         at ``rows`` (``(first row, rows)`` pieces, for frames of a packed batch)."""
-        if rows is None and nevents:
-            per_slot = self._layout.slot_events
-            rows = [(slot * per_slot, min(per_slot, nevents - j * per_slot))
-                    for j, slot in enumerate(slots)]
-        arrival = Arrival(frame, nevents, slots, rows or [])
+        arrival = Arrival(frame, nevents, slots,
+                          self.rows_of(slots, nevents) if rows is None else rows)
         if self.reorder.arrive(arrival):
             self._gather(arrival)
             self.drain()
+
+    def rows_of(self, slots: list[int], nevents: int) -> list[tuple[int, int]]:
+        """Where ``nevents`` events that fill ``slots`` from the start of each lie in the
+        ring, as ``(first row, rows)`` pieces."""
+        per_slot = self._layout.slot_events
+        return [(slot * per_slot, min(per_slot, nevents - j * per_slot))
+                for j, slot in enumerate(slots)]
 
     def accept_in_order(self, frames: list[tuple[int, int, list[int], list[tuple[int, int]]]],
                         ) -> None:

@@ -90,22 +90,26 @@ class FrameIntake:
         """The common batch, taken whole: consecutive frames from the frontier on, in
         granted slots. False (nothing done) for any other: it goes frame by frame."""
         frames, slots = record.frames, list(record.slots)
-        first, count = frames[0][0], len(frames)
-        if not (self.in_range(first) and first + count <= self._frame_limit
-                and self._frames.reorder.can_advance(first, count)
-                and [frame for frame, _ in frames] == list(range(first, first + count))
+        if not (self._from_the_frontier(frames)
                 and (not slots or self._slots.owns(channel.id, slots))):
             return False
         self._slots.hold(channel.id, slots)
-        per_slot, at, taken = self._slot_events, 0, []
+        taken, at = [], 0
         for (frame, nevents), nslots in zip(frames, needed, strict=True):
             mine = slots[at:at + nslots]
-            rows = [(slot * per_slot, min(per_slot, nevents - j * per_slot))
-                    for j, slot in enumerate(mine)]
-            taken.append((frame, nevents, mine, rows))
+            taken.append((frame, nevents, mine, self._frames.rows_of(mine, nevents)))
             at += nslots
         self._frames.accept_in_order(taken)
         return True
+
+    def _from_the_frontier(self, frames: tuple[tuple[int, int], ...]) -> bool:
+        """Whether ``frames`` (at least one) are consecutive, new and start at the frontier."""
+        if not frames:
+            return False
+        first, count = frames[0][0], len(frames)
+        return (self.in_range(first) and first + count <= self._frame_limit
+                and self._frames.reorder.can_advance(first, count)
+                and [frame for frame, _ in frames] == list(range(first, first + count)))
 
     def packed(self, channel: ProducerChannel, record: Record) -> None:
         """A packed batch: its frames' events back to back in consecutive slots, in order."""
@@ -145,12 +149,7 @@ class FrameIntake:
                          row: int) -> bool:
         """The common packed batch, taken whole: consecutive frames from the frontier on.
         False (nothing done) for any other."""
-        if not frames:
-            return False
-        first, count = frames[0][0], len(frames)
-        if not (self.in_range(first) and first + count <= self._frame_limit
-                and self._frames.reorder.can_advance(first, count)
-                and [frame for frame, _ in frames] == list(range(first, first + count))):
+        if not self._from_the_frontier(frames):
             return False
         per_slot, taken = self._slot_events, []
         for frame, nevents in frames:

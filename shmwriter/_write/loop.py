@@ -350,7 +350,7 @@ class WriterLoop:
         elif kind in (Kind.REQUEST, Kind.REQUEST_RUN, Kind.REQUEST_NOW):
             self._on_request(channel, record)
         elif kind == Kind.CANCEL:  # withdraw the request outstanding; NOTHING answers it
-            self.slots.pending = [r for r in self.slots.pending if r.producer != channel.id]
+            self.slots.withdraw(channel.id)
             self.channels.send(channel, [GRANT_NONE])
         elif kind == Kind.PACKED:
             intake.packed(channel, record)
@@ -375,8 +375,7 @@ class WriterLoop:
             self._refuse(channel, f"asked for {wanted} slots")
         elif not self._intake().in_range(record.value):
             self._refuse(channel, f"asked for slots for frame {record.value}, out of range")
-        elif kind == Kind.REQUEST_NOW and (self.stopping or self.slots.pending
-                                           or self.slots.nfree < wanted):
+        elif kind == Kind.REQUEST_NOW and (self.stopping or not self.slots.can_grant_now(wanted)):
             self.channels.send(channel, [GRANT_NONE])
         elif not self.stopping:
             self.slots.request(SlotRequest(record.value, channel.id, wanted,

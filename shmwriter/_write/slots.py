@@ -126,6 +126,14 @@ class SlotAllocator:
             grants.append(Grant(request.producer, slots))
         return grants
 
+    def can_grant_now(self, wanted: int) -> bool:
+        """Whether ``wanted`` slots could be granted at once without passing anyone waiting."""
+        return not self.pending and self._nfree >= wanted
+
+    def withdraw(self, producer: int) -> None:
+        """Forget the requests of ``producer`` (it gave up waiting); its slots stay its."""
+        self.pending = [r for r in self.pending if r.producer != producer]
+
     def drop_pending(self) -> None:
         """Forget every waiting request (the run is stopping)."""
         self.pending.clear()
@@ -183,7 +191,7 @@ class SlotAllocator:
     def retire(self, producer: int) -> None:
         """Forget ``producer``: take back its granted slots and drop its requests."""
         self._put_back(list(self._granted.pop(producer, set())))
-        self.pending = [r for r in self.pending if r.producer != producer]
+        self.withdraw(producer)
 
     # -- finding slots ---------------------------------------------------------------------
     def _take_lowest(self, count: int) -> list[int]:
