@@ -34,7 +34,7 @@ from .._forks import close_in_forked_children
 from ..errors import BrokenError, ClosedError, RingFullError
 from .hub import REFUSED_NO_CONSUMER
 
-__all__ = ["ANSWER_TIMEOUT_S", "MAX_READ_AHEAD", "FrameReader", "QueueClient", "QueueTicket",
+__all__ = ["MAX_READ_AHEAD", "FrameReader", "QueueClient", "QueueTicket",
            "new_ticket", "open_client"]
 
 #: Longest wait for an answer the hub gives at once (it serves requests in microseconds).
@@ -247,6 +247,10 @@ class QueueClient:
     def ask(self, record: bytes, kinds: frozenset[int]) -> Record:
         """Send ``record`` and wait for the hub's answer of one of ``kinds`` (given at once)."""
         self.send(record)
+        return self._prompt_answer(kinds)
+
+    def _prompt_answer(self, kinds: frozenset[int]) -> Record:
+        """The answer the hub gives at once; BrokenError if none came in ANSWER_TIMEOUT_S."""
         answer = self.answer(kinds, ANSWER_TIMEOUT_S)
         if answer is None:
             raise BrokenError(f"the queue's hub (pid {self._creator_pid}) did not answer "
@@ -354,9 +358,7 @@ class QueueClient:
 
     def _frames_then_nothing(self) -> Record | None:
         """Read up to the hub's NOTHING; the first frame before it, if any."""
-        if self.answer(_NOTHING, ANSWER_TIMEOUT_S) is None:
-            raise BrokenError(f"the queue's hub (pid {self._creator_pid}) did not answer "
-                              f"within {ANSWER_TIMEOUT_S:.0f} s")
+        self._prompt_answer(_NOTHING)
         return self.answer(_FRAME, 0.0)
 
     def take_slots(self, frame_index: int, nslots: int,
