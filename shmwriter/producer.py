@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from multiprocessing import context, reduction
 from typing import TYPE_CHECKING, Any
 
@@ -21,13 +21,11 @@ import numpy.typing as npt
 from ._channel.link import WriterLink
 from ._channel.records import (
     MAX_FRAMES_PER_RECORD,
-    MAX_SLOTS_PER_BATCH_FRAME,
     MAX_SLOTS_PER_RECORD,
     Kind,
-    encode_batch,
     encode_packed,
     encode_record,
-    split_batch,
+    split_packed,
 )
 from ._events import EventArrays, check_batch_events, check_counts, check_events
 from ._ring.fill import SlotFiller
@@ -127,11 +125,7 @@ class Producer:
                 return
             nevents, arrays = check_events(self.schema, index, events)
             slots = self._acquire(index, nevents, timeout_s)
-            try:
-                self._filler.copy_in(slots, arrays, nevents)
-            except BaseException:
-                self._grants.keep(slots)
-                raise
+            self._copy_into(slots, arrays, nevents, self._filler.copy_in)
             self._send_frame(index, nevents, slots)
 
     def put_many(self, frames: Sequence[int] | npt.NDArray[np.integer[Any]],
@@ -168,9 +162,8 @@ class Producer:
             pairs = self._check_batch(frames, nevents)
             arrays = check_batch_events(self.schema, pairs, events)
             start = 0
-            for part in split_batch(pairs, self._spec.layout.slots_for,
-                                    max(1, self._spec.slots // 2)):
-                self._put_part(part, arrays, start, timeout_s)
+            for part in split_packed(pairs, self._spec.layout.slots_for, self._most_run_slots()):
+                self._put_packed(part, arrays, start, timeout_s)
                 start += sum(count for _, count in part)
 
     def put_nowait(self, frame_index: int, events: EventArrays | None) -> None:
@@ -264,7 +257,7 @@ class Producer:
             total = sum(count for _, count in pairs)
             nslots = self._spec.layout.slots_for(total)
             lowest = min((frame for frame, _ in pairs), default=0)
-            if nslots > max(1, self._spec.slots // 2):
+            if nslots > self._most_run_slots():
                 raise FrameError(
                     f"the batch of {len(pairs)} frames from frame {lowest} has {total} events: "
                     f"{nslots} slots, more than half of the ring's {self._spec.slots}; put "
@@ -331,30 +324,43 @@ class Producer:
             if index in seen:
                 raise FrameError(f"frame {index} is in the batch twice", frame_index=index)
             seen.add(index)
-            self._check_fits(index, count, self._spec.layout.slots_for(count),
-                             most=MAX_SLOTS_PER_BATCH_FRAME)
+            self._check_fits(index, count, self._spec.layout.slots_for(count))
             pairs.append((index, count))
         return pairs
 
-    def _put_part(self, part: list[tuple[int, int]], arrays: Mapping[str, np.ndarray[Any, Any]],
-                  start: int, timeout_s: float | None) -> None:
-        layout = self._spec.layout
-        nslots = sum(layout.slots_for(count) for _, count in part)
-        slots = self._grants.take(part[0][0], nslots, self._timeout(timeout_s)) \
-            if nslots else []
+    def _put_packed(self, part: list[tuple[int, int]], arrays: Mapping[str, np.ndarray[Any, Any]],
+                    start: int, timeout_s: float | None) -> None:
+        """Put ``part`` (from :func:`split_packed`), whose events are rows ``start ..`` of
+        ``arrays``: copied into one run of slots, one copy per feature, one record."""
+        total = sum(count for _, count in part)
+        rows = {name: a[start:start + total] for name, a in arrays.items()}
+        nslots = self._spec.layout.slots_for(total)
+        if nslots > self._most_run_slots():  # one frame too large for a run: as put() does
+            (frame, _), = part
+            slots = self._acquire(frame, total, timeout_s)
+            self._copy_into(slots, rows, total, self._filler.copy_in)
+            self._send_frame(frame, total, slots)
+            return
+        run = self._grants.take_run(min(frame for frame, _ in part), nslots,
+                                    self._timeout(timeout_s)) if nslots else []
+        self._copy_into(run, rows, total, self._filler.copy_into_run)
+        self._send_described([frame for frame, _ in part], total, run,
+                             encode_packed(part, run[0] if run else 0))
+
+    def _copy_into(self, slots: list[int], rows: Mapping[str, np.ndarray[Any, Any]],
+                   nevents: int, copy: Callable[[list[int], Mapping[str, np.ndarray[Any, Any]],
+                                                 int], None]) -> None:
+        """``copy(slots, rows, nevents)``; on a failure the slots are kept for later frames."""
         try:
-            at_slot, at_event = 0, start
-            for _, count in part:
-                need = layout.slots_for(count)
-                if count:
-                    rows = {name: a[at_event:at_event + count] for name, a in arrays.items()}
-                    self._filler.copy_in(slots[at_slot:at_slot + need], rows, count)
-                at_slot, at_event = at_slot + need, at_event + count
+            if nevents:
+                copy(slots, rows, nevents)
         except BaseException:
             self._grants.keep(slots)
             raise
-        self._send_described([frame for frame, _ in part], sum(count for _, count in part),
-                             slots, encode_batch(part, slots))
+
+    def _most_run_slots(self) -> int:
+        """Most slots one run may have: half the ring (the writer grants no more)."""
+        return max(1, self._spec.slots // 2)
 
     # -- slots ------------------------------------------------------------------
     def _acquire(self, frame_index: int, nevents: int, timeout_s: float | None) -> list[int]:
@@ -389,9 +395,8 @@ class Producer:
             for array in arrays.values():
                 array.flags.writeable = False
 
-    def _check_fits(self, frame_index: int, nevents: int, nslots: int, *,
-                    most: int = MAX_SLOTS_PER_RECORD) -> None:
-        limit = min(self._spec.slots, most)
+    def _check_fits(self, frame_index: int, nevents: int, nslots: int) -> None:
+        limit = min(self._spec.slots, MAX_SLOTS_PER_RECORD)
         if nslots > limit:
             most = limit * self._spec.layout.slot_events
             raise FrameError(

@@ -1,20 +1,37 @@
-"""ChunkGatherer: frames in frame order become contiguous chunk arrays."""
+"""ChunkGatherer: frames in frame order become chunk columns, plain or laid out as stored."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import shmwriter
 from shmwriter._ring.ring import SlotRing
 from shmwriter._spec import SlotLayout
-from shmwriter._write.gather import ChunkGatherer
+from shmwriter._write.columns import ColumnLayout
+from shmwriter._write.gather import ChunkGatherer, plain_layouts
 
 SCHEMA = shmwriter.Schema({"img": shmwriter.Feature("uint8", (16, 20)),
                            "mask": shmwriter.Feature("bool", (16, 20)),
                            "x": shmwriter.Feature("float64")})
 
 
-def test_batches_from_the_ring_and_private_frames_keep_frame_order():
+def stored_layouts(schema, derived, chunk_rows):
+    """Every column stored, in HDF5 chunks of ``chunk_rows`` rows (small: boundaries crossed)."""
+    return {name: ColumnLayout(layout.shape, layout.dtype, chunk_rows)
+            for name, layout in plain_layouts(schema, derived).items()}
+
+
+LAYOUTS = pytest.mark.parametrize("chunk_rows", [None, 2, 3], ids=["plain", "stored2", "stored3"])
+
+
+def gatherer_for(schema, derived, chunk_rows):
+    layouts = None if chunk_rows is None else stored_layouts(schema, derived, chunk_rows)
+    return ChunkGatherer(schema, derived, layouts)
+
+
+@LAYOUTS
+def test_batches_from_the_ring_and_private_frames_keep_frame_order(chunk_rows):
     ring = SlotRing.create(SlotLayout(schema=SCHEMA, slot_events=2), 6, None)
     try:
         rng = np.random.default_rng(1)
@@ -35,7 +52,7 @@ def test_batches_from_the_ring_and_private_frames_keep_frame_order():
             frames.append((frame, nevents, rows))
             for name, array in events.items():
                 expected[name].append(array)
-        gatherer = ChunkGatherer(SCHEMA, ("frame", "nevents"))
+        gatherer = gatherer_for(SCHEMA, ("frame", "nevents"), chunk_rows)
         gatherer.append_from_ring(frames[:2], ring.row_views())
         private = {"img": np.full((1, 16, 20), 7, np.uint8),
                    "mask": np.zeros((1, 16, 20), np.uint8), "x": np.array([0.5])}
@@ -43,23 +60,25 @@ def test_batches_from_the_ring_and_private_frames_keep_frame_order():
         gatherer.skip(2)  # two missing frames
         gatherer.append_from_ring(frames[2:], ring.row_views())
         chunk = gatherer.take()
+        arrays = chunk.arrays()
         order = [0, 1, 4, 2, 3]  # the order the frames were appended in
         for name in ("img", "mask", "x"):
             parts = {0: expected[name][0], 1: expected[name][1], 4: private[name],
                      2: expected[name][2], 3: expected[name][3]}
-            np.testing.assert_array_equal(chunk.arrays[name],
+            np.testing.assert_array_equal(arrays[name],
                                           np.concatenate([parts[f] for f in order]))
-        assert chunk.arrays["frame"].tolist() == [0, 0, 0, 4, 2, 3, 3]
-        assert chunk.arrays["nevents"].tolist() == [3, 3, 3, 1, 1, 2, 2]
+        assert arrays["frame"].tolist() == [0, 0, 0, 4, 2, 3, 3]
+        assert arrays["nevents"].tolist() == [3, 3, 3, 1, 1, 2, 2]
         assert (chunk.nframes, chunk.nmissing, chunk.nevents) == (7, 2, 7)
-        assert chunk.arrays["mask"].dtype == np.uint8
+        assert arrays["mask"].dtype == np.uint8
         assert gatherer.take().nevents == 0  # a fresh chunk starts after the last
     finally:
         ring.close()
         ring.unlink()
 
 
-def test_pieces_that_touch_are_copied_as_one_and_scattered_ones_by_index():
+@LAYOUTS
+def test_pieces_that_touch_are_copied_as_one_and_scattered_ones_by_index(chunk_rows):
     schema = shmwriter.Schema({"x": shmwriter.Feature("int64"),
                                "img": shmwriter.Feature("uint8", (16, 20))})
     ring = SlotRing.create(SlotLayout(schema=schema, slot_events=4), 8, None)
@@ -70,15 +89,62 @@ def test_pieces_that_touch_are_copied_as_one_and_scattered_ones_by_index():
         packed = [(0, 3, [(4, 3)]), (1, 0, []), (2, 5, [(7, 5)])]       # one run: rows 4..11
         scattered = [(3, 1, [(30, 1)]), (4, 2, [(20, 2)]), (5, 1, [(0, 1)]),
                      (6, 1, [(16, 1)]), (7, 2, [(24, 2)])]               # five pieces
-        gatherer = ChunkGatherer(schema, ("frame",))
+        gatherer = gatherer_for(schema, ("frame",), chunk_rows)
         gatherer.append_from_ring(packed, rows)
         gatherer.append_from_ring(scattered, rows)
         chunk = gatherer.take()
+        arrays = chunk.arrays()
         expected = [*range(4, 12), 30, 20, 21, 0, 16, 24, 25]
-        assert chunk.arrays["x"].tolist() == expected
-        assert chunk.arrays["img"][:, 3, 4].tolist() == expected
-        assert chunk.arrays["frame"].tolist() == [0, 0, 0, 2, 2, 2, 2, 2, 3, 4, 4, 5, 6, 7, 7]
+        assert arrays["x"].tolist() == expected
+        assert arrays["img"][:, 3, 4].tolist() == expected
+        assert arrays["frame"].tolist() == [0, 0, 0, 2, 2, 2, 2, 2, 3, 4, 4, 5, 6, 7, 7]
         assert (chunk.nframes, chunk.nevents) == (8, 15)
     finally:
         ring.close()
         ring.unlink()
+
+
+def test_stored_columns_start_at_a_chunk_boundary_carry_the_last_rows_and_are_reused():
+    """Each chunk's stored columns start at an HDF5 chunk boundary, with the rows of the
+    file's last incomplete chunk carried; padding holds the fill value; the bytes after
+    each stored chunk are spare; written chunks' columns come back for later chunks."""
+    schema = shmwriter.Schema({"x": shmwriter.Feature("int16")})
+    layouts = {"x": ColumnLayout((), np.dtype(np.int16), 4, fill=-1),
+               "frame": ColumnLayout((), np.dtype(np.uint32), 4)}
+    gatherer = ChunkGatherer(schema, ("frame",), layouts)
+    values = iter(range(100, 200))
+    chunks, frame, file_rows = [], 0, 0
+    for nevents in [6, 5, 4, 1]:
+        for _ in range(nevents):
+            gatherer.append(frame, 1, {"x": np.array([next(values)], np.int16)})
+            frame += 1
+        chunk = gatherer.take()
+        column = chunk.columns["x"]
+        assert chunk.first_row == file_rows and chunk.nevents == nevents
+        assert column.base_row == file_rows - file_rows % 4
+        assert column.carried == file_rows % 4
+        file_rows += nevents
+        expected = np.arange(100 + column.base_row, 100 + file_rows, dtype=np.int16)
+        np.testing.assert_array_equal(column.values(), expected)
+        stored = column.stored_chunks()
+        assert [row for row, _ in stored] == list(range(column.base_row, file_rows, 4))
+        held = np.concatenate([data[:-4].view(np.int16) for _, data in stored])
+        padding = len(held) - len(expected)
+        np.testing.assert_array_equal(held, np.concatenate([expected, [-1] * padding]))
+        assert all(len(data) == 4 * 2 + 4 for _, data in stored)
+        chunks.append(chunk)
+        if len(chunks) >= 2:
+            gatherer.recycle(chunks[-2])  # written: its columns may come back
+    assert chunks[3].columns["x"] is chunks[0].columns["x"]  # came back after chunk 1
+
+
+def test_columns_grow_past_their_first_capacity_keeping_their_rows():
+    schema = shmwriter.Schema({"img": shmwriter.Feature("uint8", (3, 5))})
+    for chunk_rows in (None, 7):
+        gatherer = gatherer_for(schema, ("nevents",), chunk_rows)
+        images = np.arange(300 * 15, dtype=np.uint64).astype(np.uint8).reshape(300, 3, 5)
+        for frame in range(100):
+            gatherer.append(frame, 3, {"img": images[3 * frame:3 * frame + 3]})
+        arrays = gatherer.take().arrays()
+        np.testing.assert_array_equal(arrays["img"], images)
+        assert arrays["nevents"].tolist() == [3] * 300

@@ -17,7 +17,7 @@ import zstandard
 
 from shmwriter._spec import Feature, Schema
 from shmwriter._write.codec import codec_for, fletcher32
-from shmwriter._write.gather import Chunk
+from shmwriter._write.gather import Chunk, ChunkGatherer, plain_layouts
 from shmwriter._write.h5sink import H5Sink, dataset_kwargs
 from shmwriter.ops.demo import DEMO_METADATA, DEMO_SCHEMA, demo_events
 
@@ -43,30 +43,43 @@ FILTERS = {
 }
 
 
-def make_chunk(rng: np.random.Generator, first_event: int, nevents: int) -> Chunk:
-    """Events in file dtypes; images smooth enough for Zstd to have work."""
+def make_events(rng: np.random.Generator, index: int, nevents: int) -> dict[str, np.ndarray]:
+    """Events of chunk ``index`` in file dtypes, with the derived features the gatherer adds
+    when they come as one frame ``index``; images smooth enough for Zstd to have work."""
     base = np.linspace(0, 120, 32 * 50, dtype=np.float32).reshape(32, 50)
     noise = rng.normal(0, 3, (nevents, 32, 50))
-    arrays = {
+    return {
         "image": np.clip(base + noise, 0, 255).astype(np.uint8),
         "mask": (noise > 2).astype(np.uint8) * np.uint8(255),
         "blob": rng.integers(0, 256, (nevents, 41, 41), dtype=np.uint8),
         "deform": rng.random(nevents),
-        "frame": np.arange(first_event, first_event + nevents, dtype=np.uint32),
-        "nevents": np.full(nevents, nevents % 4, np.uint32),
+        "frame": np.full(nevents, index, np.uint32),
+        "nevents": np.full(nevents, nevents, np.uint32),
     }
-    return Chunk(first_frame=first_event, nframes=nevents, nmissing=0, nevents=nevents,
-                 arrays=arrays)
 
 
-def make_chunks(sizes: tuple[int, ...], seed: int = 0) -> list[Chunk]:
+def make_events_list(sizes: tuple[int, ...], seed: int = 0) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
-    starts = np.cumsum((0, *sizes))
-    return [make_chunk(rng, int(start), n) for start, n in zip(starts, sizes, strict=False)]
+    return [make_events(rng, index, n) for index, n in enumerate(sizes)]
 
 
-def joined(chunks: list[Chunk]) -> dict[str, np.ndarray]:
-    return {name: np.concatenate([c.arrays[name] for c in chunks]) for name in chunks[0].arrays}
+def gather(sink: H5Sink, events: list[dict[str, np.ndarray]]) -> list[Chunk]:
+    """Chunks of ``events`` (one frame each) laid out for ``sink``, as the writer gathers."""
+    gatherer = ChunkGatherer(SCHEMA, DERIVED, sink.layouts)
+    chunks = []
+    for index, arrays in enumerate(events):
+        gatherer.append(index, len(arrays["deform"]), arrays)
+        chunks.append(gatherer.take())
+    return chunks
+
+
+def write_all(sink: H5Sink, events: list[dict[str, np.ndarray]]) -> None:
+    for chunk in gather(sink, events):
+        sink.write(chunk)
+
+
+def joined(events: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {name: np.concatenate([e[name] for e in events]) for name in events[0]}
 
 
 def read_events(path, **kwargs) -> dict[str, np.ndarray]:
@@ -84,28 +97,27 @@ def assert_events_equal(got: dict[str, np.ndarray], expected: dict[str, np.ndarr
 
 @pytest.mark.parametrize("filters", list(FILTERS))
 def test_round_trip_with_writes_of_odd_sizes(tmp_path, filters):
-    chunks = make_chunks(WRITE_SIZES)
+    events = make_events_list(WRITE_SIZES)
     sink = H5Sink(tmp_path / "a.rtdc", SCHEMA, DERIVED, FILTERS[filters], {})
-    for chunk in chunks:
-        sink.write(chunk)
+    write_all(sink, events)
     assert sink.nevents == sum(WRITE_SIZES)
     sink.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("shmwriter-encode")]
-    assert_events_equal(read_events(tmp_path / "a.rtdc"), joined(chunks))
+    assert_events_equal(read_events(tmp_path / "a.rtdc"), joined(events))
     with h5py.File(tmp_path / "a.rtdc", "r") as h5:
         assert h5.attrs["experiment:event count"] == sum(WRITE_SIZES)
 
 
-def write_with_h5py(path, chunks: list[Chunk], overrides) -> None:
+def write_with_h5py(path, events: list[dict[str, np.ndarray]], overrides) -> None:
     """The plain path: HDF5 filters every write itself."""
     with h5py.File(path, "w", libver="latest") as h5:
-        for name, array in chunks[0].arrays.items():
+        for name, array in events[0].items():
             rows = {"image": 655, "mask": 655, "blob": 623}.get(name, 1000)
             h5.create_dataset(name, shape=(0, *array.shape[1:]), maxshape=(None, *array.shape[1:]),
                               chunks=(rows, *array.shape[1:]), dtype=array.dtype,
                               **dataset_kwargs(overrides))
-        for chunk in chunks:
-            for name, array in chunk.arrays.items():
+        for arrays in events:
+            for name, array in arrays.items():
                 start = len(h5[name])
                 h5[name].resize(start + len(array), axis=0)
                 h5[name][start:] = array
@@ -125,15 +137,14 @@ def stored_chunks(dataset: h5py.Dataset) -> list[bytes]:
 def test_stored_chunks_match_what_hdf5_stores(tmp_path, filters):
     # The same writes through plain h5py: partial last chunks padded alike, the same
     # checksums; Zstd frames must decode alike (their bytes may differ by zstd version).
-    chunks = make_chunks((1, 700, 1300, 55))
+    events = make_events_list((1, 700, 1300, 55))
     sink = H5Sink(tmp_path / "ours.rtdc", SCHEMA, DERIVED, FILTERS[filters], {})
-    for chunk in chunks:
-        sink.write(chunk)
+    write_all(sink, events)
     sink.close()
-    write_with_h5py(tmp_path / "theirs.h5", chunks, FILTERS[filters])
+    write_with_h5py(tmp_path / "theirs.h5", events, FILTERS[filters])
     with (h5py.File(tmp_path / "ours.rtdc", "r") as ours,
           h5py.File(tmp_path / "theirs.h5", "r") as theirs):
-        for name in chunks[0].arrays:
+        for name in events[0]:
             codec = codec_for(ours["events"][name])
             assert codec is not None
             mine, hdf5s = stored_chunks(ours["events"][name]), stored_chunks(theirs[name])
@@ -150,22 +161,21 @@ def test_stored_chunks_match_what_hdf5_stores(tmp_path, filters):
 
 def test_every_flush_shows_every_row(tmp_path):
     # A copy taken after each write is what a live reader or a killed writer leaves.
-    chunks = make_chunks((1, 654, 2, 1310, 999, 3))
+    events = make_events_list((1, 654, 2, 1310, 999, 3))
     sink = H5Sink(tmp_path / "live.rtdc", SCHEMA, DERIVED, None, {})
-    for count, chunk in enumerate(chunks, start=1):
+    for count, chunk in enumerate(gather(sink, events), start=1):
         sink.write(chunk)
         shutil.copyfile(tmp_path / "live.rtdc", tmp_path / "copy.rtdc")
-        assert_events_equal(read_events(tmp_path / "copy.rtdc", swmr=True), joined(chunks[:count]))
+        assert_events_equal(read_events(tmp_path / "copy.rtdc", swmr=True), joined(events[:count]))
     sink.abandon()  # like a killed writer: the file may keep its SWMR write flags
-    assert_events_equal(read_events(tmp_path / "live.rtdc", swmr=True), joined(chunks))
+    assert_events_equal(read_events(tmp_path / "live.rtdc", swmr=True), joined(events))
 
 
 def write_then_wait(path: str, sizes: tuple[int, ...], done: multiprocessing.connection.Connection,
                     ) -> None:
     """Child: write ``sizes`` (flushing each), report, then wait to be killed."""
     sink = H5Sink(path, SCHEMA, DERIVED, None, {})
-    for chunk in make_chunks(sizes, seed=7):
-        sink.write(chunk)
+    write_all(sink, make_events_list(sizes, seed=7))
     done.send(sink.nevents)
     done.recv()  # never answered: the parent kills this process
 
@@ -184,28 +194,22 @@ def test_killed_writer_leaves_every_flushed_row(tmp_path):
         os.kill(child.pid, signal.SIGKILL)
         child.join(10)
     assert child.exitcode == -signal.SIGKILL
-    assert_events_equal(read_events(path, swmr=True), joined(make_chunks(sizes, seed=7)))
+    assert_events_equal(read_events(path, swmr=True), joined(make_events_list(sizes, seed=7)))
 
 
 def test_dclab_opens_a_demo_file(tmp_path):
     frames = [(index, ev) for index in range(80) if (ev := demo_events(index)) is not None]
-    chunks, first = [], 0
-    for events in (frames[:1], frames[1:30], frames[30:]):
-        arrays = {name: np.concatenate([ev[name] for _, ev in events]) for name in DEMO_SCHEMA}
-        arrays["mask"] = arrays["mask"].view(np.uint8) * np.uint8(255)
-        arrays["frame"] = np.concatenate([np.full(len(ev["time"]), index, np.uint32)
-                                          for index, ev in events])
-        arrays["nevents"] = np.concatenate([np.full(len(ev["time"]), len(ev["time"]), np.uint32)
-                                            for _, ev in events])
-        nevents = len(arrays["time"])
-        chunks.append(Chunk(first_frame=first, nframes=len(events), nmissing=0, nevents=nevents,
-                            arrays=arrays))
-        first += len(events)
     sink = H5Sink(tmp_path / "demo.rtdc", DEMO_SCHEMA, DERIVED, None, DEMO_METADATA)
-    for chunk in chunks:
-        sink.write(chunk)
+    gatherer = ChunkGatherer(DEMO_SCHEMA, DERIVED, sink.layouts)
+    for events in (frames[:1], frames[1:30], frames[30:]):
+        for index, ev in events:
+            arrays = dict(ev, mask=ev["mask"].view(np.uint8) * np.uint8(255))
+            gatherer.append(index, len(ev["time"]), arrays)
+        sink.write(gatherer.take())
     sink.close()
-    expected = joined(chunks)
+    expected = {name: np.concatenate([ev[name] for _, ev in frames]) for name in DEMO_SCHEMA}
+    expected["frame"] = np.concatenate([np.full(len(ev["time"]), index, np.uint32)
+                                        for index, ev in frames])
     with dclab.new_dataset(tmp_path / "demo.rtdc") as ds:
         assert len(ds) == len(expected["time"]) > 52  # more than one image chunk
         assert np.array_equal(ds["deform"], expected["deform"])
@@ -216,48 +220,54 @@ def test_dclab_opens_a_demo_file(tmp_path):
 
 
 def test_zstd_level_comes_from_the_kwargs(tmp_path):
-    chunks = make_chunks((900,))
+    events = make_events_list((900,))
     sink = H5Sink(tmp_path / "z1.rtdc", SCHEMA, DERIVED, dict(hdf5plugin.Zstd(clevel=1)), {})
-    sink.write(chunks[0])
+    write_all(sink, events)
     sink.close()
-    assert_events_equal(read_events(tmp_path / "z1.rtdc"), joined(chunks))
+    assert_events_equal(read_events(tmp_path / "z1.rtdc"), joined(events))
 
 
 def test_closed_sink_refuses_writes_and_closes_once(tmp_path):
     sink = H5Sink(tmp_path / "c.rtdc", SCHEMA, DERIVED, None, {})
-    sink.write(make_chunks((5,))[0])
+    chunks = gather(sink, make_events_list((5, 1)))
+    sink.write(chunks[0])
     sink.close(missing_frames=[3], logs={"note": ["hello"]})
     sink.close()
     sink.abandon()
     assert repr(sink).endswith("(closed, 5 events)>")
     with pytest.raises(ValueError, match="cannot write to the closed file"):
-        sink.write(make_chunks((1,))[0])
+        sink.write(chunks[1])
     with h5py.File(tmp_path / "c.rtdc", "r") as h5:
         assert list(h5["logs"]["note"][:]) == [b"hello"]
         assert list(h5["logs"]["shmwriter-missing-frames"][:]) == [b"3"]
 
 
-def test_a_bad_chunk_changes_nothing(tmp_path):
-    good = make_chunks((700,))[0]
-    bad_arrays = dict(make_chunks((5,), seed=1)[0].arrays, image=np.zeros((5, 31, 50), np.uint8))
-    bad = Chunk(first_frame=700, nframes=5, nmissing=0, nevents=5, arrays=bad_arrays)
+def test_a_chunk_not_gathered_for_the_sink_changes_nothing(tmp_path):
+    events = make_events_list((700, 5, 5))
     sink = H5Sink(tmp_path / "b.rtdc", SCHEMA, DERIVED, None, {})
+    good = gather(sink, events[:1])[0]
+    plain = ChunkGatherer(SCHEMA, DERIVED, plain_layouts(SCHEMA, DERIVED))
+    plain.append(0, 700, events[0])
+    elsewhere = plain.take()
     sink.write(good)
-    with pytest.raises(ValueError, match=r"chunk.arrays\['image'\] must have shape \(5, 32, 50\); "
-                                         r"got \(5, 31, 50\)"):
-        sink.write(bad)
+    with pytest.raises(ValueError, match="the chunk starts at row 0, but the file has 700"):
+        sink.write(good)
+    with pytest.raises(ValueError, match="the chunk starts at row 0"):
+        sink.write(elsewhere)
+    plain.append(1, 5, events[1])
+    with pytest.raises(ValueError, match="column 'image' is not laid out as"):
+        sink.write(plain.take())  # continues the file, but laid out plain
     assert sink.nevents == 700
     sink.abandon()
-    assert_events_equal(read_events(tmp_path / "b.rtdc", swmr=True), joined([good]))
+    assert_events_equal(read_events(tmp_path / "b.rtdc", swmr=True), joined(events[:1]))
 
 
 def test_empty_chunk_writes_nothing(tmp_path):
-    chunks = make_chunks((0, 4, 0))
+    events = make_events_list((0, 4, 0))
     sink = H5Sink(tmp_path / "e.rtdc", SCHEMA, DERIVED, None, {})
-    for chunk in chunks:
-        sink.write(chunk)
+    write_all(sink, events)
     sink.close()
-    assert_events_equal(read_events(tmp_path / "e.rtdc"), joined(chunks))
+    assert_events_equal(read_events(tmp_path / "e.rtdc"), joined(events))
 
 
 def test_bad_arguments_are_refused(tmp_path):

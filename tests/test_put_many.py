@@ -1,4 +1,5 @@
-"""put_many: a batch of frames, checked once and sent as one descriptor (or a few)."""
+"""put_many: a batch of frames, checked once, copied into one run of slots (one copy per
+feature) and sent as one PACKED descriptor (or a few)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import logging
 import os
 import struct
 
+import h5py
 import numpy as np
 import pytest
 from _workers import SCHEMA, assert_file_holds, batch_of, events_of, put_batches, run_workers
 
 import shmwriter
-from shmwriter._channel.records import Kind, encode_batch, encode_record
+from shmwriter._channel.records import Kind, encode_packed, encode_record
 
 
 @pytest.mark.parametrize("mode", ["process", "thread"])
@@ -113,11 +115,11 @@ def test_a_frame_put_already_refuses_the_batch(tmp_path):
 
 
 @pytest.mark.parametrize(("record", "why"), [
-    (encode_batch([(3, 2), (4, 1)], [0]), "sent a batch of 2 frames needing 2 slots with 1"),
+    (encode_packed([(3, 2), (4, 1)], 0), "sent a packed batch in slots 0..0 that were not granted"),
     (encode_record(Kind.REQUEST, -5, nevents=1), "asked for slots for frame -5, out of range"),
     (encode_record(Kind.REQUEST_RUN, 1, nevents=3), "asked for 3 slots"),  # a run: half at most
-    (struct.pack("<BxHIq", Kind.BATCH, 0, 10**6, 0), "sent a record larger than one write"),
-])
+    (struct.pack("<BxHIq", Kind.PACKED, 0, 10**6, 0), "sent a record larger than one write"),
+], ids=["slots-not-granted", "request-out-of-range", "run-too-long", "record-too-large"])
 def test_a_forged_batch_refuses_its_sender_and_the_run_goes_on(tmp_path, caplog, record, why):
     caplog.set_level(logging.ERROR, logger="shmwriter")
     path = tmp_path / "out.rtdc"
@@ -136,18 +138,28 @@ def test_a_forged_batch_refuses_its_sender_and_the_run_goes_on(tmp_path, caplog,
     assert_file_holds(path, range(10))
 
 
-def test_a_frame_too_large_for_a_batch_record_is_a_frame_error_and_keeps_no_slot(tmp_path):
+def test_a_frame_too_large_for_a_run_goes_as_put_and_one_too_large_for_any_is_refused(
+        tmp_path):
+    """A frame needing more than half the ring cannot share a run: it goes alone, in any
+    slots, as put() sends it. One needing more slots than a record can list is a
+    FrameError that keeps no slot."""
     schema = shmwriter.Schema({"area": shmwriter.Feature("int64")})
-    with shmwriter.Writer(tmp_path / "out.rtdc", schema, total_frames=2, slots=2048,
+    with shmwriter.Writer(tmp_path / "out.rtdc", schema, total_frames=5, slots=2048,
                           slot_events=1, mode="thread") as writer:
         with writer.producer() as producer:
-            with pytest.raises(shmwriter.FrameError, match="frame 0 has 1020 events but one "
-                                                           "frame can hold at most 1017"):
-                producer.put_many([0], [1020], {"area": np.arange(1020)})
+            with pytest.raises(shmwriter.FrameError, match="frame 0 has 1021 events but one "
+                                                           "frame can hold at most 1020"):
+                producer.put_many([0], [1021], {"area": np.arange(1021)})
             assert producer._grants.unused == []  # nothing was taken for it
-            producer.put_many([0], [1017], {"area": np.arange(1017)})
-            producer.put(1, {"area": np.arange(1020)})  # a single put can hold it
-    assert writer.written_events == 1017 + 1020
+            counts = [3, 1020, 2, 1000, 0]
+            producer.put_many(range(5), counts, {"area": np.arange(sum(counts))})
+    assert writer.written_events == sum(counts)
+    assert_file_holds_areas(tmp_path / "out.rtdc", np.arange(sum(counts)))
+
+
+def assert_file_holds_areas(path, areas):
+    with h5py.File(path, "r") as h5:
+        np.testing.assert_array_equal(h5["events"]["area"][:], areas)
 
 
 def test_batches_at_the_frontier_ahead_of_it_and_over_chunk_bounds(tmp_path):
@@ -166,13 +178,13 @@ def test_batches_at_the_frontier_ahead_of_it_and_over_chunk_bounds(tmp_path):
     assert_file_holds(path, range(frames), most=4)
 
 
-def test_a_batch_record_of_no_frames_changes_nothing(tmp_path):
-    """A BATCH record listing no frames (no honest producer sends one) is taken as nothing."""
+def test_a_packed_record_of_no_frames_changes_nothing(tmp_path):
+    """A PACKED record listing no frames (no honest producer sends one) is taken as nothing."""
     path = tmp_path / "out.rtdc"
     with shmwriter.Writer(path, SCHEMA, total_frames=3, slots=4) as writer:
         with writer.producer() as producer:
             producer.put(0, None)  # says HELLO
-            os.write(producer._link.desc_fd, encode_batch([], []))
+            os.write(producer._link.desc_fd, encode_packed([], 0))
             counts, events = batch_of([1, 2])
             producer.put_many([1, 2], counts, events)
     assert writer.written_frames == 3 and not writer.missing_frames

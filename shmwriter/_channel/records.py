@@ -24,18 +24,15 @@ from typing import NamedTuple
 
 from ..errors import BrokenError
 
-__all__ = ["GRANT_NONE", "GRANT_REFUSED", "MAX_FRAMES_PER_RECORD", "MAX_SLOTS_PER_BATCH_FRAME",
-           "MAX_SLOTS_PER_RECORD", "Kind", "Record", "batch_nbytes", "decode_records",
-           "encode_batch", "encode_packed", "encode_record", "open_pipe_pair", "read_grants",
-           "split_batch", "write_record"]
+__all__ = ["GRANT_NONE", "GRANT_REFUSED", "MAX_FRAMES_PER_RECORD", "MAX_SLOTS_PER_RECORD",
+           "Kind", "Record", "decode_records", "encode_packed", "encode_record", "open_pipe_pair",
+           "read_grants", "split_packed", "write_record"]
 
 _HEADER = struct.Struct("<BxHIq")
 _BATCH_FRAME = struct.Struct("<qI")
 #: Most slots a single frame record can list (the record must fit PIPE_BUF).
 MAX_SLOTS_PER_RECORD = (select.PIPE_BUF - _HEADER.size) // 4
-#: Most slots one frame of a BATCH record can have (the record must fit PIPE_BUF).
-MAX_SLOTS_PER_BATCH_FRAME = (select.PIPE_BUF - _HEADER.size - _BATCH_FRAME.size) // 4
-#: Most frames a BATCH or PACKED record can list.
+#: Most frames a PACKED record can list.
 MAX_FRAMES_PER_RECORD = (select.PIPE_BUF - _HEADER.size) // _BATCH_FRAME.size
 #: Grant value telling a producer the writer refuses it (see the header's error text).
 GRANT_REFUSED = -1
@@ -51,7 +48,6 @@ class Kind(enum.IntEnum):
     FRAME = 3     # value = frame index, nevents, slots listed
     RELEASE = 4   # slots listed are given back unused
     CLOSE = 5     # the producer is done
-    BATCH = 6     # nevents = frames listed as (frame, nevents), then their slots in order
     REQUEST_RUN = 7  # as REQUEST, for consecutive slots (Producer.frames writes in place)
     PACKED = 8    # value = first slot, nevents = frames listed as (frame, nevents): their
     #               events back to back from that slot on (no slot list)
@@ -74,7 +70,7 @@ class Kind(enum.IntEnum):
     MALFORMED = 255  # what decode_records makes of a record that cannot be one
 
 
-_BATCH, _PACKED = int(Kind.BATCH), int(Kind.PACKED)  # plain ints: compared once per record
+_PACKED = int(Kind.PACKED)  # a plain int: compared once per record
 
 
 class Record(NamedTuple):
@@ -87,9 +83,9 @@ class Record(NamedTuple):
     nevents: int
     """Events of the frame (FRAME), slots wanted (REQUEST, REQUEST_RUN), or 0."""
     slots: tuple[int, ...]
-    """Slot indices (FRAME, RELEASE, BATCH)."""
+    """Slot indices (FRAME, RELEASE)."""
     frames: tuple[tuple[int, int], ...] = ()
-    """``(frame, nevents)`` of each frame of a BATCH or PACKED record, in order."""
+    """``(frame, nevents)`` of each frame of a PACKED record, in order."""
 
 
 def encode_record(kind: Kind, value: int = 0, nevents: int = 0,
@@ -100,42 +96,27 @@ def encode_record(kind: Kind, value: int = 0, nevents: int = 0,
     return _HEADER.pack(kind, len(slots), nevents, value) + array("i", slots).tobytes()
 
 
-def batch_nbytes(nframes: int, nslots: int) -> int:
-    """Bytes of a BATCH record of ``nframes`` frames and ``nslots`` slots."""
-    return _HEADER.size + _BATCH_FRAME.size * nframes + 4 * nslots
-
-
-def split_batch(frames: Sequence[tuple[int, int]], slots_for: Callable[[int], int],
-                most_slots: int) -> Iterator[list[tuple[int, int]]]:
-    """``(frame, nevents)`` pairs cut into parts that fit one BATCH record and
-    ``most_slots`` slots (``slots_for(nevents)`` are a frame's)."""
+def split_packed(frames: Sequence[tuple[int, int]], slots_for: Callable[[int], int],
+                 most_slots: int) -> Iterator[list[tuple[int, int]]]:
+    """``(frame, nevents)`` pairs cut into parts that fit one PACKED record, their events
+    back to back in at most ``most_slots`` slots (``slots_for(nevents)`` of them). A frame
+    needing more slots than that is a part of its own."""
     part: list[tuple[int, int]] = []
-    nslots = 0
+    nevents = 0
     for frame, count in frames:
-        need = slots_for(count)
-        if part and (nslots + need > most_slots
-                     or batch_nbytes(len(part) + 1, nslots + need) > select.PIPE_BUF):
+        if part and (len(part) == MAX_FRAMES_PER_RECORD
+                     or slots_for(nevents + count) > most_slots):
             yield part
-            part, nslots = [], 0
+            part, nevents = [], 0
         part.append((frame, count))
-        nslots += need
+        nevents += count
     if part:
         yield part
 
 
-def encode_batch(frames: Sequence[tuple[int, int]], slots: Sequence[int]) -> bytes:
-    """Bytes of one BATCH record: ``(frame, nevents)`` pairs, then every frame's slots."""
-    if batch_nbytes(len(frames), len(slots)) > select.PIPE_BUF:
-        raise ValueError(f"a batch of {len(frames)} frames and {len(slots)} slots does not fit "
-                         f"one record of {select.PIPE_BUF} bytes")
-    body = b"".join(_BATCH_FRAME.pack(frame, nevents) for frame, nevents in frames)
-    return (_HEADER.pack(Kind.BATCH, len(slots), len(frames), 0) + body
-            + array("i", slots).tobytes())
-
-
 def encode_packed(frames: Sequence[tuple[int, int]], first_slot: int) -> bytes:
     """Bytes of one PACKED record: frames whose events lie back to back from ``first_slot``."""
-    if batch_nbytes(len(frames), 0) > select.PIPE_BUF:
+    if len(frames) > MAX_FRAMES_PER_RECORD:
         raise ValueError(f"{len(frames)} frames do not fit one record of {select.PIPE_BUF} "
                          f"bytes; at most {MAX_FRAMES_PER_RECORD}")
     body = b"".join(_BATCH_FRAME.pack(frame, nevents) for frame, nevents in frames)
@@ -153,7 +134,7 @@ def decode_records(buffer: bytearray) -> Iterator[Record]:
     try:
         while end - pos >= _HEADER.size:
             kind, nslots, nevents, value = _HEADER.unpack_from(view, pos)
-            nframes = nevents if kind == _BATCH or kind == _PACKED else 0
+            nframes = nevents if kind == _PACKED else 0
             if _HEADER.size + _BATCH_FRAME.size * nframes + 4 * nslots > select.PIPE_BUF:
                 pos = end  # nothing after it can be trusted
                 yield Record(Kind.MALFORMED, value, nevents, ())

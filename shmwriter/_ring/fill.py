@@ -52,6 +52,17 @@ class SlotFiller:
                     # an assignment costs half of np.copyto's call; the casts were checked
                     rows[name][at:at + stop - start] = source
 
+    def copy_into_run(self, run: list[int], arrays: Mapping[str, np.ndarray[Any, Any]],
+                      nevents: int) -> None:
+        """Copy ``nevents`` events of ``arrays`` back to back into the consecutive slots
+        ``run``: one copy per feature."""
+        views = self.ring().run_views(run[0], nevents, as_stored=True)
+        for name, array in arrays.items():
+            if name in self._masks:
+                np.multiply(array, _MASK_TRUE, out=views[name])
+            else:
+                views[name][...] = array
+
     def run_views(self, run: list[int], nevents: int) -> dict[str, np.ndarray[Any, Any]]:
         """Writable views of ``nevents`` events from the first slot of ``run`` on."""
         if not run:

@@ -9,7 +9,8 @@
 ``slots``        SlotAllocator: which slot is free, granted or held by frames (the hub's too)
 ``assemble``     FrameAssembler: frames into frame order, into chunks, and out of the ring
 ``reorder``      ReorderBuffer: the frontier, frames waiting for earlier ones, the gaps
-``gather``       ChunkGatherer: write_threshold frames into one chunk of arrays
+``gather``       ChunkGatherer: write_threshold frames into one chunk of columns
+``columns``      ChunkColumn: a feature's rows laid out as the file stores its HDF5 chunks
 ``sink_thread``  SinkThread: chunks to the file from a bounded queue (the dcnum drop-in too)
 ``h5sink``       H5Sink: chunks into the /events datasets of the .rtdc file
 ``codec``        ChunkCodec: Zstd and fletcher32 of whole HDF5 chunks, in parallel

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
 from .._ring.ring import SlotRing
+from .columns import ColumnLayout
 from .gather import Chunk, ChunkGatherer
 from .reorder import Arrival, ReorderBuffer
 from .slots import SlotAllocator, SlotRequest
@@ -40,6 +41,8 @@ class FrameAssembler:
         Frames per chunk.
     derived
         Per-event features the writer adds.
+    layouts
+        Each feature's column layout, the sink's (``H5Sink.layouts``).
     reorder_budget_nbytes
         Most bytes of frames copied out of the ring to wait for earlier ones.
     emit
@@ -47,13 +50,13 @@ class FrameAssembler:
     """
 
     def __init__(self, ring: SlotRing, allocator: SlotAllocator, *, write_threshold: int,
-                 derived: tuple[str, ...], reorder_budget_nbytes: int,
-                 emit: Callable[[Chunk], None]) -> None:
+                 derived: tuple[str, ...], layouts: Mapping[str, ColumnLayout],
+                 reorder_budget_nbytes: int, emit: Callable[[Chunk], None]) -> None:
         spec = ring.spec
         self._layout, self._allocator, self._emit = spec.layout, allocator, emit
         self._write_threshold = write_threshold
         self.reorder = ReorderBuffer(spec.total_frames, reorder_budget_nbytes)
-        self.gatherer = ChunkGatherer(spec.layout.schema, derived)
+        self.gatherer = ChunkGatherer(spec.layout.schema, derived, layouts)
         self._rows = ring.row_views()
         # frontier frames not copied yet: (frame, nevents, rows), and their slots
         self._in_order: list[tuple[int, int, list[tuple[int, int]]]] = []

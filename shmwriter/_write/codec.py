@@ -206,6 +206,23 @@ class ChunkCodec:
         checksum = fletcher32(body).to_bytes(4, "little")
         return b"".join((body, checksum))
 
+    def encode_stored(self, stored: np.ndarray[Any, Any]) -> bytes | memoryview:
+        """:meth:`encode` for a chunk followed by 4 spare bytes, which take the checksum.
+
+        Without compression nothing is copied: the result is a view of
+        ``stored`` (the checksum written into its last 4 bytes).
+
+        Parameters
+        ----------
+        stored
+            A uint8 array: one whole chunk's bytes, then 4 bytes that may be overwritten.
+        """
+        body = stored[:-4]
+        if self.zstd_level is not None or not self.fletcher32:
+            return self.encode(body)
+        stored[-4:] = np.frombuffer(fletcher32(body).to_bytes(4, "little"), np.uint8)
+        return stored.data
+
     def _compressor(self, level: int) -> zstandard.ZstdCompressor:
         compressor: zstandard.ZstdCompressor | None = getattr(self._local, "compressor", None)
         if compressor is None:

@@ -1,13 +1,18 @@
-"""Gather: copy frames, in frame order, into the arrays of the next chunk.
+"""Gather: copy frames, in frame order, into the columns of the next chunk.
 
-A chunk holds the events of up to ``write_threshold`` consecutive frames, one
-contiguous array per feature in the file's dtype (masks arrive as 0/255), plus
-the per-event features the writer derives: the frame index (``frame`` or
-``index_unmapped``) and ``nevents``.
+A chunk holds the events of up to ``write_threshold`` consecutive frames: per
+feature one :class:`~.columns.ChunkColumn` in the file's dtype (masks arrive as
+0/255), laid out as the sink stores it, plus the per-event features the writer
+derives: the frame index (``frame`` or ``index_unmapped``) and ``nevents``.
+
+Columns go back to the gatherer once their chunk is written
+(:meth:`ChunkGatherer.recycle`): a chunk's memory is touched for the first
+time once, not once per chunk, which saves the page faults of fresh memory.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,13 +20,16 @@ from typing import Any
 import numpy as np
 
 from .._spec import Schema
+from .columns import ChunkColumn, ColumnLayout
 
-__all__ = ["DERIVED_DTYPES", "Chunk", "ChunkGatherer"]
+__all__ = ["DERIVED_DTYPES", "Chunk", "ChunkGatherer", "plain_layouts"]
 
 #: Features of fewer bytes per event are copied with one fancy index when scattered.
 _LARGE_NBYTES = 256
 #: Up to this many pieces every feature is copied piece by piece.
 _FEW_PIECES = 4
+#: Written chunks whose columns are kept for the next ones.
+_SPARE_CHUNKS = 1
 
 #: Per-event features the writer can derive, and their dtypes.
 DERIVED_DTYPES: dict[str, np.dtype[Any]] = {
@@ -29,6 +37,13 @@ DERIVED_DTYPES: dict[str, np.dtype[Any]] = {
     "index_unmapped": np.dtype(np.uint32),
     "nevents": np.dtype(np.uint32),
 }
+
+
+def plain_layouts(schema: Schema, derived: Sequence[str]) -> dict[str, ColumnLayout]:
+    """Plain (contiguous) column layouts of ``schema``'s features and the ``derived`` ones."""
+    layouts = {name: ColumnLayout(f.shape, f.file_dtype, None) for name, f in schema.items()}
+    layouts.update({name: ColumnLayout((), DERIVED_DTYPES[name], None) for name in derived})
+    return layouts
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,14 +57,20 @@ class Chunk:
     nmissing: int
     """Frames covered that never arrived."""
     nevents: int
-    """Events, the length of every array."""
-    arrays: dict[str, np.ndarray[Any, Any]]
-    """Feature name to (nevents, *shape) array, derived features included."""
+    """New events: the file grows by this many rows."""
+    first_row: int
+    """File row of the first new event."""
+    columns: dict[str, ChunkColumn]
+    """Feature name to its column, derived features included (empty without events)."""
 
     @property
     def nbytes(self) -> int:
-        """Bytes of all arrays."""
-        return sum(a.nbytes for a in self.arrays.values())
+        """Bytes of the new events over all features."""
+        return self.nevents * sum(c.layout.event_nbytes for c in self.columns.values())
+
+    def arrays(self) -> dict[str, np.ndarray[Any, Any]]:
+        """Feature name to the new events' (nevents, *shape) values, as arrays."""
+        return {name: column.values(column.carried) for name, column in self.columns.items()}
 
 
 class ChunkGatherer:
@@ -61,14 +82,21 @@ class ChunkGatherer:
         Features of the events.
     derived
         Names from :data:`DERIVED_DTYPES` to add to every event.
+    layouts
+        Each feature's column layout, derived ones included (the sink's, see
+        ``H5Sink.layouts``); plain ones by default.
     """
 
-    def __init__(self, schema: Schema, derived: tuple[str, ...]) -> None:
+    def __init__(self, schema: Schema, derived: tuple[str, ...],
+                 layouts: Mapping[str, ColumnLayout] | None = None) -> None:
         self._schema, self._derived = schema, derived
+        self._layouts = dict(layouts or plain_layouts(schema, derived))
         self._small = frozenset(n for n, f in schema.items() if f.event_nbytes < _LARGE_NBYTES)
-        self._capacity = 0
         self._capacity_hint = 64  # events of the largest chunk so far
-        self._arrays: dict[str, np.ndarray[Any, Any]] = {}
+        self._spare: deque[dict[str, ChunkColumn]] = deque()
+        self._file_rows = 0  # events of the chunks taken so far
+        self._columns = {name: ChunkColumn(layout, 0, self._capacity_hint)
+                         for name, layout in self._layouts.items()}
         self.first_frame = 0
         #: Frames (missing ones included) and events gathered so far.
         self.nframes = self.nevents = self.nmissing = 0
@@ -80,13 +108,13 @@ class ChunkGatherer:
         The arrays are in the file's dtypes already (masks as uint8 0/255).
         """
         if nevents:
-            self._reserve(self.nevents + nevents)
-            start, stop = self.nevents, self.nevents + nevents
+            self._reserve(nevents)
             for name in self._schema:
-                self._arrays[name][start:stop] = arrays[name][:nevents]
+                self._columns[name].extend(arrays[name][:nevents])
             for name in self._derived:
-                self._arrays[name][start:stop] = nevents if name == "nevents" else frame
-            self.nevents = stop
+                value = nevents if name == "nevents" else frame
+                self._columns[name].extend(np.full(nevents, value, DERIVED_DTYPES[name]))
+            self.nevents += nevents
         self.nframes += 1
 
     def append_from_ring(self, frames: Sequence[tuple[int, int, Sequence[tuple[int, int]]]],
@@ -107,24 +135,21 @@ class ChunkGatherer:
         self.nframes += len(frames)
         if not total:
             return
-        self._reserve(self.nevents + total)
-        start, stop = self.nevents, self.nevents + total
+        self._reserve(total)
         rows = np.concatenate([np.arange(first, first + n) for first, n in runs]) \
             if len(runs) > _FEW_PIECES else None
         for name in self._schema:
-            dest, source = self._arrays[name], ring_rows[name]
+            column, source = self._columns[name], ring_rows[name]
             if rows is not None and name in self._small:
-                dest[start:stop] = source[rows]
+                column.extend(source[rows])
                 continue
-            at = start
             for first, n in runs:
-                dest[at:at + n] = source[first:first + n]
-                at += n
+                column.extend(source[first:first + n])
         counts_array = np.asarray(counts)
         for name in self._derived:
             values = counts_array if name == "nevents" else [f for f, _, _ in frames]
-            self._arrays[name][start:stop] = np.repeat(values, counts_array)
-        self.nevents = stop
+            self._columns[name].extend(np.repeat(values, counts_array))
+        self.nevents += total
 
     def skip(self, nframes: int) -> None:
         """Count ``nframes`` missing frames as covered by this chunk (no events)."""
@@ -133,26 +158,48 @@ class ChunkGatherer:
 
     def take(self) -> Chunk:
         """Hand out the gathered chunk and start the next one after it."""
-        arrays = {name: a[:self.nevents] for name, a in self._arrays.items()}
-        chunk = Chunk(self.first_frame, self.nframes, self.nmissing, self.nevents, arrays)
+        columns: dict[str, ChunkColumn] = {}
+        if self.nevents:
+            columns, self._columns = self._columns, self._next_columns(self._columns)
+            for column in columns.values():
+                column.pad()
+        chunk = Chunk(self.first_frame, self.nframes, self.nmissing, self.nevents,
+                      self._file_rows, columns)
         self.first_frame += self.nframes
+        self._file_rows += self.nevents
         self._capacity_hint = max(self._capacity_hint, self.nevents)
         self.nframes = self.nevents = self.nmissing = 0
-        self._arrays, self._capacity = {}, 0  # the sink owns the old arrays now
         return chunk
 
+    def recycle(self, chunk: Chunk) -> None:
+        """Take back the columns of a written ``chunk`` for later chunks (any thread).
+
+        The caller must hold no view of them any more.
+        """
+        if chunk.columns and len(self._spare) < _SPARE_CHUNKS:
+            self._spare.append(chunk.columns)
+
+    def _next_columns(self, previous: Mapping[str, ChunkColumn]) -> dict[str, ChunkColumn]:
+        """Empty columns for the next chunk, carrying the rows of ``previous``'s last
+        incomplete stored chunks."""
+        rows = self._file_rows + self.nevents  # the next chunk's first file row
+        spare = self._spare.popleft() if self._spare else {}
+        columns = {}
+        for name, layout in self._layouts.items():
+            base = rows - rows % layout.chunk_rows if layout.chunk_rows else rows
+            column = spare.get(name)
+            if column is None:
+                column = ChunkColumn(layout, base, self._capacity_hint)
+            else:
+                column.rebase(base)
+            column.carry_from(previous[name])
+            columns[name] = column
+        return columns
+
     def _reserve(self, nevents: int) -> None:
-        if nevents <= self._capacity:
-            return
-        capacity = max(nevents, 2 * self._capacity, self._capacity_hint)
-        grown = {}
-        for name, feature in self._schema.items():
-            grown[name] = np.empty((capacity, *feature.shape), feature.file_dtype)
-        for name in self._derived:
-            grown[name] = np.empty(capacity, DERIVED_DTYPES[name])
-        for name, old in self._arrays.items():
-            grown[name][:self.nevents] = old[:self.nevents]
-        self._arrays, self._capacity = grown, capacity
+        """Room for ``nevents`` more events in every column."""
+        for column in self._columns.values():
+            column.reserve(max(column.rows + nevents, column.carried + self._capacity_hint))
 
 
 def _merge_pieces(pieces: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:

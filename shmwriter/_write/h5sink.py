@@ -10,10 +10,13 @@ HDF5 filters chunks in one thread under its global lock, which makes Zstd the
 bottleneck of a write. Datasets whose filters :mod:`._codec` can reproduce
 (Zstd and/or fletcher32, or none) are therefore encoded here, whole HDF5
 chunks at a time in a thread pool, and stored with ``write_direct_chunk``; the
-file is the same as if HDF5 had filtered it. The rows of the last, incomplete
-chunk stay in memory and are also stored, padded with the fill value as HDF5
-pads edge chunks, so every row is in the file after each flush; the next write
-stores that chunk again with more rows. Other filters go through HDF5.
+file is the same as if HDF5 had filtered it. The gatherer lays those features
+out as stored chunks already (see :mod:`.columns` and :attr:`H5Sink.layouts`),
+so no copy comes between the ring and HDF5 but the gather's. A chunk's last,
+incomplete HDF5 chunk is stored too, padded with the fill value as HDF5 pads
+edge chunks, so every row is in the file after each flush; the next chunk
+starts with its rows and stores it again with more. Other filters go through
+HDF5.
 
 The run log (``/logs/shmwriter-run``) exists from the start, as a fixed block
 of lines saying ``state=RUNNING``: a file whose writer was killed says so.
@@ -46,6 +49,7 @@ from .._rtdc import (
 )
 from .._spec import Schema
 from .codec import ChunkCodec, codec_for
+from .columns import ChunkColumn, ColumnLayout
 from .gather import DERIVED_DTYPES, Chunk
 from .recover import discard_further_writes
 
@@ -133,8 +137,11 @@ class H5Sink:
             shapes.update({name: ((), DERIVED_DTYPES[name]) for name in derived})
             self._datasets = {name: create_event_dataset(events, name, shape, dtype, self._kwargs)
                               for name, (shape, dtype) in shapes.items()}
-            self._direct = _appenders(self._datasets)
-            if self._direct:
+            self._codecs = _codecs(self._datasets)
+            #: Each feature's column layout: stored chunks where the sink encodes them.
+            self.layouts = {name: _layout(dataset, name in self._codecs)
+                            for name, dataset in self._datasets.items()}
+            if self._codecs:
                 workers = _cpu_count()
                 self._window = _WINDOW_PER_WORKER * workers
                 self._pool = ThreadPoolExecutor(max_workers=workers,
@@ -159,17 +166,18 @@ class H5Sink:
     def _write(self, chunk: Chunk) -> None:
         assert self._file is not None
         if chunk.nevents:
+            self._check(chunk)
             start, stop = self.nevents, self.nevents + chunk.nevents
-            arrays = {name: _file_array(chunk, name, dataset)
-                      for name, dataset in self._datasets.items()}
-            jobs = self._jobs(arrays, start)
+            jobs = self._jobs(chunk.columns)
             for dataset in self._datasets.values():
                 dataset.resize(stop, axis=0)  # direct chunk writes need the extent first
             encoded = _EncodeWindow(self._pool, jobs, self._window)
             try:
                 for name, dataset in self._datasets.items():
-                    if name not in self._direct:  # HDF5 filters these while the pool works
-                        dataset.write_direct(arrays[name], dest_sel=np.s_[start:stop])
+                    if name not in self._codecs:  # HDF5 filters these while the pool works
+                        column = chunk.columns[name]
+                        dataset.write_direct(column.values(column.carried),
+                                             dest_sel=np.s_[start:stop])
                 for dataset, offset, data in encoded:
                     dataset.id.write_direct_chunk(offset, data)
             except BaseException:
@@ -180,11 +188,26 @@ class H5Sink:
             self.nevents = stop
         self._file.flush()
 
-    def _jobs(self, arrays: Mapping[str, np.ndarray[Any, Any]], start: int) -> list[_Job]:
-        """The chunks that rows ``start..`` touch, in file order, ready to encode."""
-        return [(appender.dataset, offset, appender.codec, rows)
-                for name, appender in self._direct.items()
-                for offset, rows in appender.chunks(arrays[name], start)]
+    def _check(self, chunk: Chunk) -> None:
+        """Raise ValueError unless ``chunk`` continues the file in this sink's layouts."""
+        if chunk.first_row != self.nevents:
+            raise ValueError(f"the chunk starts at row {chunk.first_row}, but the file has "
+                             f"{self.nevents} events")
+        for name, layout in self.layouts.items():
+            column = chunk.columns.get(name)
+            if column is None or column.layout != layout:
+                raise ValueError(f"the chunk's column {name!r} is not laid out as {layout}; "
+                                 f"gather with H5Sink.layouts")
+
+    def _jobs(self, columns: Mapping[str, ChunkColumn]) -> list[_Job]:
+        """The stored chunks of the encoded datasets, in file order, ready to encode."""
+        jobs = []
+        for name, codec in self._codecs.items():
+            dataset = self._datasets[name]
+            zeros = (0,) * (dataset.ndim - 1)
+            jobs += [(dataset, (row, *zeros), codec, data)
+                     for row, data in columns[name].stored_chunks()]
+        return jobs
 
     def close(self, *, missing_frames: Sequence[int] = (),
               logs: Mapping[str, Sequence[str]] | None = None) -> None:
@@ -293,78 +316,28 @@ class _EncodeWindow:
 
 def _encode_timed(codec: ChunkCodec, rows: np.ndarray[Any, Any],
                   ) -> tuple[bytes | memoryview, int]:
-    """``codec.encode(rows)`` and the CPU nanoseconds it took (in the encoder thread)."""
+    """``codec.encode_stored(rows)`` and the CPU nanoseconds it took (in the encoder thread)."""
     started = time.thread_time_ns()
-    data = codec.encode(rows)
+    data = codec.encode_stored(rows)
     return data, time.thread_time_ns() - started
 
 
-class _ChunkAppender:
-    """Cuts one dataset's new rows into whole HDF5 chunks for direct writing.
-
-    Keeps the rows of the last incomplete chunk (the tail) in a full-size
-    buffer padded with the dataset's fill value, the way HDF5 stores an edge
-    chunk; each write hands that buffer out again with the rows added.
-    """
-
-    def __init__(self, dataset: h5py.Dataset, codec: ChunkCodec) -> None:
-        self.dataset, self.codec = dataset, codec
-        self.rows: int = dataset.chunks[0]
-        self._fill = dataset.fillvalue
-        self._tail = self._empty_tail()
-
-    def _empty_tail(self) -> np.ndarray[Any, Any]:
-        shape = (self.rows, *self.dataset.shape[1:])
-        return np.full(shape, self._fill, dtype=self.dataset.dtype)
-
-    def chunks(self, data: np.ndarray[Any, Any],
-               start: int) -> list[tuple[tuple[int, ...], np.ndarray[Any, Any]]]:
-        """(chunk offset, whole chunk) pairs covering ``data`` appended at row ``start``.
-
-        The arrays are views of ``data`` or the tail buffer; they must stay
-        unchanged until encoded, so call this again only after that.
-        """
-        zeros = (0,) * (data.ndim - 1)
-        carried = start % self.rows
-        row, used = start - carried, 0
-        pieces = []
-        if carried:
-            used = min(self.rows - carried, len(data))
-            self._tail[carried:carried + used] = data[:used]
-            pieces.append(((row, *zeros), self._tail))
-            if carried + used < self.rows:
-                return pieces
-            self._tail = self._empty_tail()  # the old one is a complete chunk now
-            row += self.rows
-        while len(data) - used >= self.rows:
-            pieces.append(((row, *zeros), data[used:used + self.rows]))
-            used += self.rows
-            row += self.rows
-        if used < len(data):  # the invariant: rows past the tail's hold the fill value
-            self._tail[:len(data) - used] = data[used:]
-            pieces.append(((row, *zeros), self._tail))
-        return pieces
-
-
-def _file_array(chunk: Chunk, name: str, dataset: h5py.Dataset) -> np.ndarray[Any, Any]:
-    """``chunk``'s array of feature ``name``, contiguous and in the dataset's dtype."""
-    array = chunk.arrays[name]
-    expected = (chunk.nevents, *dataset.shape[1:])
-    if array.shape != expected:
-        raise ValueError(f"chunk.arrays[{name!r}] must have shape {expected}; got {array.shape}")
-    return np.ascontiguousarray(array, dtype=dataset.dtype)
-
-
-def _appenders(datasets: Mapping[str, h5py.Dataset]) -> dict[str, _ChunkAppender]:
-    """Appenders of the datasets whose filters the codec reproduces."""
-    codecs: dict[ChunkCodec, ChunkCodec] = {}
-    appenders = {}
+def _codecs(datasets: Mapping[str, h5py.Dataset]) -> dict[str, ChunkCodec]:
+    """Codecs of the datasets whose filters the codec reproduces."""
+    shared: dict[ChunkCodec, ChunkCodec] = {}
+    codecs = {}
     for name, dataset in datasets.items():
         codec = codec_for(dataset)
         if codec is not None:
             # equal codecs share one, so each thread holds one Zstd context (~4 MB) per level
-            appenders[name] = _ChunkAppender(dataset, codecs.setdefault(codec, codec))
-    return appenders
+            codecs[name] = shared.setdefault(codec, codec)
+    return codecs
+
+
+def _layout(dataset: h5py.Dataset, stored: bool) -> ColumnLayout:
+    """How the gatherer lays out ``dataset``'s rows: as stored chunks, or plain."""
+    chunk_rows = dataset.chunks[0] if stored else None
+    return ColumnLayout(tuple(dataset.shape[1:]), dataset.dtype, chunk_rows, dataset.fillvalue)
 
 
 def _cpu_count() -> int:

@@ -1,12 +1,12 @@
 """Intake: what producers say about their frames, checked, then handed to the rooms.
 
-:class:`FrameIntake` takes the descriptors of frames (one frame, a batch, a
-packed batch). It checks each against the slot allocator (its slots must be
+:class:`FrameIntake` takes the descriptors of frames (one frame, or a packed
+batch). It checks each against the slot allocator (its slots must be
 granted to its producer) and the reorder buffer (no frame twice, none out of
 range). Then the frame's slots become the frame's and the frame goes to the
 assembler. A frame that fails the checks is rejected (logged, counted, its
-slots back); a record that cannot be honest (a batch whose slots do not add
-up, a packed batch in slots never granted) refuses its sender.
+slots back); a record that cannot be honest (a packed batch in slots never
+granted) refuses its sender.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from .._channel.records import Kind, Record
+from .._channel.records import Record
 from .._ring.ring import RingSpec
 from .._rtdc import MAX_FRAME_INDEX
 from .assemble import FrameAssembler
@@ -69,38 +69,6 @@ class FrameIntake:
         # it waits in its slots (no copy) until the frontier reaches it, unless
         # the ring runs short: then the assembler copies waiting frames out
         self._frames.accept(frame, nevents, slots)
-
-    def batch(self, channel: ProducerChannel, record: Record) -> None:
-        """A batch is its frames in a row, each with its own slots, listed in order."""
-        needed = [self._slots_for(nevents) for _, nevents in record.frames]
-        if sum(needed) != len(record.slots):
-            self._refuse(channel, f"sent a batch of {len(record.frames)} frames needing "
-                                  f"{sum(needed)} slots with {len(record.slots)} slots")
-            return
-        if self._batch_in_order(channel, record, needed):
-            return
-        at = 0
-        for (frame, nevents), count in zip(record.frames, needed, strict=True):
-            self.frame(channel, Record(Kind.FRAME, frame, nevents,
-                                           record.slots[at:at + count]))
-            at += count
-
-    def _batch_in_order(self, channel: ProducerChannel, record: Record,
-                        needed: list[int]) -> bool:
-        """The common batch, taken whole: consecutive frames from the frontier on, in
-        granted slots. False (nothing done) for any other: it goes frame by frame."""
-        frames, slots = record.frames, list(record.slots)
-        if not (self._from_the_frontier(frames)
-                and (not slots or self._slots.owns(channel.id, slots))):
-            return False
-        self._slots.hold(channel.id, slots)
-        taken, at = [], 0
-        for (frame, nevents), nslots in zip(frames, needed, strict=True):
-            mine = slots[at:at + nslots]
-            taken.append((frame, nevents, mine, self._frames.rows_of(mine, nevents)))
-            at += nslots
-        self._frames.accept_in_order(taken)
-        return True
 
     def _from_the_frontier(self, frames: tuple[tuple[int, int], ...]) -> bool:
         """Whether ``frames`` (at least one) are consecutive, new and start at the frontier."""

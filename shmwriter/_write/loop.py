@@ -119,13 +119,14 @@ class WriterLoop:
         header.started()
         sink = self.sink = H5Sink(config.path, config.ring.layout.schema, config.derived,
                                   config.hdf5_dataset_kwargs, config.metadata)
-        self.sink_thread = SinkThread(
-            sink.write, where=config.path, queue_size=_CHUNK_QUEUE_SIZE,
-            on_written=header.count_written, on_queue_size=header.set_write_queue_size)
-        self.sink_thread.start()
         self.frames = FrameAssembler(
             ring, self.slots, write_threshold=config.write_threshold, derived=config.derived,
-            reorder_budget_nbytes=config.reorder_budget_nbytes, emit=self._emit)
+            layouts=sink.layouts, reorder_budget_nbytes=config.reorder_budget_nbytes,
+            emit=self._emit)
+        self.sink_thread = SinkThread(
+            sink.write, where=config.path, queue_size=_CHUNK_QUEUE_SIZE,
+            on_written=self._written, on_queue_size=header.set_write_queue_size)
+        self.sink_thread.start()
         self.intake = FrameIntake(config.ring, self.slots, self.frames, self._refuse)
         self.attach_server = AttachServer(config.ticket.address, config.ticket.secret)
         header.set_state(State.RUNNING)
@@ -345,8 +346,6 @@ class WriterLoop:
         intake = self._intake()
         if kind == Kind.FRAME:
             intake.frame(channel, record)
-        elif kind == Kind.BATCH:
-            intake.batch(channel, record)
         elif kind in (Kind.REQUEST, Kind.REQUEST_RUN, Kind.REQUEST_NOW):
             self._on_request(channel, record)
         elif kind == Kind.CANCEL:  # withdraw the request outstanding; NOTHING answers it
@@ -455,6 +454,11 @@ class WriterLoop:
         self._last_flush = time.monotonic()
         assert self.sink_thread is not None
         self.sink_thread.put(chunk)
+
+    def _written(self, chunk: Chunk) -> None:
+        """A chunk is in the file (in the sink thread): count it; its columns come back."""
+        self._header().count_written(chunk)
+        self._frames().gatherer.recycle(chunk)
 
     def _publish(self) -> None:
         if self.header is not None and self.frames is not None:
