@@ -17,13 +17,14 @@ import pytest
 from conftest import testdata_dir as data_folder
 
 from shmwriter.bench._work import BENCH_SCHEMA, PERIOD_FRAMES, Workload, load_workload
-from shmwriter.bench.config import BenchConfig
+from shmwriter.bench.config import BLOCK_WRITERS, BenchConfig
 
 DATA_DIR = str(data_folder())
 
 FRAMES = 200
-WRITERS = ("shmwriter-thread", "shmwriter-process", "shmwriter-batched", "shmwriter-frames",
-           "dcnum", "h5py")
+WRITERS = ("shmwriter-thread", "shmwriter-process", "dcnum", "shmwriter-blocks",
+           "shmwriter-batched", "shmwriter-frames", "dcnum-blocks", "h5py")
+SHMWRITERS = tuple(w for w in WRITERS if w.startswith("shmwriter"))
 FILTERS = ("uncompressed", "zstd5")
 FIGURES = ("events_per_s", "mb_per_s", "wall_s", "cpu_s", "writer_cpu_s", "writer_cpu_s_per_gb",
            "peak_memory_nbytes", "baseline_memory_nbytes", "data_nbytes", "file_nbytes")
@@ -84,8 +85,14 @@ def test_every_figure_for_every_writer_and_filter_setting(full_run):
         for name in SUMMARY_FIGURES:
             assert summary[name] > 0
     for filters in FILTERS:
-        for writer in WRITERS[:4]:
+        assert sorted(data["ratios"][filters]) == sorted(SHMWRITERS)
+        for writer in SHMWRITERS:
             ratios = data["ratios"][filters][writer]
+            # the block rows compare with dcnum fed by the same blocks, the others with dcnum
+            baseline = "dcnum-blocks" if writer in BLOCK_WRITERS else "dcnum"
+            assert ratios["events_per_s_vs_dcnum"] == pytest.approx(
+                summaries[filters, writer]["events_per_s"]
+                / summaries[filters, baseline]["events_per_s"])
             for name in ("events_per_s_vs_dcnum", "events_per_s_vs_h5py",
                          "writer_cpu_per_gb_vs_dcnum"):
                 assert ratios[name] > 0
@@ -154,11 +161,32 @@ def test_without_dcnum_the_fallback_writer_and_loud_warnings(tmp_path):
     assert "pickling writer (dcnum ABSENT)" in result.stdout
     assert "workload: synthetic" in result.stdout
     data = json.loads(out.read_text())
-    assert [r["writer"] for r in data["runs"]] == ["shmwriter-thread", "shmwriter-batched",
-                                                   "shmwriter-frames", "dcnum", "h5py"]
+    assert [r["writer"] for r in data["runs"]] == ["shmwriter-thread", "dcnum",
+                                                   "shmwriter-blocks", "shmwriter-batched",
+                                                   "shmwriter-frames", "dcnum-blocks", "h5py"]
     counts = {r["file_events"] for r in data["runs"]} | {r["events"] for r in data["runs"]}
     assert len(counts) == 1 and counts.pop() > 0
     assert data["overhead"] is None and data["overhead_batched"] is None
+
+
+def test_memory_scaling_covers_every_workload_and_filter_setting(tmp_path):
+    out = tmp_path / "out.json"
+    result, pid = bench("--frames", "40", "--repeat", "1", "--modes", "thread",
+                        "--batch-frames", "10", "--overhead-frames", "0", "--memory-scaling",
+                        "--scaling-frames", "40,80", "--data", DATA_DIR, "--json", str(out),
+                        "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert segments_of(pid) == []
+    data = json.loads(out.read_text())
+    writers = ("shmwriter-thread", "shmwriter-blocks", "shmwriter-batched", "dcnum")
+    assert sorted((r["filters"], r["writer"], r["frames"]) for r in data["scaling"]) == sorted(
+        (f, w, n) for f in FILTERS for w in writers for n in (40, 80))
+    for filters in FILTERS:
+        assert sorted(data["scaling_ratios"][filters]) == sorted(writers)
+        for ratios in data["scaling_ratios"][filters].values():
+            assert ratios["peak"] > 0 and ratios["peak_over_baseline"] >= 0  # tiny runs: ~0
+    assert "blocks: shmwriter put_many (process)" in result.stdout
+    assert "memory scaling" in result.stdout
 
 
 def test_bad_arguments_are_one_line_errors():

@@ -14,15 +14,19 @@ __all__ = ["format_report", "plot_runs"]
 
 _WRITER_LABELS = {"shmwriter-thread": "shmwriter (thread)",
                   "shmwriter-process": "shmwriter (process)",
-                  "shmwriter-batched": "shmwriter put_many (process)",
-                  "shmwriter-frames": "shmwriter frames() in place (process)",
-                  "dcnum": "dcnum QueueWriterThread", "h5py": "plain h5py (limit)"}
+                  "dcnum": "dcnum QueueWriterThread",
+                  "shmwriter-blocks": "blocks: shmwriter put (process)",
+                  "shmwriter-batched": "blocks: shmwriter put_many (process)",
+                  "shmwriter-frames": "blocks: shmwriter frames() in place (process)",
+                  "dcnum-blocks": "blocks: dcnum QueueWriterThread",
+                  "h5py": "plain h5py (limit)"}
 _RATE_WINDOW_S = 0.5
 
 
 def _label(writer: str, fallback: bool) -> str:
-    if writer == "dcnum" and fallback:
-        return "pickling writer (dcnum ABSENT)"
+    if writer.startswith("dcnum") and fallback:
+        return _WRITER_LABELS[writer].replace("dcnum QueueWriterThread",
+                                              "pickling writer (dcnum ABSENT)")
     return _WRITER_LABELS.get(writer, writer)
 
 
@@ -55,7 +59,8 @@ def format_report(result: BenchResult) -> str:
                           ratios.get(summary.filters, {}).get(summary.writer, {}), fallback))
     lines += ["", "events/s, MB/s, CPU and memory are medians; MB/s is uncompressed event "
               "bytes per wall second; the ratios compare medians of events/s (writer CPU per "
-              "GB for the last column). CPU s: all processes, from the start signal to the "
+              "GB for the last column); \"blocks:\" rows compare with dcnum's blocks row. "
+              "CPU s: all processes, from the start signal to the "
               "closed file. Writer CPU: " + _scopes(result) + ". Peak MB: summed PSS of the "
               "process tree (shared memory counted once); over idle: above the same tree, "
               "set up and idle, just before the start."]
@@ -121,20 +126,24 @@ def _scopes(result: BenchResult) -> str:
 
 
 def _scaling_lines(result: BenchResult, fallback: bool) -> list[str]:
-    lines = [("memory scaling (Zstd-5 + fletcher32, one run each; producers put pre-built "
-              "frames as fast as they can, far faster than the writer):"), "",
-             ("| writer | frames | events | wall s | producers done at s | peak MB "
-              "| over idle MB |"), "|---|---:|---:|---:|---:|---:|---:|"]
+    from .config import FILTERS
+    lines = [("memory scaling (one run each; producers put pre-built frames as fast as they "
+              "can, far faster than the writer):"), "",
+             ("| filters | writer | frames | events | wall s | producers done at s | peak MB "
+              "| over idle MB |"), "|---|---|---:|---:|---:|---:|---:|---:|"]
     for run in result.scaling:
         done = "" if run.producers_s is None else f"{run.producers_s:.2f}"
-        lines.append(f"| {_label(run.writer, fallback)} | {run.frames:,} | {run.events:,} "
+        lines.append(f"| {FILTERS[run.filters]} | {_label(run.writer, fallback)} "
+                     f"| {run.frames:,} | {run.events:,} "
                      f"| {run.wall_s:.2f} | {done} | {run.peak_memory_nbytes / 1e6:,.0f} "
                      f"| {run.peak_over_baseline_nbytes / 1e6:,.0f} |")
     frames = sorted({run.frames for run in result.scaling})
-    for writer, ratio in result.scaling_ratios().items():
-        lines.append(f"{_label(writer, fallback)}: peak at {frames[-1]:,} frames / at "
-                     f"{frames[0]:,} frames = {ratio['peak']:.2f} (over idle: "
-                     f"{ratio['peak_over_baseline']:.2f})")
+    lines.append("")
+    for filters, by_writer in result.scaling_ratios().items():
+        for writer, ratio in by_writer.items():
+            lines.append(f"- {FILTERS[filters]}, {_label(writer, fallback)}: peak at "
+                         f"{frames[-1]:,} frames / at {frames[0]:,} frames = "
+                         f"{ratio['peak']:.2f} (over idle: {ratio['peak_over_baseline']:.2f})")
     return lines
 
 

@@ -277,16 +277,21 @@ def run_shmwriter(job: Job, mode: Literal["thread", "process"]) -> Measured:
                        lambda: writer.written_events)
 
 
-def run_shmwriter_blocks(job: Job, *, in_place: bool) -> Measured:
+def run_shmwriter_blocks(job: Job, way: Literal["put", "put_many", "frames"]) -> Measured:
     """``job`` through a process-mode Writer, producers working through blocks of frames:
-    ``put_many`` each, or (``in_place``) filling each with ``frames()``."""
+    each frame with ``put``, each block with one ``put_many``, or each block filled in place
+    with ``frames()``."""
     writer = Writer(job.path, work.BENCH_SCHEMA, total_frames=job.frames, mode="process",
                     write_threshold=job.write_threshold, slots=job.block_slots(),
                     slot_events=DEFAULT_SLOT_EVENTS, hdf5_dataset_kwargs=job.shmwriter_kwargs())
-    worker = work.fill_batches_in_ring if in_place else work.put_batches_into_ring
-    return _run_writer(writer, worker,
-                       [(job.workload, share, job.batch_frames) for share in job.block_shares()],
-                       lambda: writer.written_events)
+    arg_tails: list[tuple[Any, ...]]
+    if way == "put":
+        arg_tails = [(job.workload, share) for share in job.block_shares()]
+        worker: Callable[..., None] = work.put_into_ring
+    else:
+        arg_tails = [(job.workload, share, job.batch_frames) for share in job.block_shares()]
+        worker = work.fill_batches_in_ring if way == "frames" else work.put_batches_into_ring
+    return _run_writer(writer, worker, arg_tails, lambda: writer.written_events)
 
 
 def run_overhead(frames: int, path: Path, mode: Literal["thread", "process"],
@@ -327,8 +332,10 @@ def _run_writer(writer: Writer, target: Callable[..., None],
                     producer_reports=tuple(rows), stage_cpu_s=writer.stage_cpu_s)
 
 
-def run_dcnum(job: Job) -> Measured:
-    """``job`` through dcnum's ``QueueWriterThread`` (the fallback if ``job.dcnum`` is False)."""
+def run_dcnum(job: Job, *, blocks: bool = False) -> Measured:
+    """``job`` through dcnum's ``QueueWriterThread`` (the fallback if ``job.dcnum`` is False),
+    its producers putting their frames one by one: dealt in turn, or (``blocks``) blocks of
+    consecutive frames."""
     writer_class: Any = work.PicklingQueueWriter
     if job.dcnum:
         from dcnum.write import QueueWriterThread
@@ -345,7 +352,8 @@ def run_dcnum(job: Job) -> Measured:
     # started before the producers, as in dcnum's pipeline: it creates the file and waits
     thread.start()
     # on a failure the (daemon) thread is left waiting for frames that never come
-    arg_lists = [(event_queue, feat_nevents, job.workload, share) for share in job.shares()]
+    shares = job.block_shares() if blocks else job.shares()
+    arg_lists = [(event_queue, feat_nevents, job.workload, share) for share in shares]
     with _spawned(work.put_into_queue, arg_lists) as producers:
         producers.wait_ready()
         window.open()

@@ -13,7 +13,7 @@ from typing import Literal
 
 from .._validate import check_count
 
-__all__ = ["DATA_ENV", "FILTERS", "BenchConfig"]
+__all__ = ["BLOCK_WRITERS", "DATA_ENV", "FILTERS", "BenchConfig", "baseline_of"]
 
 #: Environment variable naming the folder of the dcnum test data zip files (the tests use
 #: it too); without it and without ``--data``, the events are synthetic.
@@ -23,6 +23,16 @@ FILTERS: dict[str, str] = {
     "uncompressed": "uncompressed + fletcher32",
     "zstd5": "Zstd-5 + fletcher32",
 }
+
+
+#: Writers whose producers work through blocks of ``batch_frames`` consecutive frames (the
+#: other workload deals frames to the producers in turn).
+BLOCK_WRITERS = ("shmwriter-blocks", "shmwriter-batched", "shmwriter-frames", "dcnum-blocks")
+
+
+def baseline_of(writer: str) -> str:
+    """The dcnum writer of the same workload as ``writer``: its "x dcnum" baseline."""
+    return "dcnum-blocks" if writer in BLOCK_WRITERS else "dcnum"
 
 
 def _data_dir_from_env() -> str | None:
@@ -58,15 +68,17 @@ class BenchConfig:
     run's fixed costs (starting the producer, closing the file: some 40 ms) stay a small part
     of the per-frame figure."""
     memory_scaling: bool = False
-    """Also run shmwriter and dcnum once for each of :attr:`scaling_frames` (Zstd-5)."""
+    """Also run :attr:`scaling_writers` once for each of :attr:`scaling_frames` and
+    :attr:`filters`."""
     scaling_frames: tuple[int, ...] = (6000, 60000)
     """Frame counts of the memory-scaling runs."""
     write_threshold: int = 500
     """Frames per block, for every writer."""
     batch_frames: int = 100
-    """Frames per ``put_many`` call of the ``shmwriter-batched`` row, and per ``frames()``
-    block of the ``shmwriter-frames`` row, whose producers work through blocks of that
-    many frames (0 leaves both rows out)."""
+    """Frames per block of the :data:`BLOCK_WRITERS` rows, whose producers work through
+    blocks of that many frames: put frame by frame (``shmwriter-blocks``, ``dcnum-blocks``),
+    with one ``put_many`` (``shmwriter-batched``) or filled in place with one ``frames()``
+    (``shmwriter-frames``); 0 leaves those rows out."""
 
     def __post_init__(self) -> None:
         for name in ("frames", "producers", "repeat", "write_threshold"):
@@ -87,12 +99,20 @@ class BenchConfig:
     @property
     def writers(self) -> tuple[str, ...]:
         """Writer names of the comparison, in the order they run."""
-        batched = ("shmwriter-batched", "shmwriter-frames") if self.batch_frames else ()
-        return (*(f"shmwriter-{mode}" for mode in self.modes), *batched, "dcnum", "h5py")
+        blocks = BLOCK_WRITERS if self.batch_frames else ()
+        return (*(f"shmwriter-{mode}" for mode in self.modes), "dcnum", *blocks, "h5py")
+
+    @property
+    def scaling_writers(self) -> tuple[str, ...]:
+        """Writer names of the memory-scaling runs: the first mode's, the block rows but
+        ``frames()``, and dcnum's of both workloads."""
+        blocks = ("shmwriter-blocks", "shmwriter-batched") if self.batch_frames else ()
+        return (f"shmwriter-{self.modes[0]}", *blocks, "dcnum")
 
     @property
     def runs_total(self) -> int:
         """Runs (and micro-benchmarks) this configuration makes."""
         return (self.repeat * len(self.filters) * len(self.writers)
                 + 2 * bool(self.overhead_frames)  # one frame at a time, then in batches
-                + (2 * len(self.scaling_frames) if self.memory_scaling else 0))
+                + (len(self.scaling_writers) * len(self.filters) * len(self.scaling_frames)
+                   if self.memory_scaling else 0))

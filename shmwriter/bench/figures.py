@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .config import BenchConfig
+from .config import BenchConfig, baseline_of
 
 __all__ = ["BenchResult", "OverheadFigures", "RunFigures", "WriterSummary"]
 
@@ -21,7 +21,8 @@ class RunFigures:
     """What one run of one writer measured."""
 
     writer: str
-    """``shmwriter-thread``, ``-process``, ``-batched``, ``-frames``, ``dcnum`` or ``h5py``."""
+    """``shmwriter-thread``, ``-process``, ``-blocks``, ``-batched``, ``-frames``, ``dcnum``,
+    ``dcnum-blocks`` or ``h5py``."""
     filters: str
     """Key of :data:`FILTERS`."""
     repetition: int
@@ -205,16 +206,17 @@ class BenchResult:
         return [WriterSummary.of(runs) for runs in groups.values()]
 
     def ratios(self) -> dict[str, dict[str, dict[str, float]]]:
-        """``{filters: {shmwriter writer: {figure: ratio}}}`` of the medians."""
+        """``{filters: {shmwriter writer: {figure: ratio}}}`` of the medians; "dcnum" is the
+        dcnum writer of the same workload (:func:`~.config.baseline_of`)."""
         by_key = {(s.filters, s.writer): s for s in self.summaries()}
         ratios: dict[str, dict[str, dict[str, float]]] = {}
         for (filters, writer), summary in by_key.items():
             if not writer.startswith("shmwriter"):
                 continue
             entry = ratios.setdefault(filters, {}).setdefault(writer, {})
-            for other in ("dcnum", "h5py"):
-                if (filters, other) in by_key:
-                    base = by_key[filters, other]
+            for other, base_writer in (("dcnum", baseline_of(writer)), ("h5py", "h5py")):
+                if (filters, base_writer) in by_key:
+                    base = by_key[filters, base_writer]
                     entry[f"events_per_s_vs_{other}"] = summary.events_per_s / base.events_per_s
                     entry[f"writer_cpu_per_gb_vs_{other}"] = (summary.writer_cpu_s_per_gb
                                                               / base.writer_cpu_s_per_gb)
@@ -239,14 +241,16 @@ class BenchResult:
             "scaling_ratios": self.scaling_ratios(),
         }
 
-    def scaling_ratios(self) -> dict[str, dict[str, float]]:
-        """Per writer: peak memory of the largest over the smallest scaling run."""
-        ratios: dict[str, dict[str, float]] = {}
-        for writer in dict.fromkeys(r.writer for r in self.scaling):
-            runs = sorted((r for r in self.scaling if r.writer == writer), key=lambda r: r.frames)
+    def scaling_ratios(self) -> dict[str, dict[str, dict[str, float]]]:
+        """``{filters: {writer: ratios}}``: peak memory of the largest over the smallest
+        scaling run."""
+        ratios: dict[str, dict[str, dict[str, float]]] = {}
+        for filters, writer in dict.fromkeys((r.filters, r.writer) for r in self.scaling):
+            runs = sorted((r for r in self.scaling if (r.filters, r.writer) == (filters, writer)),
+                          key=lambda r: r.frames)
             if len(runs) >= 2:
                 small, large = runs[0], runs[-1]
-                ratios[writer] = {
+                ratios.setdefault(filters, {})[writer] = {
                     "peak": large.peak_memory_nbytes / small.peak_memory_nbytes,
                     "peak_over_baseline": (large.peak_over_baseline_nbytes
                                            / max(small.peak_over_baseline_nbytes, 1))}

@@ -15,15 +15,20 @@ The writers are
 ``shmwriter-thread``, ``shmwriter-process``
     :class:`shmwriter.Writer` end to end, with spawned producers putting frame by
     frame, dealt to them in turn.
-``shmwriter-batched``
-    the same in process mode, producers working through blocks of
-    ``batch_frames`` frames and putting each block with one ``put_many``.
-``shmwriter-frames``
-    the same blocks, each filled in place in the ring with ``Producer.frames``.
 ``dcnum``
     dcnum's ``QueueWriterThread`` fed by spawned producers through an
     ``mp.Queue``, as dcnum's pipeline feeds it (or, without dcnum, an
     equivalent pickling writer; the report then says so).
+``shmwriter-blocks``
+    the Writer in process mode, producers working through blocks of
+    ``batch_frames`` consecutive frames (dealt to them in turn), frame by frame.
+``shmwriter-batched``
+    the same blocks, each put with one ``put_many``.
+``shmwriter-frames``
+    the same blocks, each filled in place in the ring with ``Producer.frames``.
+``dcnum-blocks``
+    dcnum's writer, its producers working through the same blocks: the
+    baseline of the block rows.
 ``h5py``
     plain h5py writing the same arrays from memory in one process, with the
     same chunks and filters: the limit.
@@ -61,6 +66,9 @@ logger = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]
 _CTX = multiprocessing.get_context("spawn")
 _T = TypeVar("_T")
+#: How the producers of each shmwriter block row put a block.
+_BLOCK_WAYS: dict[str, Literal["put", "put_many", "frames"]] = {
+    "shmwriter-blocks": "put", "shmwriter-batched": "put_many", "shmwriter-frames": "frames"}
 #: Frames per put_many call in the batched descriptor-path micro-benchmark.
 _OVERHEAD_BATCH_FRAMES = 100
 
@@ -117,14 +125,14 @@ def _measure(writer: str, job: runner.Job, repetition: int, keep: bool) -> RunFi
 
 
 def _measure_here(writer: str, job: runner.Job, repetition: int, keep: bool) -> RunFigures:
-    if writer in ("shmwriter-batched", "shmwriter-frames"):
-        measured = runner.run_shmwriter_blocks(job, in_place=writer == "shmwriter-frames")
+    if writer in ("shmwriter-blocks", "shmwriter-batched", "shmwriter-frames"):
+        measured = runner.run_shmwriter_blocks(job, _BLOCK_WAYS[writer])
     elif writer.startswith("shmwriter-"):
         mode: Literal["thread", "process"] = (
             "process" if writer == "shmwriter-process" else "thread")
         measured = runner.run_shmwriter(job, mode)
-    elif writer == "dcnum":
-        measured = runner.run_dcnum(job)
+    elif writer in ("dcnum", "dcnum-blocks"):
+        measured = runner.run_dcnum(job, blocks=writer == "dcnum-blocks")
     else:
         measured = runner.run_h5py(job)
     events = int(job.workload.frame_nevents(job.frames).sum())
@@ -229,9 +237,10 @@ def run_bench(config: BenchConfig | None = None, progress: ProgressFn | None = N
                 progress(done, config.runs_total)
         if config.memory_scaling:
             for frames in config.scaling_frames:
-                for writer in (f"shmwriter-{config.modes[0]}", "dcnum"):
-                    result.scaling.append(measure(writer, frames, "zstd5", -1,
-                                                  f"scaling-{writer}-{frames}"))
+                for filters in config.filters:
+                    for writer in config.scaling_writers:
+                        result.scaling.append(measure(writer, frames, filters, -1,
+                                                      f"scaling-{writer}-{filters}-{frames}"))
     result.warnings.extend(_count_warnings(result))
     return result
 
