@@ -15,6 +15,7 @@ whole, with the new rows.
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,16 @@ class ColumnLayout:
     def event_nbytes(self) -> int:
         """Bytes of one event's value."""
         return self.dtype.itemsize * int(np.prod(self.shape))
+
+
+def _anonymous_bytes(nbytes: int) -> np.ndarray[Any, Any]:
+    """``nbytes`` of private memory mapped for this buffer alone (uint8).
+
+    Not from the heap: a column of a chunk is megabytes, allocated and freed as
+    chunks come and go, and heap blocks of that size fragment and stay with the
+    process; a mapping of its own goes back to the system when the column goes.
+    """
+    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), np.uint8)[:nbytes]
 
 
 class ChunkColumn:
@@ -87,7 +98,7 @@ class ChunkColumn:
             return
         chunk_rows = self.layout.chunk_rows or 1
         nchunks = -(-max(rows, 2 * self.capacity) // chunk_rows)
-        raw = np.empty(nchunks * self._stride, np.uint8)
+        raw = _anonymous_bytes(nchunks * self._stride)
         used = self._nchunks_used() * self._stride if self.stored else (
             self.rows * self.layout.event_nbytes)
         raw[:used] = self._raw[:used]
