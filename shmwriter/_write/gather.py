@@ -6,12 +6,15 @@ feature one :class:`~.columns.ChunkColumn` in the file's dtype (masks arrive as
 derives: the frame index (``frame`` or ``index_unmapped``) and ``nevents``.
 
 Columns go back to the gatherer once their chunk is written
-(:meth:`ChunkGatherer.recycle`): a chunk's memory is touched for the first
-time once, not once per chunk, which saves the page faults of fresh memory.
+(:meth:`ChunkGatherer.recycle`) and serve a later chunk while the sink keeps
+up: its memory is touched for the first time once, not once per chunk, which
+saves the page faults of fresh memory. When the sink falls behind, returned
+columns are freed, so that no more chunks are held than without reuse.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,8 +31,11 @@ __all__ = ["DERIVED_DTYPES", "Chunk", "ChunkGatherer", "plain_layouts"]
 _LARGE_NBYTES = 256
 #: Up to this many pieces every feature is copied piece by piece.
 _FEW_PIECES = 4
-#: Written chunks whose columns are kept for the next ones.
-_SPARE_CHUNKS = 1
+#: Columns of a written chunk are kept for the next one only while at most this many
+#: chunks are out (queued or being written): a sink that keeps up. When it falls behind,
+#: they are freed instead, so that memory stays at what it was without reuse: the chunk
+#: being gathered, one queued and one being written.
+_OUT_TO_KEEP = 1
 
 #: Per-event features the writer can derive, and their dtypes.
 DERIVED_DTYPES: dict[str, np.dtype[Any]] = {
@@ -93,7 +99,9 @@ class ChunkGatherer:
         self._layouts = dict(layouts or plain_layouts(schema, derived))
         self._small = frozenset(n for n, f in schema.items() if f.event_nbytes < _LARGE_NBYTES)
         self._capacity_hint = 64  # events of the largest chunk so far
-        self._spare: deque[dict[str, ChunkColumn]] = deque()
+        self._spare: deque[dict[str, ChunkColumn]] = deque(maxlen=1)
+        self._out = 0  # chunks with columns taken and not recycled (the sink has them)
+        self._out_lock = threading.Lock()  # take() and recycle() run in different threads
         self._file_rows = 0  # events of the chunks taken so far
         self._columns = {name: ChunkColumn(layout, 0, self._capacity_hint)
                          for name, layout in self._layouts.items()}
@@ -161,6 +169,8 @@ class ChunkGatherer:
         columns: dict[str, ChunkColumn] = {}
         if self.nevents:
             columns, self._columns = self._columns, self._next_columns(self._columns)
+            with self._out_lock:
+                self._out += 1
             for column in columns.values():
                 column.pad()
         chunk = Chunk(self.first_frame, self.nframes, self.nmissing, self.nevents,
@@ -176,7 +186,12 @@ class ChunkGatherer:
 
         The caller must hold no view of them any more.
         """
-        if chunk.columns and len(self._spare) < _SPARE_CHUNKS:
+        if not chunk.columns:
+            return
+        with self._out_lock:
+            self._out -= 1
+            keep = self._out <= _OUT_TO_KEEP
+        if keep:
             self._spare.append(chunk.columns)
 
     def _next_columns(self, previous: Mapping[str, ChunkColumn]) -> dict[str, ChunkColumn]:
