@@ -241,8 +241,8 @@ class Producer:
         -----
         The events of a batch take ``ceil(sum(nevents) / slot_events)``
         consecutive slots; the writer grants such a run once enough
-        consecutive slots are free, which always takes a round trip to the
-        writer: ``timeout_s=0`` fails unless the writer answers at once.
+        consecutive slots are free. With ``timeout_s=0`` it answers at once:
+        the run, or a RingFullError if no such run is free now.
         BEWARE: the arrays start with whatever bytes the slots held before;
         write every element of every feature. They become read-only on exit;
         do not keep them (or make them writeable again): the slots go back
@@ -263,8 +263,7 @@ class Producer:
                     f"{nslots} slots, more than half of the ring's {self._spec.slots}; put "
                     f"fewer frames at a time, or give the Writer slots >= 2 x producers x "
                     f"{nslots} (two such batches per producer)", frame_index=lowest)
-            run = self._grants.take_run(lowest, nslots, self._timeout(timeout_s)) \
-                if nslots else []
+            run = self._take_run(lowest, nslots, timeout_s) if nslots else []
             arrays = self._filler.run_views(run, total)
             with self._filling(arrays, run, in_ring=True):
                 yield arrays
@@ -341,8 +340,8 @@ class Producer:
             self._copy_into(slots, rows, total, self._filler.copy_in)
             self._send_frame(frame, total, slots)
             return
-        run = self._grants.take_run(min(frame for frame, _ in part), nslots,
-                                    self._timeout(timeout_s)) if nslots else []
+        run = self._take_run(min(frame for frame, _ in part), nslots, timeout_s) \
+            if nslots else []
         self._copy_into(run, rows, total, self._filler.copy_into_run)
         self._send_described([frame for frame, _ in part], total, run,
                              encode_packed(part, run[0] if run else 0))
@@ -372,6 +371,13 @@ class Producer:
         if timeout == 0:  # the writer answers at once: granted, or a RingFullError now
             return self._grants.take_now(frame_index, nslots, self._timeout_s)
         return self._grants.take(frame_index, nslots, timeout)
+
+    def _take_run(self, frame_index: int, nslots: int, timeout_s: float | None) -> list[int]:
+        """``nslots`` consecutive slots; at once or RingFullError with a timeout of 0."""
+        timeout = self._timeout(timeout_s)
+        if timeout == 0:  # the writer answers at once: a run, or a RingFullError now
+            return self._grants.take_run_now(frame_index, nslots, self._timeout_s)
+        return self._grants.take_run(frame_index, nslots, timeout)
 
     def _timeout(self, timeout_s: float | None) -> float:
         return self._timeout_s if timeout_s is None else timeout_s

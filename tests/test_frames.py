@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 
 import h5py
 import numpy as np
@@ -185,3 +186,30 @@ def test_a_forged_packed_batch_refuses_its_sender_and_the_run_goes_on(tmp_path, 
         forger.close()
         honest.close()
     assert_file_holds(path, range(10))
+
+
+def test_frames_with_no_timeout_is_answered_at_once(tmp_path):
+    """timeout_s=0: the run when it is free now, a RingFullError at once when it is not."""
+    path = tmp_path / "out.rtdc"
+    with shmwriter.Writer(path, SCHEMA, total_frames=4, slots=10, slot_events=1,
+                          mode="thread") as writer:
+        with (writer.producer() as producer, writer.producer() as first,
+              writer.producer() as second):
+            with producer.frames([2], [1], timeout_s=0) as events:  # the ring is empty
+                fill(events, 2)
+            with first.frames([0], [4]) as held, second.frames([1], [4]) as held_too:
+                started = time.monotonic()
+                with pytest.raises(shmwriter.RingFullError):  # 1 slot free, 2 asked
+                    with producer.frames([3], [2], timeout_s=0):
+                        pass
+                assert time.monotonic() - started < 5  # answered, not timed out (30 s)
+                fill(held, 0)
+                fill(held_too, 1)
+            with producer.frames([3], [2]) as events:
+                fill(events, 3)
+    assert writer.written_frames == 4 and writer.written_events == 11
+
+
+def fill(events, value):
+    for array in events.values():
+        array[...] = value

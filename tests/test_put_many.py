@@ -188,3 +188,51 @@ def test_a_packed_record_of_no_frames_changes_nothing(tmp_path):
             counts, events = batch_of([1, 2])
             producer.put_many([1, 2], counts, events)
     assert writer.written_frames == 3 and not writer.missing_frames
+
+
+def test_masks_whose_true_bytes_are_not_1_are_stored_as_255(tmp_path):
+    """numpy takes any non-zero byte of a bool array as True (a 0/255 mask viewed as bool,
+    bools read from a buffer): put, put_many and frame() store every True as 255."""
+    schema = shmwriter.Schema({"mask": shmwriter.Feature("bool", (1, 5)),
+                               "x": shmwriter.Feature("float64")})
+    raw = np.array([[[0, 255, 2, 1, 128]]], np.uint8)
+    path = tmp_path / "out.rtdc"
+    with shmwriter.Writer(path, schema, total_frames=3, mode="thread") as writer:
+        with writer.producer() as producer:
+            producer.put(0, {"mask": raw.view(bool), "x": np.zeros(1)})
+            producer.put_many([1], [1], {"mask": raw.view(bool), "x": np.zeros(1)})
+            with producer.frame(2, 1) as events:
+                events["mask"][...] = raw.view(bool)
+                events["x"][...] = 0
+    with h5py.File(path, "r") as h5:
+        assert h5["events"]["mask"][:].tolist() == [[[0, 255, 255, 255, 255]]] * 3
+
+
+def test_put_many_with_no_timeout_is_granted_at_once_when_slots_are_free(tmp_path):
+    """timeout_s=0 asks for the run as put() asks for its slots: answered at once."""
+    frames = 40
+    path = tmp_path / "out.rtdc"
+    with shmwriter.Writer(path, SCHEMA, total_frames=frames, slots=64) as writer:
+        with writer.producer() as producer:
+            for frame in range(frames):
+                counts, events = batch_of([frame])
+                producer.put_many([frame], counts, events, timeout_s=0)
+    assert_file_holds(path, range(frames))
+
+
+def test_more_kept_slots_than_one_record_lists_go_back_in_several(tmp_path):
+    """A frames() block of 1500 slots that raised keeps them (more than one RELEASE record
+    can list): the next put_many gives them back in several records and goes on."""
+    schema = shmwriter.Schema({"area": shmwriter.Feature("int32")})
+    path = tmp_path / "out.rtdc"
+    with shmwriter.Writer(path, schema, total_frames=302, slots=4096, slot_events=1,
+                          mode="thread") as writer:
+        with writer.producer() as producer:
+            with pytest.raises(RuntimeError, match="camera hiccup"):
+                with producer.frames(list(range(2, 302)), [5] * 300):
+                    raise RuntimeError("camera hiccup")
+            assert len(producer._grants.unused) == 1500
+            producer.put_many([0, 1], [3, 4], {"area": np.arange(7, dtype=np.int32)})
+            producer.put_many(list(range(2, 302)), [1] * 300,
+                              {"area": np.arange(7, 307, dtype=np.int32)})
+    assert_file_holds_areas(path, np.arange(307))

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from ..errors import BrokenError, RingFullError
-from .records import GRANT_NONE, GRANT_REFUSED, Kind, encode_record
+from .records import GRANT_NONE, GRANT_REFUSED, MAX_SLOTS_PER_RECORD, Kind, encode_record
 
 __all__ = ["SlotGrants"]
 
@@ -92,6 +92,10 @@ class SlotGrants:
             self._wait(frame_index, len(self._cache) + self._owed, timeout_s)
         self._ask(Kind.REQUEST_RUN, frame_index, nslots)
         self._wait(frame_index, nslots, max(0.0, deadline - _now()))
+        return self._consecutive(frame_index, nslots)
+
+    def _consecutive(self, frame_index: int, nslots: int) -> list[int]:
+        """The first ``nslots`` held, which the writer granted as a run."""
         run, self._cache = self._cache[:nslots], self._cache[nslots:]
         if run != list(range(run[0], run[0] + nslots)):
             self._cache.extend(run)
@@ -118,6 +122,22 @@ class SlotGrants:
                 raise RingFullError(self._ring_full(frame_index, nslots, 0.0))
         slots, self._cache = self._cache[:nslots], self._cache[nslots:]
         return slots
+
+    def take_run_now(self, frame_index: int, nslots: int, answer_s: float) -> list[int]:
+        """:meth:`take_run` if the writer has such a run free right now (REQUEST_RUN_NOW).
+
+        Raises
+        ------
+        RingFullError
+            If no run of ``nslots`` free slots is there now.
+        BrokenError
+            If the writer granted slots that are not consecutive.
+        """
+        self.cancel(answer_s)
+        self._ask(Kind.REQUEST_RUN_NOW, frame_index, nslots)
+        if not self._answered(nslots, answer_s):
+            raise RingFullError(self._ring_full(frame_index, nslots, 0.0))
+        return self._consecutive(frame_index, nslots)
 
     def cancel(self, answer_s: float) -> None:
         """Withdraw the request still owed, if any; what was granted meanwhile is kept."""
@@ -147,11 +167,12 @@ class SlotGrants:
 
     def _ask(self, kind: Kind, frame_index: int, nslots: int) -> None:
         """Give back what is held and ask for ``nslots`` at once."""
-        message = encode_record(kind, frame_index, nevents=nslots)
-        if self._cache:
-            message = encode_record(Kind.RELEASE, slots=self._cache) + message
-            self._cache.clear()
-        self._send(message)
+        # one record per write: a write of more than PIPE_BUF bytes may be cut short
+        for at in range(0, len(self._cache), MAX_SLOTS_PER_RECORD):
+            self._send(encode_record(Kind.RELEASE,
+                                     slots=self._cache[at:at + MAX_SLOTS_PER_RECORD]))
+        self._cache.clear()
+        self._send(encode_record(kind, frame_index, nevents=nslots))
         self._owed = nslots
 
     def _wait(self, frame_index: int, nslots: int, timeout_s: float) -> None:

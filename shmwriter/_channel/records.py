@@ -52,7 +52,7 @@ class Kind(enum.IntEnum):
     PACKED = 8    # value = first slot, nevents = frames listed as (frame, nevents): their
     #               events back to back from that slot on (no slot list)
     # -- used between an EventQueue's clients and its hub (see shmwriter._queue.hub) --
-    REQUEST_NOW = 9  # as REQUEST, answered at once: GRANT, or NOTHING
+    REQUEST_NOW = 9  # as REQUEST, answered at once: GRANT, or NOTHING (the writer's too)
     CANCEL = 10   # withdraw the request or TAKE outstanding; answered by NOTHING (after a
     #               GRANT or FRAME already on its way, if any)
     TAKE = 11     # send up to nevents frames (at least 1); value = 1: those waiting now, then
@@ -67,6 +67,8 @@ class Kind(enum.IntEnum):
     NOTHING = 17  # hub -> client: no slot or no frame for the request
     REFUSED = 18  # hub -> client: the request is dropped; value = reason, nevents = a pid
     RETURN = 19   # as FRAME: a frame taken and not used, back to the front of the queue
+    REQUEST_RUN_NOW = 20  # producer -> writer: as REQUEST_RUN, answered at once (GRANT or
+    #                       NOTHING), for put_many and frames() with timeout_s=0
     MALFORMED = 255  # what decode_records makes of a record that cannot be one
 
 

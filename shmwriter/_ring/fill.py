@@ -22,10 +22,12 @@ __all__ = ["SlotFiller"]
 def _store_mask(mask: np.ndarray[Any, Any], out: np.ndarray[Any, Any]) -> None:
     """Write boolean ``mask`` into uint8 ``out`` as the file stores it: True as 255.
 
-    numpy's bools are the bytes 0 and 1, and -1 wraps to 255 in uint8: a negation is
-    a third cheaper than multiplying by 255 (no cast from bool).
+    The cast to uint8 makes every True 1 (a bool's byte may be any non-zero value),
+    and -1 wraps to 255: together cheaper than multiplying by 255. ``out`` may be
+    ``mask``'s own memory.
     """
-    np.negative(mask.view(np.uint8), out=out)
+    np.copyto(out, mask, casting="unsafe")
+    np.negative(out, out=out)
 
 
 class SlotFiller:

@@ -46,6 +46,10 @@ _LIVENESS_INTERVAL_S = 0.5
 #: copies waiting frames out of the ring for it, beyond the reorder budget if need be.
 _PATIENCE_S = 0.5
 _CHUNK_QUEUE_SIZE = 1  # one chunk waits while one is written: bounded memory
+#: The kinds that ask for slots; those asking for consecutive ones; those answered at once.
+_REQUESTS = frozenset({Kind.REQUEST, Kind.REQUEST_RUN, Kind.REQUEST_NOW, Kind.REQUEST_RUN_NOW})
+_RUN_REQUESTS = frozenset({Kind.REQUEST_RUN, Kind.REQUEST_RUN_NOW})
+_NOW_REQUESTS = frozenset({Kind.REQUEST_NOW, Kind.REQUEST_RUN_NOW})
 
 
 class WriterLoop:
@@ -346,7 +350,7 @@ class WriterLoop:
         intake = self._intake()
         if kind == Kind.FRAME:
             intake.frame(channel, record)
-        elif kind in (Kind.REQUEST, Kind.REQUEST_RUN, Kind.REQUEST_NOW):
+        elif kind in _REQUESTS:
             self._on_request(channel, record)
         elif kind == Kind.CANCEL:  # withdraw the request outstanding; NOTHING answers it
             self.slots.withdraw(channel.id)
@@ -365,21 +369,20 @@ class WriterLoop:
             self._refuse(channel, f"sent a record of unknown kind {kind}")
 
     def _on_request(self, channel: ProducerChannel, record: Record) -> None:
-        """REQUEST, REQUEST_RUN, or REQUEST_NOW (granted at once, or NOTHING at once)."""
+        """REQUEST, REQUEST_RUN, or their "now" forms (granted at once, or NOTHING at once)."""
         kind, wanted = record.kind, record.nevents
+        run, now = kind in _RUN_REQUESTS, kind in _NOW_REQUESTS
         # a run is at most half the ring (Producer.frames asks for no more)
-        most = max(1, self.config.ring.slots // 2) if kind == Kind.REQUEST_RUN else \
-            self.config.ring.slots
+        most = max(1, self.config.ring.slots // 2) if run else self.config.ring.slots
         if not 1 <= wanted <= most:
             self._refuse(channel, f"asked for {wanted} slots")
         elif not self._intake().in_range(record.value):
             self._refuse(channel, f"asked for slots for frame {record.value}, out of range")
-        elif kind == Kind.REQUEST_NOW and (self.stopping or not self.slots.can_grant_now(wanted)):
+        elif now and (self.stopping or not self.slots.can_grant_now(wanted, contiguous=run)):
             self.channels.send(channel, [GRANT_NONE])
         elif not self.stopping:
-            self.slots.request(SlotRequest(record.value, channel.id, wanted,
-                                           contiguous=kind == Kind.REQUEST_RUN))
-            if kind == Kind.REQUEST_NOW:
+            self.slots.request(SlotRequest(record.value, channel.id, wanted, contiguous=run))
+            if now:
                 self._grant_pending()  # before anything read later can queue ahead of it
 
     def _on_hello(self, channel: ProducerChannel, pid: int) -> None:

@@ -126,9 +126,12 @@ class SlotAllocator:
             grants.append(Grant(request.producer, slots))
         return grants
 
-    def can_grant_now(self, wanted: int) -> bool:
-        """Whether ``wanted`` slots could be granted at once without passing anyone waiting."""
-        return not self.pending and self._nfree >= wanted
+    def can_grant_now(self, wanted: int, *, contiguous: bool = False) -> bool:
+        """Whether ``wanted`` slots (consecutive ones if ``contiguous``) could be granted at
+        once without passing anyone waiting."""
+        if self.pending:
+            return False
+        return self._find_run(wanted) is not None if contiguous else self._nfree >= wanted
 
     def withdraw(self, producer: int) -> None:
         """Forget the requests of ``producer`` (it gave up waiting); its slots stay its."""
