@@ -9,6 +9,7 @@ The data flow, room by room (each folder's docstring lists its modules)::
     _channel/   descriptor records and grants, tickets and attaching, control messages
     _write/     the writer: loop, slot allocator, reorder, gather, sink, codec, recover
     writer      Writer: owns a run, starts the writer, hands out producers and tickets
+    merge       merge_runs: the files of a run written in parts, joined in frame order
     errors      the exceptions, each saying whose fault it was
 
 Shared by the rooms: ``_validate`` (argument checks), ``_rtdc`` (the .rtdc layout names),
@@ -41,6 +42,8 @@ from .errors import ShmWriterError as ShmWriterError
 from .eventqueue import EventLease as EventLease
 from .eventqueue import EventQueue as EventQueue
 from .eventqueue import EventReader as EventReader
+from .merge import MergedPart as MergedPart
+from .merge import merge_runs as merge_runs
 from .producer import Producer as Producer
 from .writer import Writer as Writer
 
@@ -57,6 +60,7 @@ __all__ = [
     "Feature",
     "FrameError",
     "FrameRanges",
+    "MergedPart",
     "MissingFramesError",
     "Producer",
     "QueueFullError",
@@ -68,4 +72,5 @@ __all__ = [
     "Ticket",
     "Writer",
     "attach",
+    "merge_runs",
 ]

@@ -71,7 +71,34 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_top(sub)
     _add_clean(sub)
     _add_replay(sub)
+    _add_merge(sub)
     return parser
+
+
+def _add_merge(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "merge", help="join the files of a run written in parts",
+        description="Join the .rtdc files of a run written in parts (each a closed run of "
+        "its own, frames 0 .. total_frames - 1) into one file, in the order given: frame f "
+        "of a part becomes f plus the frames of the parts before it. The result is the file "
+        "one Writer would have written from the same frames.",
+        epilog=_examples("shmwriter merge run.rtdc part0.rtdc part1.rtdc"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output", help="the merged file to write")
+    parser.add_argument("parts", nargs="+", help="the parts, in frame order")
+    parser.set_defaults(run=_run_merge)
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from .merge import merge_runs
+    try:
+        placed = merge_runs(args.output, args.parts)
+    except ValueError as exc:
+        raise _UserError(str(exc)) from None
+    events = sum(p.events for p in placed)
+    frames = sum(p.frames for p in placed)
+    print(f"{events:,} events of {frames:,} frames from {len(placed)} parts -> {args.output}")
+    return 0
 
 
 def _examples(*lines: str) -> str:
