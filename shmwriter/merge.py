@@ -11,12 +11,18 @@ frames missing in any part as one missing-frames log, the run log and
 
 The events are re-encoded through the Writer's own sink (the parallel codec
 where the filters allow), part by part, so memory stays at a few chunks.
+
+The features the Writer adds are told by name and dtype: uint32 ``frame`` or
+``index_unmapped`` (shifted to the merged frame indices) and ``nevents``. A
+schema's own feature named so is copied as it is, unless it is uint32 too: then
+it cannot be told from the Writer's and is shifted like it.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,8 +40,8 @@ from ._write.run import run_log_lines
 
 __all__ = ["MergedPart", "merge_runs"]
 
-#: Features that hold each event's frame index (the writer derives them), in order of
-#: preference for telling which events belong to which frame.
+#: Features the writer may have derived to hold each event's frame index (as uint32; a
+#: schema's own feature of that name has the schema's dtype and is copied as it is).
 _FRAME_FEATURES = ("frame", "index_unmapped")
 #: Bytes of events read from a part at a time.
 _SLAB_NBYTES = 64 * 2**20
@@ -55,7 +61,7 @@ class MergedPart:
     """Frames the part covers (its run's ``total_frames``)."""
     events: int
     """Events it holds."""
-    missing_frames: tuple[int, ...]
+    missing_frames: FrameRanges
     """Its missing frames, as indices of the merged file."""
 
 
@@ -79,28 +85,64 @@ def merge_runs(output: str | os.PathLike[str], parts: Sequence[str | os.PathLike
     Raises
     ------
     ValueError
-        If there is no part, a part is not a closed run's file, or its features or
-        filters differ from the first part's (the message names the part and feature).
+        If there is no part, a part is given twice or is the output, a part is not
+        a closed run's file, an aborted run's part is not the last, or a part's
+        features or filters differ from the first part's (the message names the part
+        and the feature).
+
+    Notes
+    -----
+    The merged file is written beside ``output`` under a temporary name and takes
+    its name only when complete: a merge that fails leaves ``output`` as it was.
     """
     if not parts:
         raise ValueError("merge_runs needs at least one part")
-    paths = [os.fspath(p) for p in parts]
-    if os.fspath(output) in paths:
-        raise ValueError(f"the output {os.fspath(output)!r} is one of the parts")
+    output, paths = os.fspath(output), [os.fspath(p) for p in parts]
+    _check_paths(output, paths)
     infos = [_read_part(path) for path in paths]
     first = infos[0]
+    for info in infos[:-1]:
+        if info.run_log.get("state") != State.DONE.name:
+            raise ValueError(f"part {info.path!r} is an aborted run's file; only the last "
+                             f"part may be (its frames not done are missing)")
     for info in infos[1:]:
         _check_same_layout(first, info)
     merged, at = [], 0
     for info in infos:
-        merged.append(MergedPart(info.path, at, info.frames, info.events,
-                                 tuple(f + at for f in info.missing)))
+        missing = FrameRanges((a + at, b + at) for a, b in info.missing.spans)
+        merged.append(MergedPart(info.path, at, info.frames, info.events, missing))
         at += info.frames
     if at > MAX_FRAME_INDEX + 1:
         raise ValueError(f"the parts cover {at} frames; a file holds at most "
                          f"{MAX_FRAME_INDEX + 1}")
-    _write_merged(os.fspath(output), first, infos, merged)
+    _write_replacing(output, lambda path: _write_merged(path, first, infos, merged))
     return merged
+
+
+def _check_paths(output: str, paths: Sequence[str]) -> None:
+    """Refuse a part given twice, or one that the output names (any way: links too)."""
+    seen: dict[str, str] = {}
+    for path in paths:
+        real = os.path.realpath(path)
+        if real in seen:
+            raise ValueError(f"part {path!r} is given twice (as {seen[real]!r} too)")
+        seen[real] = path
+    if os.path.realpath(output) in seen:
+        raise ValueError(f"the output {output!r} is one of the parts")
+
+
+def _write_replacing(output: str, write: Callable[[str], None]) -> None:
+    """``write(path)`` to a temporary file beside ``output``, then rename it to ``output``."""
+    folder, name = os.path.split(os.path.abspath(output))
+    fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".merging", dir=folder)
+    os.close(fd)
+    try:
+        write(temporary)
+        os.replace(temporary, output)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,18 +164,20 @@ class _Part:
 def _read_part(path: str) -> _Part:
     try:
         h5 = h5py.File(path, "r")
-    except OSError as exc:
-        raise ValueError(f"part {path!r} cannot be opened as HDF5: {exc}") from None
+    except OSError as exc:  # HDF5's message may run over lines: one line of it
+        raise ValueError(f"part {path!r} cannot be opened as HDF5: "
+                         f"{' '.join(str(exc).split())}") from None
     with h5:
         if "events" not in h5 or not len(h5["events"]):
             raise ValueError(f"part {path!r} has no /events datasets")
         events = h5["events"]
-        derived = tuple(name for name in DERIVED_DTYPES if name in events)
+        derived = tuple(name for name in DERIVED_DTYPES if name in events
+                        and events[name].dtype == DERIVED_DTYPES[name])
+        if "nevents" not in derived:
+            raise ValueError(f"part {path!r} has no uint32 'nevents' feature: not a file the "
+                             f"Writer wrote")
         schema = Schema({name: Feature(d.dtype, tuple(d.shape[1:]))
                          for name, d in events.items() if name not in derived})
-        if not any(name in derived for name in _FRAME_FEATURES):
-            raise ValueError(f"part {path!r} has no frame index feature "
-                             f"({' or '.join(_FRAME_FEATURES)}) to place its events by")
         kwargs = {name: _filter_kwargs(path, name, d) for name, d in events.items()}
         logs = {name: [line.decode("utf-8") for line in d[:]]
                 for name, d in h5.get("logs", {}).items()}
@@ -144,6 +188,9 @@ def _read_part(path: str) -> _Part:
     run_log = dict(line.partition("=")[::2] for line in logs.pop(RUN_LOG, []))
     frames = _frames_of(path, run_log)
     missing = FrameRanges.from_lines(logs.pop(MISSING_FRAMES_LOG, []))
+    done = int(run_log.get("frames_done", frames))
+    if done < frames:  # an aborted run: the frames after those done never came
+        missing.add(done, frames)
     return _Part(path, schema, derived, kwargs, metadata, logs, run_log, frames, lengths.pop(),
                  missing)
 
@@ -155,7 +202,11 @@ def _frames_of(path: str, run_log: Mapping[str, str]) -> int:
         raise ValueError(f"part {path!r} is not the file of a closed run (its run log says "
                          f"state={state}); `shmwriter inspect` tells more")
     total = run_log.get("total_frames", "")
-    return int(run_log["frames_done"] if total == "open-ended" else total)
+    try:
+        return int(run_log["frames_done"] if total == "open-ended" else total)
+    except (KeyError, ValueError):
+        raise ValueError(f"part {path!r}: its run log gives no frame count "
+                         f"(total_frames={total!r})") from None
 
 
 def _filter_kwargs(path: str, name: str, dataset: h5py.Dataset) -> dict[str, Any]:
@@ -175,8 +226,9 @@ def _filter_kwargs(path: str, name: str, dataset: h5py.Dataset) -> dict[str, Any
             kwargs["compression"] = "lzf"
         else:
             kwargs.update(compression=filter_id, compression_opts=values)
-    if dataset.fillvalue != 0:
-        kwargs["fillvalue"] = dataset.fillvalue
+    fill = np.asarray(dataset.fillvalue)
+    if fill.shape == () and fill.dtype.kind in "biuf" and fill.item() != 0:
+        kwargs["fillvalue"] = fill.item()
     return kwargs
 
 
@@ -209,7 +261,7 @@ def _write_merged(output: str, first: _Part, infos: Sequence[_Part],
         raise
     missing = FrameRanges()
     for place in merged:
-        for start, stop in FrameRanges.of(place.missing_frames).spans:
+        for start, stop in place.missing_frames.spans:
             missing.add(start, stop)
     logs = dict(first.logs)
     logs[RUN_LOG] = _run_log(infos, len(missing))
@@ -217,25 +269,27 @@ def _write_merged(output: str, first: _Part, infos: Sequence[_Part],
 
 
 def _common_kwargs(first: _Part) -> dict[str, Any]:
-    """The one set of creation keywords the sink takes (every feature of a part has it)."""
-    kinds = {repr(sorted(k.items())) for k in first.kwargs.values()}
-    if len(kinds) != 1:
-        raise ValueError(f"part {first.path!r}: its features have different filters; "
-                         f"merge_runs writes one setting for all")
-    return next(iter(first.kwargs.values()))
+    """The one set of creation keywords the sink takes (every feature of a part has it;
+    a fill value given once is the same number in every feature's dtype)."""
+    settings = list(first.kwargs.values())
+    filters = {repr(sorted((k, v) for k, v in s.items() if k != "fillvalue")) for s in settings}
+    fills = {s.get("fillvalue", 0) for s in settings}
+    if len(filters) != 1 or len(fills) != 1:
+        raise ValueError(f"part {first.path!r}: its features have different filters or fill "
+                         f"values; merge_runs writes one setting for all")
+    return settings[0]
 
 
 def _copy_events(info: _Part, offset: int, gatherer: ChunkGatherer, sink: H5Sink) -> None:
     """Append every event of ``info``, frame by frame, its frame indices shifted by
-    ``offset`` (the gatherer derives the frame features and ``nevents`` again)."""
+    ``offset`` (the gatherer derives the writer's features again)."""
     rows = max(1, _SLAB_NBYTES // max(info.schema.event_nbytes, 1))
-    index = next(name for name in _FRAME_FEATURES if name in info.derived)
+    index = next((name for name in _FRAME_FEATURES if name in info.derived), None)
     with h5py.File(info.path, "r") as h5:
         events = h5["events"]
-        frames = events[index][:]  # 4 bytes an event: read whole, to cut slabs between frames
-        firsts = np.flatnonzero(np.r_[True, frames[1:] != frames[:-1]]) if len(frames) else \
-            np.empty(0, np.intp)
-        bounds = [*firsts.tolist(), len(frames)]
+        # 4 bytes an event, read whole: a frame's events are the next nevents rows
+        bounds = _frame_bounds(events["nevents"][:])
+        frames = events[index][:] if index is not None else np.zeros(info.events, np.uint32)
         at = 0  # index into bounds of the slab's first frame
         while at < len(bounds) - 1:
             # whole frames, about a slab's rows (a frame larger than a slab alone)
@@ -252,6 +306,17 @@ def _copy_events(info: _Part, offset: int, gatherer: ChunkGatherer, sink: H5Sink
             at = end
 
 
+def _frame_bounds(nevents: np.ndarray[Any, Any]) -> list[int]:
+    """The first row of each frame, then the number of rows: each frame's ``nevents``
+    says how many rows it has."""
+    bounds, row = [], 0
+    while row < len(nevents):
+        bounds.append(row)
+        row += max(int(nevents[row]), 1)
+    bounds.append(len(nevents))
+    return bounds
+
+
 def _run_log(infos: Sequence[_Part], nmissing: int) -> list[str]:
     """The run log of the whole: DONE if every part is, else ABORTED with the first reason."""
     aborted = [info for info in infos if info.run_log.get("state") != State.DONE.name]
@@ -259,9 +324,11 @@ def _run_log(infos: Sequence[_Part], nmissing: int) -> list[str]:
     def total(key: str) -> int:
         return sum(int(info.run_log.get(key, 0)) for info in infos)
 
+    open_ended = infos[-1].run_log.get("total_frames") == "open-ended"
     return run_log_lines(
         state=State.ABORTED if aborted else State.DONE,
-        total_frames=sum(info.frames for info in infos), frames_done=total("frames_done"),
+        total_frames=None if open_ended else sum(info.frames for info in infos),
+        frames_done=total("frames_done"),
         written_frames=total("written_frames"), missing_frames=nmissing,
         rejected_frames=total("rejected_frames"),
         reason=aborted[0].run_log.get("reason") if aborted else None)

@@ -22,15 +22,16 @@ FILTERS = {"zstd5": None, "uncompressed": {"compression": None},
            "gzip": {"compression": "gzip", "compression_opts": 1}}
 
 
-def write_run(path, first_frame, nframes, *, missing=(), kwargs=None):
+def write_run(path, first_frame, nframes, *, missing=(), kwargs=None, schema=SCHEMA,
+              events=events_of, open_ended=False, **options):
     """Frames ``first_frame ..`` of the whole, as frames 0 .. of a run of their own."""
-    with shmwriter.Writer(path, SCHEMA, total_frames=nframes, mode="thread", write_threshold=7,
-                          metadata=METADATA, logs=LOGS, allow_gaps=True,
-                          hdf5_dataset_kwargs=kwargs) as writer:
+    with shmwriter.Writer(path, schema, total_frames=None if open_ended else nframes,
+                          mode="thread", write_threshold=7, metadata=METADATA, logs=LOGS,
+                          allow_gaps=True, hdf5_dataset_kwargs=kwargs, **options) as writer:
         with writer.producer() as producer:
             for frame in range(nframes):
                 if first_frame + frame not in missing:
-                    producer.put(frame, events_of(first_frame + frame))
+                    producer.put(frame, events(first_frame + frame))
 
 
 def file_contents(path):
@@ -67,7 +68,7 @@ def test_a_run_written_in_three_parts_merges_into_the_file_of_one_writer(tmp_pat
         write_run(part, first, count, missing=missing, kwargs=kwargs)
     placed = merge_runs(tmp_path / "merged.rtdc", parts)
     assert [(p.first_frame, p.frames) for p in placed] == bounds
-    assert [p.missing_frames for p in placed] == [(17, 18), (), (41,)]
+    assert [list(p.missing_frames) for p in placed] == [[17, 18], [], [41]]
     assert_same_file(tmp_path / "merged.rtdc", tmp_path / "whole.rtdc")
     assert check_report(tmp_path / "merged.rtdc") == check_report(tmp_path / "whole.rtdc")
     with dclab.new_dataset(tmp_path / "merged.rtdc") as ds:
@@ -95,6 +96,7 @@ def test_parts_that_do_not_fit_together_are_refused_naming_the_part(tmp_path):
     with h5py.File(tmp_path / "c.rtdc", "w") as h5:
         h5.create_dataset("events/deform", data=np.zeros(3))
         h5.create_dataset("events/frame", data=np.arange(3, dtype=np.uint32))
+        h5.create_dataset("events/nevents", data=np.ones(3, dtype=np.uint32))
     with pytest.raises(ValueError, match=r"c.rtdc' is not the file of a closed run"):
         merge_runs(tmp_path / "m.rtdc", [tmp_path / "a.rtdc", tmp_path / "c.rtdc"])
     with pytest.raises(ValueError, match="at least one part"):
@@ -131,6 +133,115 @@ def test_the_merge_command(tmp_path):
                          timeout=120, stdin=subprocess.DEVNULL)
     assert bad.returncode == 2 and "cannot be opened" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_an_output_that_names_a_part_another_way_is_refused_and_the_part_kept(tmp_path,
+                                                                           monkeypatch):
+    write_run(tmp_path / "a.rtdc", 0, 12)
+    write_run(tmp_path / "b.rtdc", 12, 8)
+    (tmp_path / "link.rtdc").symlink_to(tmp_path / "a.rtdc")
+    before = file_contents(tmp_path / "a.rtdc")
+    monkeypatch.chdir(tmp_path)
+    for output in ("./a.rtdc", tmp_path / "link.rtdc"):
+        with pytest.raises(ValueError, match="is one of the parts"):
+            merge_runs(output, ["a.rtdc", tmp_path / "b.rtdc"])
+    with pytest.raises(ValueError, match="is given twice"):
+        merge_runs(tmp_path / "m.rtdc", [tmp_path / "a.rtdc", "./a.rtdc"])
+    assert repr(file_contents(tmp_path / "a.rtdc")) == repr(before)
+
+
+def test_a_failed_merge_leaves_an_existing_output_as_it_was(tmp_path):
+    write_run(tmp_path / "a.rtdc", 0, 5)
+    (tmp_path / "m.rtdc").write_bytes(b"keep me")
+    (tmp_path / "bad.rtdc").write_bytes(b"not hdf5")
+    with pytest.raises(ValueError, match="cannot be opened"):
+        merge_runs(tmp_path / "m.rtdc", [tmp_path / "a.rtdc", tmp_path / "bad.rtdc"])
+    assert (tmp_path / "m.rtdc").read_bytes() == b"keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.rtdc", "bad.rtdc", "m.rtdc"]
+
+
+def test_an_aborted_part_is_taken_only_as_the_last(tmp_path):
+    with pytest.raises(RuntimeError, match="stop"):
+        with shmwriter.Writer(tmp_path / "a.rtdc", SCHEMA, total_frames=20,
+                              mode="thread") as writer:
+            with writer.producer() as producer:
+                for frame in range(8):
+                    producer.put(frame, events_of(frame))
+            raise RuntimeError("stop")
+    write_run(tmp_path / "b.rtdc", 20, 10)
+    with pytest.raises(ValueError, match=r"a.rtdc' is an aborted run's file; only the last"):
+        merge_runs(tmp_path / "m.rtdc", [tmp_path / "a.rtdc", tmp_path / "b.rtdc"])
+    placed = merge_runs(tmp_path / "m.rtdc", [tmp_path / "b.rtdc", tmp_path / "a.rtdc"])
+    assert placed[1].first_frame == 10 and list(placed[1].missing_frames) == list(range(18, 30))
+    with h5py.File(tmp_path / "m.rtdc") as h5:
+        run_log = [line.decode() for line in h5["logs"]["shmwriter-run"][:]]
+    assert run_log[:6] == ["state=ABORTED", "total_frames=30", "frames_done=18",
+                           "written_frames=18", "missing_frames=12", "rejected_frames=0"]
+
+
+def test_open_ended_parts_merge_as_an_open_ended_run(tmp_path):
+    write_run(tmp_path / "whole.rtdc", 0, 25, open_ended=True)
+    write_run(tmp_path / "a.rtdc", 0, 10, open_ended=True)
+    write_run(tmp_path / "b.rtdc", 10, 15, open_ended=True)
+    merge_runs(tmp_path / "m.rtdc", [tmp_path / "a.rtdc", tmp_path / "b.rtdc"])
+    assert_same_file(tmp_path / "m.rtdc", tmp_path / "whole.rtdc")
+
+
+OWN_FRAME = shmwriter.Schema({"deform": shmwriter.Feature("float32"),
+                              "frame": shmwriter.Feature("int64")})
+
+
+def own_frame_events(frame):
+    """Camera frame ids of the user's own (1000 + 10 f), two events, none every third frame."""
+    if frame % 3 == 0:
+        return None
+    return {"deform": np.full(2, frame, np.float32), "frame": np.full(2, 1000 + 10 * frame)}
+
+
+@pytest.mark.parametrize(("schema", "events", "options"), [
+    (OWN_FRAME, own_frame_events, {}),
+    (SCHEMA, events_of, {"index_feature": None}),
+    (SCHEMA, events_of, {"index_feature": "index_unmapped"}),
+], ids=["own-frame-feature", "no-index-feature", "index_unmapped"])
+def test_features_of_the_schema_are_copied_and_the_writers_derived_again(tmp_path, schema,
+                                                                         events, options):
+    for name, first, count in (("whole", 0, 30), ("a", 0, 13), ("b", 13, 17)):
+        write_run(tmp_path / f"{name}.rtdc", first, count, schema=schema, events=events,
+                  **options)
+    merge_runs(tmp_path / "m.rtdc", [tmp_path / "a.rtdc", tmp_path / "b.rtdc"])
+    assert_same_file(tmp_path / "m.rtdc", tmp_path / "whole.rtdc")
+
+
+def test_a_fill_value_is_kept(tmp_path):
+    for name, first, count in (("whole", 0, 20), ("a", 0, 9), ("b", 9, 11)):
+        write_run(tmp_path / f"{name}.rtdc", first, count, kwargs={"fillvalue": 7})
+    merge_runs(tmp_path / "m.rtdc", [tmp_path / "a.rtdc", tmp_path / "b.rtdc"])
+    assert_same_file(tmp_path / "m.rtdc", tmp_path / "whole.rtdc")
+
+
+def test_a_gap_of_ten_million_frames_stays_one_range(tmp_path):
+    schema = shmwriter.Schema({"deform": shmwriter.Feature("float32")})
+    for name, total in (("a", 10**7), ("b", 5)):
+        with shmwriter.Writer(tmp_path / f"{name}.rtdc", schema, total_frames=total,
+                              mode="thread", allow_gaps=True) as writer:
+            with writer.producer() as producer:
+                producer.put(1, {"deform": np.ones(1, np.float32)})
+    placed = merge_runs(tmp_path / "m.rtdc", [tmp_path / "a.rtdc", tmp_path / "b.rtdc"])
+    assert placed[1].missing_frames.spans == [(10**7, 10**7 + 1), (10**7 + 2, 10**7 + 5)]
+    with h5py.File(tmp_path / "m.rtdc") as h5:
+        assert h5["logs"]["shmwriter-missing-frames"][:].tolist() == [
+            b"0", b"2-10000000", b"10000002-10000004"]
+
+
+def test_the_merge_command_says_what_is_wrong_in_one_line(tmp_path):
+    write_run(tmp_path / "a.rtdc", 0, 5)
+    (tmp_path / "dir.rtdc").mkdir()
+    result = subprocess.run([sys.executable, "-m", "shmwriter", "merge", str(tmp_path / "m.rtdc"),
+                             str(tmp_path / "a.rtdc"), str(tmp_path / "dir.rtdc")],
+                            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "dir.rtdc" in result.stderr
 
 
 assert hdf5plugin  # the Zstd filter of the parts
