@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import time
 
 import h5py
 import numpy as np
@@ -198,11 +197,9 @@ def test_frames_with_no_timeout_is_answered_at_once(tmp_path):
             with producer.frames([2], [1], timeout_s=0) as events:  # the ring is empty
                 fill(events, 2)
             with first.frames([0], [4]) as held, second.frames([1], [4]) as held_too:
-                started = time.monotonic()
-                with pytest.raises(shmwriter.RingFullError):  # 1 slot free, 2 asked
+                with pytest.raises(shmwriter.RingFullError, match="frame 3"):  # 1 free, 2 asked
                     with producer.frames([3], [2], timeout_s=0):
                         pass
-                assert time.monotonic() - started < 5  # answered, not timed out (30 s)
                 fill(held, 0)
                 fill(held_too, 1)
             with producer.frames([3], [2]) as events:
