@@ -9,6 +9,13 @@ file one Writer would have written from the same frames: the same datasets
 frames missing in any part as one missing-frames log, the run log and
 ``experiment:event count`` of the whole.
 
+Parts written by node-local Writers (:class:`shmwriter.ray.RayWriter`, or
+by hand) may share a run by blocks instead: each file's ``shmwriter-part`` log
+holds its :class:`~shmwriter._blocks.BlockPlan`, block ``b`` of the run is
+part ``b mod parts``'s, and the merge puts the blocks back in run order. Any
+of those parts may be an aborted run's (a node lost): its frames not done are
+missing.
+
 The events are re-encoded through the Writer's own sink (the parallel codec
 where the filters allow), part by part, so memory stays at a few chunks.
 
@@ -20,6 +27,7 @@ it cannot be told from the Writer's and is shifted like it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +37,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from ._blocks import PART_LOG, BlockPlan
 from ._ranges import FrameRanges
 from ._ring.ring import State
 from ._rtdc import EVENT_COUNT_ATTR, MAX_FRAME_INDEX, MISSING_FRAMES_LOG, RUN_LOG
@@ -100,13 +109,27 @@ def merge_runs(output: str | os.PathLike[str], parts: Sequence[str | os.PathLike
     output, paths = os.fspath(output), [os.fspath(p) for p in parts]
     _check_paths(output, paths)
     infos = [_read_part(path) for path in paths]
-    first = infos[0]
+    for info in infos[1:]:
+        _check_same_layout(infos[0], info)
+    plan = _plan_of(infos)
+    if plan is None:
+        merged = _place_in_sequence(infos)
+        spans = [(k, range(info.frames), merged[k].first_frame)
+                 for k, info in enumerate(infos)]
+    else:
+        infos = sorted(infos, key=lambda info: info.part)
+        merged = [_place_in_plan(info, plan) for info in infos]
+        spans = [(k, frames, plan.to_run(k, frames.start)) for k, frames in plan.spans()]
+    _write_replacing(output, lambda path: _write_merged(path, infos, merged, spans))
+    return merged
+
+
+def _place_in_sequence(infos: Sequence[_Part]) -> list[MergedPart]:
+    """Parts that follow one another: frame ``f`` of a part is ``f`` + the frames before."""
     for info in infos[:-1]:
         if info.run_log.get("state") != State.DONE.name:
             raise ValueError(f"part {info.path!r} is an aborted run's file; only the last "
                              f"part may be (its frames not done are missing)")
-    for info in infos[1:]:
-        _check_same_layout(first, info)
     merged, at = [], 0
     for info in infos:
         missing = FrameRanges((a + at, b + at) for a, b in info.missing.spans)
@@ -115,8 +138,38 @@ def merge_runs(output: str | os.PathLike[str], parts: Sequence[str | os.PathLike
     if at > MAX_FRAME_INDEX + 1:
         raise ValueError(f"the parts cover {at} frames; a file holds at most "
                          f"{MAX_FRAME_INDEX + 1}")
-    _write_replacing(output, lambda path: _write_merged(path, first, infos, merged))
     return merged
+
+
+def _place_in_plan(info: _Part, plan: BlockPlan) -> MergedPart:
+    """A part that owns every ``plan.parts``-th block; ``first_frame`` is its first block's."""
+    if info.frames != plan.part_frames(info.part):
+        raise ValueError(f"part {info.path!r} covers {info.frames} frames; its block plan "
+                         f"gives part {info.part} {plan.part_frames(info.part)}")
+    missing = plan.to_run_ranges(info.part, info.missing.spans)
+    return MergedPart(info.path, plan.block(info.part).start, info.frames, info.events,
+                      missing)
+
+
+def _plan_of(infos: Sequence[_Part]) -> BlockPlan | None:
+    """The parts' common block plan, None if none has one; refuses a plan with a part
+    missing, given twice or belonging to another plan."""
+    plans = {info.plan for info in infos}
+    if plans == {None}:
+        return None
+    if len(plans) != 1:
+        raise ValueError(f"the parts were written for different block plans (or some for "
+                         f"none): {sorted(str(p) for p in plans)}")
+    plan = plans.pop()
+    assert plan is not None
+    numbers = sorted(info.part for info in infos)
+    if numbers != list(range(plan.parts)):
+        raise ValueError(f"a run of {plan.parts} parts needs parts 0..{plan.parts - 1} once "
+                         f"each; got parts {numbers}")
+    if plan.total_frames > MAX_FRAME_INDEX + 1:
+        raise ValueError(f"the parts cover {plan.total_frames} frames; a file holds at most "
+                         f"{MAX_FRAME_INDEX + 1}")
+    return plan
 
 
 def _check_paths(output: str, paths: Sequence[str]) -> None:
@@ -159,6 +212,10 @@ class _Part:
     frames: int
     events: int
     missing: FrameRanges
+    plan: BlockPlan | None
+    """The block plan its file records (None: a part of a sequence)."""
+    part: int
+    """Its number in ``plan``."""
 
 
 def _read_part(path: str) -> _Part:
@@ -186,13 +243,19 @@ def _read_part(path: str) -> _Part:
     if len(lengths) != 1:
         raise ValueError(f"part {path!r}: its /events datasets differ in length {lengths}")
     run_log = dict(line.partition("=")[::2] for line in logs.pop(RUN_LOG, []))
+    plan, part = None, 0
+    if PART_LOG in logs:
+        try:
+            plan, part = BlockPlan.from_log(logs.pop(PART_LOG))
+        except ValueError as exc:
+            raise ValueError(f"part {path!r}: {exc}") from None
     frames = _frames_of(path, run_log)
     missing = FrameRanges.from_lines(logs.pop(MISSING_FRAMES_LOG, []))
     done = int(run_log.get("frames_done", frames))
     if done < frames:  # an aborted run: the frames after those done never came
         missing.add(done, frames)
     return _Part(path, schema, derived, kwargs, metadata, logs, run_log, frames, lengths.pop(),
-                 missing)
+                 missing, plan, part)
 
 
 def _frames_of(path: str, run_log: Mapping[str, str]) -> int:
@@ -248,23 +311,26 @@ def _check_same_layout(first: _Part, other: _Part) -> None:
                          f"{first.path!r} lacks")
 
 
-def _write_merged(output: str, first: _Part, infos: Sequence[_Part],
-                  merged: Sequence[MergedPart]) -> None:
-    kwargs = _common_kwargs(first)
-    sink = H5Sink(output, first.schema, first.derived, kwargs, first.metadata)
+def _write_merged(output: str, infos: Sequence[_Part], merged: Sequence[MergedPart],
+                  spans: Sequence[tuple[int, range, int]]) -> None:
+    """Copy each span ``(part, its frames, run frame of the first)`` in the order given."""
+    first = infos[0]
+    sink = H5Sink(output, first.schema, first.derived, _common_kwargs(first), first.metadata)
     try:
         gatherer = ChunkGatherer(first.schema, first.derived, sink.layouts)
-        for info, place in zip(infos, merged, strict=True):
-            _copy_events(info, place.first_frame, gatherer, sink)
+        with contextlib.ExitStack() as stack:
+            readers = [stack.enter_context(_PartReader(info)) for info in infos]
+            for part, frames, first_frame in spans:
+                readers[part].copy(frames, first_frame, gatherer, sink)
     except BaseException:
         sink.abandon()
         raise
     missing = FrameRanges()
-    for place in merged:
-        for start, stop in place.missing_frames.spans:
-            missing.add(start, stop)
+    for start, stop in sorted(span for place in merged for span in place.missing_frames.spans):
+        missing.add(start, stop)
     logs = dict(first.logs)
-    logs[RUN_LOG] = _run_log(infos, len(missing))
+    logs[RUN_LOG] = _run_log(infos, len(missing), None if first.plan is None
+                             else first.plan.total_frames)
     sink.close(missing_frames=missing, logs=logs)
 
 
@@ -280,25 +346,48 @@ def _common_kwargs(first: _Part) -> dict[str, Any]:
     return settings[0]
 
 
-def _copy_events(info: _Part, offset: int, gatherer: ChunkGatherer, sink: H5Sink) -> None:
-    """Append every event of ``info``, frame by frame, its frame indices shifted by
-    ``offset`` (the gatherer derives the writer's features again)."""
-    rows = max(1, _SLAB_NBYTES // max(info.schema.event_nbytes, 1))
-    index = next((name for name in _FRAME_FEATURES if name in info.derived), None)
-    with h5py.File(info.path, "r") as h5:
-        events = h5["events"]
+class _PartReader:
+    """A part's file, open for copying frames out of it in any order of spans."""
+
+    def __init__(self, info: _Part) -> None:
+        self._info = info
+        self._rows = max(1, _SLAB_NBYTES // max(info.schema.event_nbytes, 1))
+        self._h5 = h5py.File(info.path, "r")
+        events = self._h5["events"]
+        self._events = events
         # 4 bytes an event, read whole: a frame's events are the next nevents rows
-        bounds = _frame_bounds(events["nevents"][:])
-        frames = events[index][:] if index is not None else np.zeros(info.events, np.uint32)
-        at = 0  # index into bounds of the slab's first frame
-        while at < len(bounds) - 1:
+        self._bounds = _frame_bounds(events["nevents"][:])
+        index = next((name for name in _FRAME_FEATURES if name in info.derived), None)
+        if index is None and info.plan is not None:
+            raise ValueError(f"part {info.path!r} has no frame index feature (index_feature "
+                             f"was None): its blocks cannot be told apart")
+        rows = events[index][:] if index is not None else np.zeros(info.events, np.uint32)
+        self._frames = rows[self._bounds[:-1]]  # each frame's index in the part
+
+    def __enter__(self) -> _PartReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._h5.close()
+
+    def copy(self, frames: range, first_frame: int, gatherer: ChunkGatherer,
+             sink: H5Sink) -> None:
+        """Append the events of the part's ``frames``, frame ``frames.start`` becoming
+        ``first_frame`` (the gatherer derives the writer's features again)."""
+        offset = first_frame - frames.start
+        at = int(np.searchsorted(self._frames, frames.start, "left"))
+        last = int(np.searchsorted(self._frames, frames.stop, "left"))
+        bounds = self._bounds
+        while at < last:
             # whole frames, about a slab's rows (a frame larger than a slab alone)
-            end = max(at + 1, int(np.searchsorted(bounds, bounds[at] + rows, "right")) - 1)
+            end = max(at + 1, int(np.searchsorted(bounds, bounds[at] + self._rows, "right")) - 1)
+            end = min(end, last)
             start, stop = bounds[at], bounds[end]
-            arrays = {name: events[name][start:stop] for name in info.schema}
-            for first, last in zip(bounds[at:end], bounds[at + 1:end + 1], strict=True):
-                gatherer.append(int(frames[first]) + offset, last - first,
-                                {name: a[first - start:last - start]
+            arrays = {name: self._events[name][start:stop] for name in self._info.schema}
+            for number in range(at, end):
+                first, after = bounds[number], bounds[number + 1]
+                gatherer.append(int(self._frames[number]) + offset, after - first,
+                                {name: a[first - start:after - start]
                                  for name, a in arrays.items()})
             chunk = gatherer.take()
             sink.write(chunk)
@@ -317,17 +406,18 @@ def _frame_bounds(nevents: np.ndarray[Any, Any]) -> list[int]:
     return bounds
 
 
-def _run_log(infos: Sequence[_Part], nmissing: int) -> list[str]:
+def _run_log(infos: Sequence[_Part], nmissing: int, total_frames: int | None) -> list[str]:
     """The run log of the whole: DONE if every part is, else ABORTED with the first reason."""
     aborted = [info for info in infos if info.run_log.get("state") != State.DONE.name]
 
     def total(key: str) -> int:
         return sum(int(info.run_log.get(key, 0)) for info in infos)
 
-    open_ended = infos[-1].run_log.get("total_frames") == "open-ended"
+    if total_frames is None and infos[-1].run_log.get("total_frames") != "open-ended":
+        total_frames = sum(info.frames for info in infos)
     return run_log_lines(
         state=State.ABORTED if aborted else State.DONE,
-        total_frames=None if open_ended else sum(info.frames for info in infos),
+        total_frames=total_frames,
         frames_done=total("frames_done"),
         written_frames=total("written_frames"), missing_frames=nmissing,
         rejected_frames=total("rejected_frames"),
