@@ -10,10 +10,13 @@ The data flow, room by room (each folder's docstring lists its modules)::
     _write/     the writer: loop, slot allocator, reorder, gather, sink, codec, recover
     writer      Writer: owns a run, starts the writer, hands out producers and tickets
     merge       merge_runs: the files of a run written in parts, joined in frame order
+    ray         RayWriter: one Writer per Ray node, merged on close (the extra shmwriter[ray];
+                nothing else imports it)
     errors      the exceptions, each saying whose fault it was
 
 Shared by the rooms: ``_validate`` (argument checks), ``_rtdc`` (the .rtdc layout names),
-``_ranges`` (FrameRanges, missing frames as ranges), ``_liveness`` (is a pid alive),
+``_ranges`` (FrameRanges, missing frames as ranges), ``_blocks`` (BlockPlan: which part
+writes which block of a run), ``_liveness`` (is a pid alive),
 ``_forks`` (a forked child closes its copies of the servers' and clients' pipes).
 
 Beside the pipeline: ``eventqueue`` (with ``_queue/``: a hub on the Writer's protocol and

@@ -108,7 +108,7 @@ def merge_runs(output: str | os.PathLike[str], parts: Sequence[str | os.PathLike
         raise ValueError("merge_runs needs at least one part")
     output, paths = os.fspath(output), [os.fspath(p) for p in parts]
     _check_paths(output, paths)
-    infos = [_read_part(path) for path in paths]
+    infos = [read_part(path) for path in paths]
     for info in infos[1:]:
         _check_same_layout(infos[0], info)
     plan = _plan_of(infos)
@@ -218,7 +218,8 @@ class _Part:
     """Its number in ``plan``."""
 
 
-def _read_part(path: str) -> _Part:
+def read_part(path: str) -> _Part:
+    """What the part's file says; ValueError if a merge cannot take it."""
     try:
         h5 = h5py.File(path, "r")
     except OSError as exc:  # HDF5's message may run over lines: one line of it

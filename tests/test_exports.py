@@ -5,20 +5,35 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+import subprocess
+import sys
 
 import shmwriter
 
 
 def test_all_exports_exist_and_are_documented():
-    for name in shmwriter.__all__:
-        obj = getattr(shmwriter, name)
-        assert inspect.getdoc(obj), f"shmwriter.{name} has no docstring"
-        if inspect.isclass(obj):
-            for attr, member in vars(obj).items():
-                public = not attr.startswith("_")
-                if not public or not (callable(member) or isinstance(member, property)):
-                    continue
-                assert inspect.getdoc(member), f"shmwriter.{name}.{attr} has no docstring"
+    import shmwriter.ray
+
+    for module in (shmwriter, shmwriter.ray):
+        for name in module.__all__:
+            check_documented(module, name)
+
+
+def check_documented(module, name):
+    obj = getattr(module, name)
+    assert inspect.getdoc(obj), f"{module.__name__}.{name} has no docstring"
+    if inspect.isclass(obj):
+        for attr, member in vars(obj).items():
+            public = not attr.startswith("_")
+            if not public or not (callable(member) or isinstance(member, property)):
+                continue
+            assert inspect.getdoc(member), f"{module.__name__}.{name}.{attr} has no doc"
+
+
+def test_the_core_does_not_import_ray():
+    code = ("import sys, shmwriter, shmwriter.cli, shmwriter.merge, shmwriter.compat.dcnum; "
+            "sys.exit('ray' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_every_module_is_in_the_module_map():

@@ -39,6 +39,7 @@ import hdf5plugin
 import numpy as np
 
 from .._ranges import as_ranges
+from .._ring.ring import State
 from .._rtdc import (
     EVENT_COUNT_ATTR,
     IMAGE_ATTRS,
@@ -51,9 +52,10 @@ from .._spec import Schema
 from .codec import ChunkCodec, codec_for
 from .columns import ChunkColumn, ColumnLayout
 from .gather import DERIVED_DTYPES, Chunk
-from .recover import discard_further_writes
+from .recover import discard_further_writes, make_readable
+from .run import run_log_lines
 
-__all__ = ["H5Sink", "create_event_dataset", "dataset_kwargs"]
+__all__ = ["H5Sink", "create_event_dataset", "dataset_kwargs", "seal_killed_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -386,3 +388,39 @@ def _write_log(h5: h5py.File, name: str, lines: Sequence[str]) -> None:
         del logs[name]
     encoded = [line.encode("utf-8") for line in lines] or [b""]
     logs.create_dataset(name, data=np.array(encoded, dtype=f"S{max(map(len, encoded)) or 1}"))
+
+
+def seal_killed_file(path: str, *, total_frames: int, logs: Mapping[str, Sequence[str]],
+                     reason: str) -> int:
+    """Close the file of a writer killed mid-run as an aborted run's file; return its frames.
+
+    The file keeps its frames up to the last whole one of its last flush: a frame
+    whose rows did not all reach every feature is cut. Then it gets what the
+    writer would have added on close: the event count, ``logs`` and a run log
+    saying ABORTED for ``reason``, with the frames after those kept not done.
+
+    BEWARE: only call this when the writer is known to be dead.
+    """
+    make_readable(path)
+    with h5py.File(path, "r+") as h5:
+        events = h5["events"]
+        rows = min((len(d) for d in events.values()), default=0)
+        frame_index = next((events[n] for n in ("frame", "index_unmapped")
+                            if n in events and events[n].dtype == DERIVED_DTYPES[n]), None)
+        kept, frames_done = 0, 0
+        if "nevents" in events and frame_index is not None and rows:
+            nevents, frames = events["nevents"][:rows], frame_index[:rows]
+            row = 0
+            while row < rows and row + max(int(nevents[row]), 1) <= rows:
+                kept, frames_done = row + max(int(nevents[row]), 1), int(frames[row]) + 1
+                row = kept
+        for dataset in events.values():
+            dataset.resize(kept, axis=0)
+        h5.attrs[EVENT_COUNT_ATTR] = np.int64(kept)
+        for name, lines in logs.items():
+            _write_log(h5, name, lines)
+        _write_log(h5, RUN_LOG, run_log_lines(
+            state=State.ABORTED, total_frames=total_frames, frames_done=frames_done,
+            written_frames=frames_done, missing_frames=total_frames - frames_done,
+            rejected_frames=0, reason=reason))
+    return frames_done
