@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -123,6 +124,7 @@ class RayWriter:
 
     _owner = False
     _closed = False
+    _merge_s = 0.0
 
     def __init__(self, path: str | os.PathLike[str], schema: Schema, *, total_frames: int,
                  frames_per_block: int, nodes: Sequence[str] | None = None,
@@ -235,6 +237,11 @@ class RayWriter:
         return list(self._parts)
 
     @property
+    def merge_s(self) -> float:
+        """Seconds :meth:`close` spent merging the parts (0 before)."""
+        return self._merge_s
+
+    @property
     def missing_frames(self) -> FrameRanges:
         """The frames that never came, once the run is closed."""
         return self._missing
@@ -284,7 +291,9 @@ class RayWriter:
             finally:
                 ray.kill(actor)
             paths.append(self._readable_part(part, lost))
+        started = time.perf_counter()
         merged = merge_runs(self.path, paths)
+        self._merge_s = time.perf_counter() - started
         self._parts = [NodePart(node, place.path, place.frames, place.events,
                                 place.missing_frames)
                        for node, place in zip(self._run.nodes, merged, strict=True)]
