@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import h5py
 import pytest
 from _workers import SCHEMA, events_of
@@ -91,3 +94,15 @@ def test_a_plan_with_a_part_missing_or_twice_is_refused(tmp_path):
     write_run(other, 0, 10)
     with pytest.raises(ValueError, match="different block plans"):
         merge_runs(tmp_path / "merged.rtdc", [parts[0], other])
+
+
+def test_the_merge_command_takes_parts_of_a_plan(tmp_path):
+    plan = BlockPlan(total_frames=33, frames_per_block=4, parts=3)
+    write_run(tmp_path / "whole.rtdc", 0, 33)
+    parts = write_parts(tmp_path, plan)
+    result = subprocess.run([sys.executable, "-m", "shmwriter", "merge",
+                             str(tmp_path / "m.rtdc"), *map(str, parts)], capture_output=True,
+                            text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith(f"33 frames from 3 parts -> {tmp_path / 'm.rtdc'}")
+    assert_same_file(tmp_path / "m.rtdc", tmp_path / "whole.rtdc")
