@@ -71,6 +71,8 @@ def test_an_exception_in_the_block_writes_the_frames_waiting_for_an_earlier_one(
     assert log["reason"] == "an exception in the with block: RuntimeError"
 
 
+#: The installed command, beside this interpreter (a venv's bin/ need not be on PATH).
+SHMWRITER = os.path.join(os.path.dirname(sys.executable), "shmwriter")
 OWNER = ("import sys; sys.path.insert(0, sys.argv[1]); import _abort_workers; "
          "_abort_workers.own_and_put_until_stopped(sys.argv[2], sys.argv[3])")
 
@@ -252,7 +254,7 @@ def test_a_full_file_system_is_named_to_producers_and_in_the_file(tmp_path):
         report = inspect_file(path)
         assert any(p.startswith("the run failed: ") and "No space left on device" in p
                    for p in report.problems), report.problems
-        result = subprocess.run(["shmwriter", "inspect", str(path)], capture_output=True,
+        result = subprocess.run([SHMWRITER, "inspect", str(path)], capture_output=True,
                                 text=True, timeout=60)
         assert result.returncode == 1 and "No space left on device" in result.stdout
 
@@ -260,7 +262,7 @@ def test_a_full_file_system_is_named_to_producers_and_in_the_file(tmp_path):
 def test_ctrl_c_in_the_demo_is_quiet_and_leaves_a_complete_interrupted_file(tmp_path):
     """Ctrl-C reaches the whole group: one line, exit 130, a file that opens plainly."""
     path = tmp_path / "demo.rtdc"
-    demo = subprocess.Popen(["shmwriter", "demo", "--frames", "200000", "--output", str(path)],
+    demo = subprocess.Popen([SHMWRITER, "demo", "--frames", "200000", "--output", str(path)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -299,7 +301,7 @@ def test_normal_demo_runs_print_no_warning(tmp_path):
     printed a warning.
     """
     for run in range(2):
-        result = subprocess.run(["shmwriter", "demo", "--output", str(tmp_path / f"{run}.rtdc")],
+        result = subprocess.run([SHMWRITER, "demo", "--output", str(tmp_path / f"{run}.rtdc")],
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
         assert result.stderr == "", result.stderr
