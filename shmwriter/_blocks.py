@@ -46,6 +46,10 @@ class BlockPlan:
         check_positive_int("total_frames", self.total_frames)
         check_positive_int("frames_per_block", self.frames_per_block)
         check_positive_int("parts", self.parts)
+        if self.parts > self.nblocks:
+            raise ValueError(f"{self.total_frames} frames in blocks of {self.frames_per_block} "
+                             f"make {self.nblocks} block(s), fewer than the {self.parts} parts: "
+                             f"every part needs a block; use fewer parts or smaller blocks")
 
     @property
     def nblocks(self) -> int:
@@ -68,6 +72,7 @@ class BlockPlan:
 
     def part_of(self, frame: int) -> int:
         """The part that writes run frame ``frame``."""
+        self._check_frame(frame)
         return (frame // self.frames_per_block) % self.parts
 
     def part_frames(self, part: int) -> int:
@@ -76,6 +81,7 @@ class BlockPlan:
 
     def to_part(self, frame: int) -> int:
         """Part ``part_of(frame)``'s own index of run frame ``frame``."""
+        self._check_frame(frame)
         number, offset = divmod(frame, self.frames_per_block)
         return (number // self.parts) * self.frames_per_block + offset
 
@@ -120,6 +126,10 @@ class BlockPlan:
         except (KeyError, ValueError) as exc:
             raise ValueError(f"the {PART_LOG} log {sorted(values.items())} is not a block "
                              f"plan: {exc}") from None
+
+    def _check_frame(self, frame: int) -> None:
+        if not 0 <= frame < self.total_frames:
+            raise ValueError(f"frame must be in 0..{self.total_frames - 1}; got {frame}")
 
     def _check_part(self, part: int) -> int:
         check_count("part", part)

@@ -254,9 +254,20 @@ def read_part(path: str) -> _Part:
     missing = FrameRanges.from_lines(logs.pop(MISSING_FRAMES_LOG, []))
     done = int(run_log.get("frames_done", frames))
     if done < frames:  # an aborted run: the frames after those done never came
-        missing.add(done, frames)
+        missing = _union(missing, [(done, frames)])
     return _Part(path, schema, derived, kwargs, metadata, logs, run_log, frames, lengths.pop(),
                  missing, plan, part)
+
+
+def _union(ranges: FrameRanges, spans: Sequence[tuple[int, int]]) -> FrameRanges:
+    """``ranges`` and ``spans`` together (they may overlap)."""
+    union: list[tuple[int, int]] = []
+    for start, stop in sorted([*ranges.spans, *spans]):
+        if union and start <= union[-1][1]:
+            union[-1] = (union[-1][0], max(union[-1][1], stop))
+        else:
+            union.append((start, stop))
+    return FrameRanges(union)
 
 
 def _frames_of(path: str, run_log: Mapping[str, str]) -> int:
@@ -414,12 +425,15 @@ def _run_log(infos: Sequence[_Part], nmissing: int, total_frames: int | None) ->
     def total(key: str) -> int:
         return sum(int(info.run_log.get(key, 0)) for info in infos)
 
+    planned = total_frames is not None
     if total_frames is None and infos[-1].run_log.get("total_frames") != "open-ended":
         total_frames = sum(info.frames for info in infos)
     return run_log_lines(
         state=State.ABORTED if aborted else State.DONE,
         total_frames=total_frames,
-        frames_done=total("frames_done"),
+        # a plan's parts are done in blocks, not as one prefix: the missing log tells
+        frames_done=total_frames if planned and total_frames is not None
+        else total("frames_done"),
         written_frames=total("written_frames"), missing_frames=nmissing,
         rejected_frames=total("rejected_frames"),
         reason=aborted[0].run_log.get("reason") if aborted else None)

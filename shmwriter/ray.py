@@ -125,6 +125,8 @@ class RayWriter:
     _owner = False
     _closed = False
     _merge_s = 0.0
+    _parts: tuple[NodePart, ...] | list[NodePart] = ()
+    _missing = FrameRanges()
 
     def __init__(self, path: str | os.PathLike[str], schema: Schema, *, total_frames: int,
                  frames_per_block: int, nodes: Sequence[str] | None = None,
@@ -135,6 +137,11 @@ class RayWriter:
         for name in ("total_frames", "allow_gaps", "path", "schema"):
             if name in writer_options:
                 raise TypeError(f"RayWriter sets {name!r} of each node's Writer itself")
+        index = writer_options.get("index_feature", "frame")
+        if index is None or index in schema:
+            raise ValueError(f"RayWriter needs the frame index the Writer derives to put the "
+                             f"nodes' blocks back in order; index_feature={index!r} gives "
+                             f"none (the schema has its own {index!r}, or it is None)")
         node_ids = _check_nodes(nodes)
         plan = BlockPlan(total_frames=total_frames, frames_per_block=frames_per_block,
                          parts=len(node_ids))
@@ -142,8 +149,6 @@ class RayWriter:
         self.parts_dir = os.fspath(parts_dir or f"{self.path}.parts")
         self.schema, self.keep_parts, self.allow_gaps = schema, keep_parts, allow_gaps
         self._owner = True
-        self._parts: list[NodePart] = []
-        self._missing = FrameRanges()
         os.makedirs(self.parts_dir, exist_ok=True)
         logs = dict(writer_options.pop("logs", None) or {})
         self._logs = logs
@@ -178,7 +183,7 @@ class RayWriter:
         return handle
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (RayWriter._in_task, (self._run,))
+        return (type(self)._in_task, (self._run,))
 
     # -- the tasks' side ------------------------------------------------------------
     @property
@@ -277,9 +282,8 @@ class RayWriter:
         if self._closed:
             return
         self._closed = True
-        paths = []
-        for part, actor in enumerate(self._actors):
-            lost = False
+        paths, first_error = [], None
+        for part, actor in enumerate(self._actors):  # every node, whatever one of them raised
             try:
                 ray.get(actor.abort.remote() if abort else actor.close.remote(timeout_s))
             except ray.exceptions.RayActorError as exc:  # its node lost, or the actor killed
@@ -287,10 +291,11 @@ class RayWriter:
                                "far as it was flushed", self._run.nodes[part],
                                type(exc).__name__)
                 self._finish_lost(part)
-                lost = True
+            except Exception as exc:  # its Writer's close raised; it has closed its file
+                first_error = first_error or exc
             finally:
                 ray.kill(actor)
-            paths.append(self._readable_part(part, lost))
+            paths.append(self._readable_part(part))
         started = time.perf_counter()
         merged = merge_runs(self.path, paths)
         self._merge_s = time.perf_counter() - started
@@ -304,6 +309,8 @@ class RayWriter:
                 os.unlink(path)
             with contextlib.suppress(OSError):  # the user's files may be in it too
                 os.rmdir(self.parts_dir)
+        if first_error is not None:
+            raise first_error
 
     def _part_path(self, part: int) -> str:
         stem = os.path.splitext(os.path.basename(self.path))[0]
@@ -328,26 +335,24 @@ class RayWriter:
             logger.warning("could not finish the lost writer of node %s: %s",
                            self._run.nodes[part], exc)
 
-    def _readable_part(self, part: int, lost: bool) -> str:
-        """The part's file, sealed as an aborted run's if its writer was killed (the
-        frames after its last flush are then missing); if it left no file a merge
-        takes, an empty aborted part in its place (all its frames missing)."""
+    def _readable_part(self, part: int) -> str:
+        """The part's file once its writer has ended, sealed as an aborted run's if the
+        writer was killed (the frames after its last flush are then missing). If it left
+        no file a merge takes, that file is kept aside as ``*.unmerged`` and an empty
+        aborted part stands in (all its frames missing)."""
         path, plan = self._part_path(part), self._run.plan
         logs = {**self._logs, PART_LOG: plan.log_lines(part)}
-        if lost:
-            try:
-                seal_killed_file(path, total_frames=plan.part_frames(part), logs=logs,
-                                 reason=f"the writer of node {self._run.nodes[part][:12]} "
-                                        f"was lost")
-            except (OSError, ValueError, KeyError) as exc:
-                logger.warning("part %d (%s) cannot be sealed (%s); its frames are missing",
-                               part, path, exc)
         try:
+            seal_killed_file(path, total_frames=plan.part_frames(part), logs=logs,
+                             reason=f"the writer of node {self._run.nodes[part][:12]} was "
+                                    f"lost")
             read_part(path)
             return path
-        except ValueError as exc:
+        except (OSError, ValueError, KeyError) as exc:
             logger.warning("part %d (%s) cannot be merged (%s); its frames are missing",
                            part, path, exc)
+        if os.path.exists(path):
+            os.replace(path, f"{path}.unmerged")
         with Writer(path, self.schema, total_frames=plan.part_frames(part), mode="thread",
                     logs=logs, **self._file_options) as writer:
             writer.abort()

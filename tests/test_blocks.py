@@ -6,12 +6,15 @@ import subprocess
 import sys
 
 import h5py
+import numpy as np
 import pytest
-from _workers import SCHEMA, events_of
+from _workers import SCHEMA, events_of, nevents_of
 from test_merge import LOGS, METADATA, assert_same_file, check_report, write_run
 
 import shmwriter
+from shmwriter import FrameRanges
 from shmwriter._blocks import PART_LOG, BlockPlan
+from shmwriter._write.h5sink import seal_killed_file
 from shmwriter.merge import merge_runs
 
 
@@ -106,3 +109,56 @@ def test_the_merge_command_takes_parts_of_a_plan(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith(f"33 frames from 3 parts -> {tmp_path / 'm.rtdc'}")
     assert_same_file(tmp_path / "m.rtdc", tmp_path / "whole.rtdc")
+
+
+def test_a_plan_with_more_parts_than_blocks_is_refused():
+    with pytest.raises(ValueError, match=r"make 2 block\(s\), fewer than the 3 parts"):
+        BlockPlan(total_frames=15, frames_per_block=10, parts=3)
+    with pytest.raises(ValueError, match=r"frame must be in 0..14; got -1"):
+        BlockPlan(total_frames=15, frames_per_block=10, parts=1).to_part(-1)
+
+
+def test_an_aborted_part_with_a_gap_and_an_empty_frame_after_it_merges(tmp_path):
+    """Frame 5 never came, frame 6 has no events, then the run was aborted: the part's
+    missing-frames log and its frames not done overlap, and sealing leaves it as it is."""
+    plan = BlockPlan(total_frames=20, frames_per_block=10, parts=2)
+    path = tmp_path / "part0.rtdc"
+    with shmwriter.Writer(path, SCHEMA, total_frames=10, mode="thread", allow_gaps=True,
+                          logs={PART_LOG: plan.log_lines(0)}) as writer:
+        with writer.producer() as producer:
+            for frame in (0, 1, 2, 3, 4, 6):
+                producer.put(frame, events_of(frame) if frame != 6 else None)
+        writer.abort()
+    before = path.read_bytes()
+    assert seal_killed_file(str(path), total_frames=10, logs={}, reason="x") == -1
+    assert path.read_bytes() == before
+    other = tmp_path / "other"
+    other.mkdir()
+    parts = [path, write_parts(other, plan)[1]]
+    placed = merge_runs(tmp_path / "merged.rtdc", parts)
+    assert list(placed[0].missing_frames) == [5, *range(7, 10)]
+    # the merged file is itself a file merge_runs takes again, with the same frames missing
+    again = merge_runs(tmp_path / "again.rtdc", [tmp_path / "merged.rtdc"])
+    assert again[0].missing_frames == FrameRanges(
+        sorted(s for p in placed for s in p.missing_frames.spans))
+
+
+def test_a_killed_writers_file_is_sealed_at_its_last_whole_frame(tmp_path):
+    path = tmp_path / "killed.rtdc"
+    write_run(path, 0, 12)
+    with h5py.File(path, "r+") as h5:  # as a kill leaves it: no close, rows of a cut frame
+        del h5["logs/shmwriter-run"]
+        h5["logs"].create_dataset("shmwriter-run", data=np.array([b"state=RUNNING"]))
+        frames = h5["events/frame"][:]
+        cut = int(np.searchsorted(frames, 9)) + 1  # frame 9 (3 events) cut after one row
+        for name in ("image", "mask", "deform"):
+            h5["events"][name].resize(cut, axis=0)
+    assert nevents_of(9) == 3
+    done = seal_killed_file(str(path), total_frames=12, logs={"a": ["b"]}, reason="lost")
+    assert done == max(f for f in range(9) if nevents_of(f)) + 1
+    with h5py.File(path) as h5:
+        assert set(h5["events/frame"][:]) == {f for f in range(done) if nevents_of(f)}
+        log = h5["logs/shmwriter-run"].asstr()[:].tolist()
+        assert "state=ABORTED" in log and "reason=lost" in log
+        assert f"written_frames={len({f for f in range(done) if nevents_of(f)})}" in log
+        assert h5["logs/a"].asstr()[:].tolist() == ["b"]

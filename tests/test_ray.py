@@ -150,10 +150,11 @@ def test_a_lost_writer_leaves_its_part_up_to_its_last_flush(tmp_path, cluster, f
                         .NodeAffinitySchedulingStrategy(head, soft=False)).remote()
     with RayWriter(tmp_path / "run.rtdc", SCHEMA, total_frames=40, frames_per_block=10,
                    nodes=[head, other], allow_gaps=True, **OPTIONS) as writer:
-        lost = [put_block.options(**writer.placement(1)).remote(
-            writer, writer._run.plan.block(1), gate=gate, stop_after=5)]
-        kept = [put_block.options(**writer.placement(b)).remote(writer, writer._run.plan
-                                                                 .block(b)) for b in (0, 2)]
+        blocks = list(writer.blocks())
+        lost = [put_block.options(**writer.placement(1)).remote(writer, blocks[1], gate=gate,
+                                                                stop_after=5)]
+        kept = [put_block.options(**writer.placement(b)).remote(writer, blocks[b])
+                for b in (0, 2)]
         ray.get(gate.wait_for.remote(1))
         if extra is not None:
             cluster.remove_node(extra)
@@ -173,3 +174,23 @@ def test_a_lost_writer_leaves_its_part_up_to_its_last_flush(tmp_path, cluster, f
     assert "state=ABORTED" in run_log and any("was lost" in line for line in run_log)
     write_run(tmp_path / "whole.rtdc", 0, 40)  # dclab finds in it what it finds in ours
     assert check_report(tmp_path / "run.rtdc")[0] == check_report(tmp_path / "whole.rtdc")[0]
+
+
+def test_a_node_whose_close_fails_leaves_no_other_node_open(tmp_path, no_segments_left):
+    head = alive_nodes()[0]
+    gate = Gate.options(scheduling_strategy=ray.util.scheduling_strategies
+                        .NodeAffinitySchedulingStrategy(head, soft=False)).remote()
+    writer = RayWriter(tmp_path / "run.rtdc", SCHEMA, total_frames=20, frames_per_block=10,
+                       allow_gaps=True, **OPTIONS)
+    first, second = writer.blocks()
+    stalled = put_block.options(**writer.placement(second)).remote(writer, second, gate=gate,
+                                                                   stop_after=3)
+    ray.get(put_block.options(**writer.placement(first)).remote(writer, first))
+    ray.get(gate.wait_for.remote(1))  # node 1's producer holds its run open
+    with pytest.raises(TimeoutError, match="did not end within 2"):
+        writer.close(timeout_s=2)
+    gate.open.remote()
+    ray.wait([stalled], timeout=60)
+    assert frames_in(tmp_path / "run.rtdc") >= {f for f in range(10) if events_of(f)}
+    assert set(range(13, 20)) <= set(writer.parts[1].missing_frames)
+    assert not os.path.exists(writer.parts_dir)

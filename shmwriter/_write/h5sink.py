@@ -392,28 +392,36 @@ def _write_log(h5: h5py.File, name: str, lines: Sequence[str]) -> None:
 
 def seal_killed_file(path: str, *, total_frames: int, logs: Mapping[str, Sequence[str]],
                      reason: str) -> int:
-    """Close the file of a writer killed mid-run as an aborted run's file; return its frames.
+    """Close the file of a writer killed mid-run as an aborted run's file; return its frames
+    done (-1 if its writer had closed it).
 
-    The file keeps its frames up to the last whole one of its last flush: a frame
+    A file its writer closed (its run log says DONE or ABORTED) is left as it is.
+    Otherwise the file keeps its frames up to the last whole one of its last flush: a frame
     whose rows did not all reach every feature is cut. Then it gets what the
     writer would have added on close: the event count, ``logs`` and a run log
     saying ABORTED for ``reason``, with the frames after those kept not done.
+    Frames missing before the last flush cannot be told from frames without
+    events (the missing-frames log is written on close): they count as done.
 
     BEWARE: only call this when the writer is known to be dead.
     """
     make_readable(path)
     with h5py.File(path, "r+") as h5:
+        state = _run_state(h5)
+        if state in (State.DONE.name, State.ABORTED.name):
+            return -1
         events = h5["events"]
         rows = min((len(d) for d in events.values()), default=0)
         frame_index = next((events[n] for n in ("frame", "index_unmapped")
                             if n in events and events[n].dtype == DERIVED_DTYPES[n]), None)
-        kept, frames_done = 0, 0
+        kept, frames_done, written = 0, 0, 0
         if "nevents" in events and frame_index is not None and rows:
             nevents, frames = events["nevents"][:rows], frame_index[:rows]
             row = 0
             while row < rows and row + max(int(nevents[row]), 1) <= rows:
                 kept, frames_done = row + max(int(nevents[row]), 1), int(frames[row]) + 1
                 row = kept
+            written = len(np.unique(frames[:kept]))
         for dataset in events.values():
             dataset.resize(kept, axis=0)
         h5.attrs[EVENT_COUNT_ATTR] = np.int64(kept)
@@ -421,6 +429,14 @@ def seal_killed_file(path: str, *, total_frames: int, logs: Mapping[str, Sequenc
             _write_log(h5, name, lines)
         _write_log(h5, RUN_LOG, run_log_lines(
             state=State.ABORTED, total_frames=total_frames, frames_done=frames_done,
-            written_frames=frames_done, missing_frames=total_frames - frames_done,
+            written_frames=written, missing_frames=total_frames - frames_done,
             rejected_frames=0, reason=reason))
     return frames_done
+
+
+def _run_state(h5: h5py.File) -> str | None:
+    """The ``state=`` of a file's run log (None if it has none)."""
+    if RUN_LOG not in h5.get("logs", {}):
+        return None
+    lines = [bytes(line).decode("utf-8", "replace") for line in h5["logs"][RUN_LOG][:]]
+    return next((line[len("state="):] for line in lines if line.startswith("state=")), None)
