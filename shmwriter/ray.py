@@ -173,7 +173,8 @@ class RayWriter:
                 ray.kill(actor)
             raise
         self._run = _Run(plan, tuple(node_ids), tuple(ticket for ticket, _, _ in started))
-        self._writers_pids = [(pid, ring) for _, pid, ring in started]
+        #: each node's Writer process (pid and start time, None in thread mode) and ring
+        self._writer_processes = [(process, ring) for _, process, ring in started]
 
     @classmethod
     def _in_task(cls, run: _Run) -> RayWriter:
@@ -321,16 +322,16 @@ class RayWriter:
 
         On this host the driver does it; on another, a task on that node (if the
         node is alive: a lost machine took its /dev/shm with it)."""
-        pid, ring = self._writers_pids[part]
+        process, ring = self._writer_processes[part]
         ticket = self._run.tickets[part]
         if (ticket.host, ticket.pid_namespace) == (boot_id(), pid_namespace()):
-            _finish_writer_process(pid, ring)
+            _finish_writer_process(process, ring)
             return
         finish = ray.remote(_finish_writer_process).options(
             num_cpus=0, max_retries=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
                 self._run.nodes[part], soft=False))
         try:
-            ray.get(finish.remote(pid, ring), timeout=_LOST_TIMEOUT_S + 10)
+            ray.get(finish.remote(process, ring), timeout=_LOST_TIMEOUT_S + 10)
         except (ray.exceptions.RayError, TimeoutError) as exc:
             logger.warning("could not finish the lost writer of node %s: %s",
                            self._run.nodes[part], exc)
@@ -462,12 +463,13 @@ class _NodeWriter:
         self._writer = Writer(path, schema, total_frames=total_frames, allow_gaps=True,
                               **options)
 
-    def started(self) -> tuple[Ticket, int | None, str]:
-        """The node's ticket, the Writer process's pid and the ring's name."""
-        worker = self._writer._worker
-        pid = getattr(worker, "pid", None) if worker is not None else None
+    def started(self) -> tuple[Ticket, tuple[int, float] | None, str]:
+        """The node's ticket, the Writer process (pid and start time; None for a
+        thread) and the ring's name."""
+        pid = getattr(self._writer._worker, "pid", None)
+        process = None if pid is None else (pid, psutil.Process(pid).create_time())
         ring = self._writer._ring
-        return self._writer.ticket(), pid, ring.spec.name if ring is not None else ""
+        return self._writer.ticket(), process, ring.spec.name if ring is not None else ""
 
     def close(self, timeout_s: float | None) -> None:
         self._writer.close(timeout_s)
@@ -476,12 +478,16 @@ class _NodeWriter:
         self._writer.abort()
 
 
-def _finish_writer_process(pid: int | None, ring: str) -> None:
+def _finish_writer_process(writer: tuple[int, float] | None, ring: str) -> None:
     """Wait (bounded) for a Writer process whose owner died to close its file, then
-    remove its ring if nobody did."""
-    if pid is not None:
+    remove its ring if nobody did. ``writer`` is its pid and start time: a pid taken
+    since by another process is neither waited for nor killed."""
+    if writer is not None:
+        pid, started = writer
         with contextlib.suppress(psutil.NoSuchProcess):
             process = psutil.Process(pid)
+            if process.create_time() != started:
+                raise psutil.NoSuchProcess(pid)  # the writer ended; its pid is reused
             try:
                 process.wait(_LOST_TIMEOUT_S)
             except psutil.TimeoutExpired:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import pathlib
+import subprocess
+import sys
 
 import h5py
+import psutil
 import pytest
 import ray
 from _ray_workers import Gate, put_block, put_foreign_frame
@@ -14,7 +17,7 @@ from ray.cluster_utils import Cluster
 from test_merge import LOGS, METADATA, assert_same_file, check_report, write_run
 
 import shmwriter
-from shmwriter.ray import RayWriter
+from shmwriter.ray import RayWriter, _finish_writer_process
 
 #: Each simulated node: one CPU, a small object store (the rings need /dev/shm too).
 NODE = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
@@ -194,3 +197,16 @@ def test_a_node_whose_close_fails_leaves_no_other_node_open(tmp_path, no_segment
     assert frames_in(tmp_path / "run.rtdc") >= {f for f in range(10) if events_of(f)}
     assert set(range(13, 20)) <= set(writer.parts[1].missing_frames)
     assert not os.path.exists(writer.parts_dir)
+
+
+def test_a_lost_writers_pid_taken_by_another_process_is_left_alone():
+    """The pid of a lost node's Writer process may be reused by the time close() looks:
+    the start time tells, and that process is neither waited for nor killed."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        started = psutil.Process(other.pid).create_time()
+        _finish_writer_process((other.pid, started - 100.0), "shmw_1_no_such_ring")
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
