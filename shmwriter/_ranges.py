@@ -79,6 +79,16 @@ class FrameRanges(Sequence[int]):
                 ranges.add(int(first), int(last or first) + 1)
         return ranges
 
+    def union(self, spans: Iterable[tuple[int, int]]) -> FrameRanges:
+        """These frames and those of ``spans``, which may overlap them and come in any order."""
+        union: list[tuple[int, int]] = []
+        for start, stop in sorted([*self._spans, *spans]):
+            if union and start <= union[-1][1]:
+                union[-1] = (union[-1][0], max(union[-1][1], stop))
+            elif stop > start:
+                union.append((start, stop))
+        return FrameRanges(union)
+
     def summary(self, limit: int = 6) -> str:
         """``1, 4-7, 9`` for at most ``limit`` ranges, then how many more."""
         shown = ", ".join(self.lines()[:limit])

@@ -43,15 +43,12 @@ from ._ring.ring import State
 from ._rtdc import EVENT_COUNT_ATTR, MAX_FRAME_INDEX, MISSING_FRAMES_LOG, RUN_LOG
 from ._spec import Feature, Schema
 from ._write.codec import FLETCHER32_FILTER_ID, dataset_filters
-from ._write.gather import DERIVED_DTYPES, ChunkGatherer
+from ._write.gather import DERIVED_DTYPES, FRAME_INDEX_FEATURES, ChunkGatherer, frame_bounds
 from ._write.h5sink import H5Sink
 from ._write.run import run_log_lines
 
 __all__ = ["MergedPart", "merge_runs"]
 
-#: Features the writer may have derived to hold each event's frame index (as uint32; a
-#: schema's own feature of that name has the schema's dtype and is copied as it is).
-_FRAME_FEATURES = ("frame", "index_unmapped")
 #: Bytes of events read from a part at a time.
 _SLAB_NBYTES = 64 * 2**20
 #: HDF5 filter ids that h5py knows by name, with how its keywords give their option.
@@ -254,20 +251,9 @@ def read_part(path: str) -> _Part:
     missing = FrameRanges.from_lines(logs.pop(MISSING_FRAMES_LOG, []))
     done = int(run_log.get("frames_done", frames))
     if done < frames:  # an aborted run: the frames after those done never came
-        missing = _union(missing, [(done, frames)])
+        missing = missing.union([(done, frames)])
     return _Part(path, schema, derived, kwargs, metadata, logs, run_log, frames, lengths.pop(),
                  missing, plan, part)
-
-
-def _union(ranges: FrameRanges, spans: Sequence[tuple[int, int]]) -> FrameRanges:
-    """``ranges`` and ``spans`` together (they may overlap)."""
-    union: list[tuple[int, int]] = []
-    for start, stop in sorted([*ranges.spans, *spans]):
-        if union and start <= union[-1][1]:
-            union[-1] = (union[-1][0], max(union[-1][1], stop))
-        else:
-            union.append((start, stop))
-    return FrameRanges(union)
 
 
 def _frames_of(path: str, run_log: Mapping[str, str]) -> int:
@@ -337,9 +323,7 @@ def _write_merged(output: str, infos: Sequence[_Part], merged: Sequence[MergedPa
     except BaseException:
         sink.abandon()
         raise
-    missing = FrameRanges()
-    for start, stop in sorted(span for place in merged for span in place.missing_frames.spans):
-        missing.add(start, stop)
+    missing = FrameRanges().union(span for place in merged for span in place.missing_frames.spans)
     logs = dict(first.logs)
     logs[RUN_LOG] = _run_log(infos, len(missing), None if first.plan is None
                              else first.plan.total_frames)
@@ -368,8 +352,8 @@ class _PartReader:
         events = self._h5["events"]
         self._events = events
         # 4 bytes an event, read whole: a frame's events are the next nevents rows
-        self._bounds = _frame_bounds(events["nevents"][:])
-        index = next((name for name in _FRAME_FEATURES if name in info.derived), None)
+        self._bounds = frame_bounds(events["nevents"][:])
+        index = next((name for name in FRAME_INDEX_FEATURES if name in info.derived), None)
         if index is None and info.plan is not None:
             raise ValueError(f"part {info.path!r} has no frame index feature (index_feature "
                              f"was None): its blocks cannot be told apart")
@@ -405,17 +389,6 @@ class _PartReader:
             sink.write(chunk)
             gatherer.recycle(chunk)
             at = end
-
-
-def _frame_bounds(nevents: np.ndarray[Any, Any]) -> list[int]:
-    """The first row of each frame, then the number of rows: each frame's ``nevents``
-    says how many rows it has."""
-    bounds, row = [], 0
-    while row < len(nevents):
-        bounds.append(row)
-        row += max(int(nevents[row]), 1)
-    bounds.append(len(nevents))
-    return bounds
 
 
 def _run_log(infos: Sequence[_Part], nmissing: int, total_frames: int | None) -> list[str]:

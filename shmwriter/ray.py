@@ -303,8 +303,8 @@ class RayWriter:
         self._parts = [NodePart(node, place.path, place.frames, place.events,
                                 place.missing_frames)
                        for node, place in zip(self._run.nodes, merged, strict=True)]
-        self._missing = FrameRanges(sorted(span for place in merged
-                                           for span in place.missing_frames.spans))
+        self._missing = FrameRanges().union(span for place in merged
+                                            for span in place.missing_frames.spans)
         if not self.keep_parts:
             for path in paths:
                 os.unlink(path)

@@ -25,7 +25,8 @@ import numpy as np
 from .._spec import Schema
 from .columns import ChunkColumn, ColumnLayout
 
-__all__ = ["DERIVED_DTYPES", "Chunk", "ChunkGatherer", "plain_layouts"]
+__all__ = ["DERIVED_DTYPES", "FRAME_INDEX_FEATURES", "Chunk", "ChunkGatherer", "frame_bounds",
+           "plain_layouts"]
 
 #: Features of fewer bytes per event are copied with one fancy index when scattered.
 _LARGE_NBYTES = 256
@@ -43,6 +44,21 @@ DERIVED_DTYPES: dict[str, np.dtype[Any]] = {
     "index_unmapped": np.dtype(np.uint32),
     "nevents": np.dtype(np.uint32),
 }
+#: The derived features that hold each event's frame index (a schema's own feature of that
+#: name has the schema's dtype and is not derived).
+FRAME_INDEX_FEATURES = ("frame", "index_unmapped")
+
+
+def frame_bounds(nevents: np.ndarray[Any, Any]) -> list[int]:
+    """The first row of each frame in a file's rows, then the number of rows: the
+    ``nevents`` of a frame's first row says how many rows it has (the last frame's may
+    run past the rows given, in a file cut short)."""
+    bounds, row = [], 0
+    while row < len(nevents):
+        bounds.append(row)
+        row += max(int(nevents[row]), 1)
+    bounds.append(len(nevents))
+    return bounds
 
 
 def plain_layouts(schema: Schema, derived: Sequence[str]) -> dict[str, ColumnLayout]:

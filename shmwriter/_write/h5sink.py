@@ -51,7 +51,7 @@ from .._rtdc import (
 from .._spec import Schema
 from .codec import ChunkCodec, codec_for
 from .columns import ChunkColumn, ColumnLayout
-from .gather import DERIVED_DTYPES, Chunk
+from .gather import DERIVED_DTYPES, FRAME_INDEX_FEATURES, Chunk, frame_bounds
 from .recover import discard_further_writes, make_readable
 from .run import run_log_lines
 
@@ -412,16 +412,17 @@ def seal_killed_file(path: str, *, total_frames: int, logs: Mapping[str, Sequenc
             return -1
         events = h5["events"]
         rows = min((len(d) for d in events.values()), default=0)
-        frame_index = next((events[n] for n in ("frame", "index_unmapped")
+        frame_index = next((events[n] for n in FRAME_INDEX_FEATURES
                             if n in events and events[n].dtype == DERIVED_DTYPES[n]), None)
         kept, frames_done, written = 0, 0, 0
         if "nevents" in events and frame_index is not None and rows:
             nevents, frames = events["nevents"][:rows], frame_index[:rows]
-            row = 0
-            while row < rows and row + max(int(nevents[row]), 1) <= rows:
-                kept, frames_done = row + max(int(nevents[row]), 1), int(frames[row]) + 1
-                row = kept
-            written = len(np.unique(frames[:kept]))
+            starts = frame_bounds(nevents)[:-1]
+            last = starts[-1]  # the last frame is whole if all its rows are there
+            whole = starts if last + max(int(nevents[last]), 1) <= rows else starts[:-1]
+            if whole:
+                kept = whole[-1] + max(int(nevents[whole[-1]]), 1)
+                frames_done, written = int(frames[whole[-1]]) + 1, len(whole)
         for dataset in events.values():
             dataset.resize(kept, axis=0)
         h5.attrs[EVENT_COUNT_ATTR] = np.int64(kept)
