@@ -16,8 +16,13 @@ part ``b mod parts``'s, and the merge puts the blocks back in run order. Any
 of those parts may be an aborted run's (a node lost): its frames not done are
 missing.
 
-The events are re-encoded through the Writer's own sink (the parallel codec
-where the filters allow), part by part, so memory stays at a few chunks.
+The merge goes feature by feature. Where a part's rows lie on the merged
+file's chunk boundaries as they lie on its own (the whole first part of a
+sequence, say), its stored chunks are copied as they are, with
+``read_direct_chunk`` and ``write_direct_chunk``: nothing is decoded or
+encoded. The other rows are read, gathered into the merged file's chunks and
+encoded again through the Writer's own sink (the parallel codec where the
+filters allow), so memory stays at a few chunks.
 
 The features the Writer adds are told by name and dtype: uint32 ``frame`` or
 ``index_unmapped`` (shifted to the merged frame indices) and ``nevents``. A
@@ -27,11 +32,12 @@ it cannot be told from the Writer's and is shifted like it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import h5py
@@ -43,13 +49,14 @@ from ._ring.ring import State
 from ._rtdc import EVENT_COUNT_ATTR, MAX_FRAME_INDEX, MISSING_FRAMES_LOG, RUN_LOG
 from ._spec import Feature, Schema
 from ._write.codec import FLETCHER32_FILTER_ID, dataset_filters
-from ._write.gather import DERIVED_DTYPES, FRAME_INDEX_FEATURES, ChunkGatherer, frame_bounds
-from ._write.h5sink import H5Sink
+from ._write.columns import ChunkColumn, ColumnLayout
+from ._write.gather import DERIVED_DTYPES, FRAME_INDEX_FEATURES, frame_bounds
+from ._write.h5sink import EncodedChunk, H5Sink
 from ._write.run import run_log_lines
 
 __all__ = ["MergedPart", "merge_runs"]
 
-#: Bytes of events read from a part at a time.
+#: Bytes of one feature read from a part at a time.
 _SLAB_NBYTES = 64 * 2**20
 #: HDF5 filter ids that h5py knows by name, with how its keywords give their option.
 _SHUFFLE_FILTER_ID, _GZIP_FILTER_ID, _LZF_FILTER_ID = 2, 1, 32000
@@ -69,6 +76,10 @@ class MergedPart:
     """Events it holds."""
     missing_frames: FrameRanges
     """Its missing frames, as indices of the merged file."""
+    copied_chunks: int = 0
+    """Its HDF5 chunks stored in the merged file as they were, over all features: read and
+    written without decoding, where its rows lie on the merged file's chunk boundaries as
+    on its own (the rest is encoded again)."""
 
 
 def merge_runs(output: str | os.PathLike[str], parts: Sequence[str | os.PathLike[str]],
@@ -117,8 +128,11 @@ def merge_runs(output: str | os.PathLike[str], parts: Sequence[str | os.PathLike
         infos = sorted(infos, key=lambda info: info.part)
         merged = [_place_in_plan(info, plan) for info in infos]
         spans = [(k, frames, plan.to_run(k, frames.start)) for k, frames in plan.spans()]
-    _write_replacing(output, lambda path: _write_merged(path, infos, merged, spans))
-    return merged
+    copied: list[int] = []
+    _write_replacing(output, lambda path: copied.extend(_write_merged(path, infos, merged,
+                                                                      spans)))
+    return [replace(place, copied_chunks=count) for place, count in zip(merged, copied,
+                                                                         strict=True)]
 
 
 def _place_in_sequence(infos: Sequence[_Part]) -> list[MergedPart]:
@@ -310,16 +324,25 @@ def _check_same_layout(first: _Part, other: _Part) -> None:
 
 
 def _write_merged(output: str, infos: Sequence[_Part], merged: Sequence[MergedPart],
-                  spans: Sequence[tuple[int, range, int]]) -> None:
-    """Copy each span ``(part, its frames, run frame of the first)`` in the order given."""
+                  spans: Sequence[tuple[int, range, int]]) -> list[int]:
+    """Copy each span ``(part, its frames, run frame of the first)`` in the order given,
+    feature by feature; return how many chunks of each part were stored unchanged."""
     first = infos[0]
     sink = H5Sink(output, first.schema, first.derived, _common_kwargs(first), first.metadata)
+    copied = [0] * len(infos)
     try:
-        gatherer = ChunkGatherer(first.schema, first.derived, sink.layouts)
         with contextlib.ExitStack() as stack:
             readers = [stack.enter_context(_PartReader(info)) for info in infos]
-            for part, frames, first_frame in spans:
-                readers[part].copy(frames, first_frame, gatherer, sink)
+            pieces = [_Piece(part, *readers[part].rows(frames), first_frame - frames.start)
+                      for part, frames, first_frame in spans]
+            sink.resize(sum(piece.stop - piece.start for piece in pieces))
+            for name in sink.layouts:
+                copy = _FeatureCopy(sink.stored_layout(name), shifted=name in FRAME_INDEX_FEATURES
+                                    and name in first.derived)
+                sink.store(name, copy.chunks([readers[p.part].events[name] for p in pieces],
+                                             pieces))
+                for part, count in copy.copied.items():
+                    copied[part] += count
     except BaseException:
         sink.abandon()
         raise
@@ -328,6 +351,7 @@ def _write_merged(output: str, infos: Sequence[_Part], merged: Sequence[MergedPa
     logs[RUN_LOG] = _run_log(infos, len(missing), None if first.plan is None
                              else first.plan.total_frames)
     sink.close(missing_frames=missing, logs=logs)
+    return copied
 
 
 def _common_kwargs(first: _Part) -> dict[str, Any]:
@@ -343,21 +367,20 @@ def _common_kwargs(first: _Part) -> dict[str, Any]:
 
 
 class _PartReader:
-    """A part's file, open for copying frames out of it in any order of spans."""
+    """A part's file, open for finding the rows of its frames."""
 
     def __init__(self, info: _Part) -> None:
-        self._info = info
-        self._rows = max(1, _SLAB_NBYTES // max(info.schema.event_nbytes, 1))
         self._h5 = h5py.File(info.path, "r")
-        events = self._h5["events"]
-        self._events = events
+        #: The part's /events datasets.
+        self.events: h5py.Group = self._h5["events"]
         # 4 bytes an event, read whole: a frame's events are the next nevents rows
-        self._bounds = frame_bounds(events["nevents"][:])
+        self._bounds = frame_bounds(self.events["nevents"][:])
         index = next((name for name in FRAME_INDEX_FEATURES if name in info.derived), None)
         if index is None and info.plan is not None:
             raise ValueError(f"part {info.path!r} has no frame index feature (index_feature "
                              f"was None): its blocks cannot be told apart")
-        rows = events[index][:] if index is not None else np.zeros(info.events, np.uint32)
+        rows = (self.events[index][:] if index is not None
+                else np.zeros(info.events, np.uint32))
         self._frames = rows[self._bounds[:-1]]  # each frame's index in the part
 
     def __enter__(self) -> _PartReader:
@@ -366,29 +389,122 @@ class _PartReader:
     def __exit__(self, *exc: object) -> None:
         self._h5.close()
 
-    def copy(self, frames: range, first_frame: int, gatherer: ChunkGatherer,
-             sink: H5Sink) -> None:
-        """Append the events of the part's ``frames``, frame ``frames.start`` becoming
-        ``first_frame`` (the gatherer derives the writer's features again)."""
-        offset = first_frame - frames.start
+    def rows(self, frames: range) -> tuple[int, int]:
+        """The rows ``start, stop`` of the events of the part's ``frames``."""
         at = int(np.searchsorted(self._frames, frames.start, "left"))
         last = int(np.searchsorted(self._frames, frames.stop, "left"))
-        bounds = self._bounds
-        while at < last:
-            # whole frames, about a slab's rows (a frame larger than a slab alone)
-            end = max(at + 1, int(np.searchsorted(bounds, bounds[at] + self._rows, "right")) - 1)
-            end = min(end, last)
-            start, stop = bounds[at], bounds[end]
-            arrays = {name: self._events[name][start:stop] for name in self._info.schema}
-            for number in range(at, end):
-                first, after = bounds[number], bounds[number + 1]
-                gatherer.append(int(self._frames[number]) + offset, after - first,
-                                {name: a[first - start:after - start]
-                                 for name, a in arrays.items()})
-            chunk = gatherer.take()
-            sink.write(chunk)
-            gatherer.recycle(chunk)
-            at = end
+        return self._bounds[at], self._bounds[last]
+
+
+@dataclass(frozen=True, slots=True)
+class _Piece:
+    """Rows of a part that follow in the merged file, and what its frame indices gain."""
+
+    part: int
+    start: int
+    stop: int
+    shift: int
+    """Added to the frame index feature: the merged index of the part's frame 0."""
+
+
+class _FeatureCopy:
+    """One feature's rows from the parts, as the merged dataset's stored chunks.
+
+    Where a piece's rows lie on the merged file's chunk boundaries as they lie
+    on the part's, its whole chunks are copied as stored (no decoding, no
+    encoding); the rest is read, gathered into chunks and encoded again.
+    """
+
+    def __init__(self, layout: ColumnLayout, *, shifted: bool) -> None:
+        assert layout.chunk_rows is not None
+        self._layout, self._shifted = layout, shifted
+        self._chunk_rows = layout.chunk_rows
+        #: Rows read from a part at a time.
+        self._read_rows = max(1, _SLAB_NBYTES // max(layout.event_nbytes, 1))
+        #: Chunks stored unchanged, per part.
+        self.copied: collections.Counter[int] = collections.Counter()
+
+    def chunks(self, sources: Sequence[h5py.Dataset], pieces: Sequence[_Piece],
+               ) -> Iterator[tuple[int, np.ndarray[Any, Any] | EncodedChunk]]:
+        """``(merged row, chunk)`` of the feature's stored chunks, in row order; ``sources``
+        are the pieces' datasets."""
+        column = self._column(0)
+        for number, (source, piece) in enumerate(zip(sources, pieces, strict=True)):
+            copyable = (source.chunks == (self._chunk_rows, *self._layout.shape)
+                        and not (self._shifted and piece.shift))
+            at = piece.start
+            while at < piece.stop:
+                merged = column.base_row + column.rows
+                lines_up = copyable and (merged - at) % self._chunk_rows == 0
+                rows = self._copyable_rows(len(source), piece, at,
+                                           last=number == len(pieces) - 1) \
+                    if lines_up and column.rows == 0 else 0
+                if rows:
+                    yield from self._copied(source, piece.part, at, merged, rows)
+                    at += rows
+                    column.rebase(merged + rows)
+                    continue
+                stop = self._read_stop(at, piece.stop, lines_up=lines_up)
+                column.reserve(column.rows + stop - at)
+                column.extend(self._values(source, at, stop, piece.shift))
+                at = stop
+                if column.rows >= self._read_rows or (
+                        lines_up and column.rows % self._chunk_rows == 0):
+                    yield from self._whole_chunks(column)
+                    column = self._carry(column)
+        column.pad()
+        yield from column.stored_chunks()
+
+    def _copyable_rows(self, source_rows: int, piece: _Piece, at: int, *, last: bool) -> int:
+        """Rows from ``at`` whose stored chunks can be copied, for a piece that lines up
+        and a column holding no rows: its whole chunks from a chunk boundary on, and the
+        part's last, incomplete chunk too if it ends the merged file (both pad it alike)."""
+        if at % self._chunk_rows:
+            return 0
+        if last and piece.stop == source_rows:
+            return piece.stop - at
+        return (piece.stop - at) // self._chunk_rows * self._chunk_rows
+
+    def _copied(self, source: h5py.Dataset, part: int, at: int, merged: int, rows: int,
+                ) -> Iterator[tuple[int, EncodedChunk]]:
+        zeros = (0,) * len(self._layout.shape)
+        for offset in range(0, rows, self._chunk_rows):  # the last may be an edge chunk
+            filter_mask, data = source.id.read_direct_chunk((at + offset, *zeros))
+            self.copied[part] += 1
+            yield merged + offset, EncodedChunk(filter_mask, data)
+
+    def _read_stop(self, at: int, stop: int, *, lines_up: bool) -> int:
+        """Where the next read ends: a slab on, the piece's end, or where whole chunks can
+        be copied from (the next chunk boundary, if the piece lines up)."""
+        end = min(stop, at + self._read_rows)
+        if lines_up and at % self._chunk_rows:
+            end = min(end, at - at % self._chunk_rows + self._chunk_rows)
+        return end
+
+    def _values(self, source: h5py.Dataset, start: int, stop: int, shift: int,
+                ) -> np.ndarray[Any, Any]:
+        values: np.ndarray[Any, Any] = source[start:stop]
+        if self._shifted and shift:
+            values += np.asarray(shift, values.dtype)
+        return values
+
+    def _whole_chunks(self, column: ChunkColumn,
+                      ) -> Iterator[tuple[int, np.ndarray[Any, Any]]]:
+        whole = column.rows // self._chunk_rows
+        yield from column.stored_chunks()[:whole]
+
+    def _carry(self, column: ChunkColumn) -> ChunkColumn:
+        """A new column from the row after ``column``'s whole chunks, holding the rest.
+
+        A new one, not ``column`` again: its chunks may still wait to be encoded.
+        """
+        rows = column.base_row + column.rows
+        carried = self._column(rows - rows % self._chunk_rows)
+        carried.carry_from(column)
+        return carried
+
+    def _column(self, base_row: int) -> ChunkColumn:
+        return ChunkColumn(self._layout, base_row, self._read_rows + 2 * self._chunk_rows)
 
 
 def _run_log(infos: Sequence[_Part], nmissing: int, total_frames: int | None) -> list[str]:

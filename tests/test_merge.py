@@ -10,9 +10,11 @@ import h5py
 import hdf5plugin
 import numpy as np
 import pytest
-from _workers import SCHEMA, events_of
+from _workers import SCHEMA, events_of, nevents_of
 
 import shmwriter
+from shmwriter._rtdc import chunk_rows
+from shmwriter._write.codec import ChunkCodec
 from shmwriter.merge import merge_runs
 
 METADATA = {"experiment:sample": "merge test", "imaging:pixel size": 0.34,
@@ -105,8 +107,8 @@ def test_parts_that_do_not_fit_together_are_refused_naming_the_part(tmp_path):
         merge_runs(tmp_path / "a.rtdc", [tmp_path / "a.rtdc"])
 
 
-def test_slabs_end_between_frames_even_for_a_frame_larger_than_a_slab(tmp_path, monkeypatch):
-    """With slabs of 2 events, every frame (up to 3 events) is still appended whole."""
+def test_slabs_of_two_events_still_make_whole_chunks(tmp_path, monkeypatch):
+    """Reads of 2 rows at a time (frames have up to 3 events) fill chunks across reads."""
     import shmwriter.merge
 
     monkeypatch.setattr(shmwriter.merge, "_SLAB_NBYTES", 2 * SCHEMA.event_nbytes)
@@ -203,7 +205,7 @@ def own_frame_events(frame):
     (SCHEMA, events_of, {"index_feature": None}),
     (SCHEMA, events_of, {"index_feature": "index_unmapped"}),
 ], ids=["own-frame-feature", "no-index-feature", "index_unmapped"])
-def test_features_of_the_schema_are_copied_and_the_writers_derived_again(tmp_path, schema,
+def test_features_of_the_schema_are_copied_and_the_writers_frame_index_shifted(tmp_path, schema,
                                                                          events, options):
     for name, first, count in (("whole", 0, 30), ("a", 0, 13), ("b", 13, 17)):
         write_run(tmp_path / f"{name}.rtdc", first, count, schema=schema, events=events,
@@ -245,3 +247,66 @@ def test_the_merge_command_says_what_is_wrong_in_one_line(tmp_path):
 
 
 assert hdf5plugin  # the Zstd filter of the parts
+
+
+#: 30,000 bytes an image: HDF5 chunks of a few dozen rows, so short runs hold whole ones.
+BIG = shmwriter.Schema({"image": shmwriter.Feature("uint8", (120, 250)),
+                        "deform": shmwriter.Feature("float32")})
+BIG_CHUNK_ROWS = chunk_rows(BIG["image"].event_nbytes)
+
+
+def big_events(frame):
+    n = nevents_of(frame)
+    if n == 0:
+        return None
+    rng = np.random.default_rng(frame)
+    return {"image": rng.integers(0, 256, (n, 120, 250), dtype=np.uint8),
+            "deform": rng.random(n).astype(np.float32)}
+
+
+def rows_before(frame):
+    return sum(nevents_of(f) for f in range(frame))
+
+
+@pytest.mark.parametrize("filters", list(FILTERS))
+def test_chunks_that_line_up_are_copied_as_stored_the_rest_encoded_again(tmp_path, filters):
+    kwargs, total = FILTERS[filters], 90
+    write_run(tmp_path / "whole.rtdc", 0, total, schema=BIG, events=big_events, kwargs=kwargs)
+    lined_up = next(f for f in range(20, 70) if rows_before(f) % BIG_CHUNK_ROWS == 0)
+    apart = next(f for f in range(40, 70) if rows_before(f) % BIG_CHUNK_ROWS)
+    for split in (lined_up, apart):
+        a, b = tmp_path / f"a{split}.rtdc", tmp_path / f"b{split}.rtdc"
+        write_run(a, 0, split, schema=BIG, events=big_events, kwargs=kwargs)
+        write_run(b, split, total - split, schema=BIG, events=big_events, kwargs=kwargs)
+        merged = tmp_path / f"m{split}.rtdc"
+        placed = merge_runs(merged, [a, b])
+        assert_same_file(merged, tmp_path / "whole.rtdc")
+        # only the images have whole chunks this short (scalars: 1000 rows a chunk);
+        # the second part's line up only if the first part ends on a chunk boundary, and
+        # then its last, incomplete chunk is the merged file's last too: copied as well
+        rows_a, rows_b = rows_before(split), rows_before(total) - rows_before(split)
+        assert placed[0].copied_chunks == rows_a // BIG_CHUNK_ROWS > 0
+        assert placed[1].copied_chunks == (-(-rows_b // BIG_CHUNK_ROWS) if split == lined_up
+                                           else 0)
+        with h5py.File(merged) as ours, h5py.File(tmp_path / "whole.rtdc") as one:
+            for row in range(0, len(one["events/image"]), BIG_CHUNK_ROWS):
+                assert ours["events/image"].id.read_direct_chunk((row, 0, 0)) == \
+                    one["events/image"].id.read_direct_chunk((row, 0, 0)), row
+
+
+def test_a_copied_chunk_keeps_the_bytes_its_part_stored(tmp_path):
+    """A chunk Zstd-compressed at level 1 in a level-5 dataset (HDF5 reads it alike) comes
+    through as it was: copied, not decoded and encoded again."""
+    write_run(tmp_path / "whole.rtdc", 0, 40, schema=BIG, events=big_events)
+    write_run(tmp_path / "a.rtdc", 0, 40, schema=BIG, events=big_events)
+    with h5py.File(tmp_path / "a.rtdc", "r+") as h5:
+        image = h5["events/image"]
+        level1 = ChunkCodec(zstd_level=1, fletcher32=True).encode(image[:BIG_CHUNK_ROWS])
+        assert level1 != image.id.read_direct_chunk((0, 0, 0))[1]
+        image.id.write_direct_chunk((0, 0, 0), level1)
+        chunks = sum(-(-len(d) // d.chunks[0]) for d in h5["events"].values())
+    placed = merge_runs(tmp_path / "m.rtdc", [tmp_path / "a.rtdc"])
+    assert placed[0].copied_chunks == chunks  # one part lines up everywhere, edges too
+    with h5py.File(tmp_path / "m.rtdc") as h5:
+        assert h5["events/image"].id.read_direct_chunk((0, 0, 0)) == (0, bytes(level1))
+    assert_same_file(tmp_path / "m.rtdc", tmp_path / "whole.rtdc")

@@ -30,8 +30,9 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from typing import Any
 
 import h5py
@@ -55,7 +56,8 @@ from .gather import DERIVED_DTYPES, FRAME_INDEX_FEATURES, Chunk, frame_bounds
 from .recover import discard_further_writes, make_readable
 from .run import run_log_lines
 
-__all__ = ["H5Sink", "create_event_dataset", "dataset_kwargs", "seal_killed_file"]
+__all__ = ["EncodedChunk", "H5Sink", "create_event_dataset", "dataset_kwargs",
+           "seal_killed_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +96,16 @@ def create_event_dataset(group: h5py.Group, name: str, shape: tuple[int, ...],
         for key, value in IMAGE_ATTRS.items():
             dataset.attrs.create(key, np.bytes_(value))
     return dataset
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedChunk:
+    """One HDF5 chunk as a dataset stores it (what ``read_direct_chunk`` gives)."""
+
+    filter_mask: int
+    """The filters HDF5 skipped for it (a bit per filter; 0 for none)."""
+    data: bytes | memoryview
+    """Its bytes, filtered."""
 
 
 class H5Sink:
@@ -180,8 +192,8 @@ class H5Sink:
                         column = chunk.columns[name]
                         dataset.write_direct(column.values(column.carried),
                                              dest_sel=np.s_[start:stop])
-                for dataset, offset, data in encoded:
-                    dataset.id.write_direct_chunk(offset, data)
+                for dataset, offset, stored in encoded:
+                    dataset.id.write_direct_chunk(offset, stored.data, stored.filter_mask)
             except BaseException:
                 encoded.cancel()
                 raise
@@ -203,13 +215,80 @@ class H5Sink:
 
     def _jobs(self, columns: Mapping[str, ChunkColumn]) -> list[_Job]:
         """The stored chunks of the encoded datasets, in file order, ready to encode."""
-        jobs = []
+        jobs: list[_Job] = []
         for name, codec in self._codecs.items():
             dataset = self._datasets[name]
             zeros = (0,) * (dataset.ndim - 1)
             jobs += [(dataset, (row, *zeros), codec, data)
                      for row, data in columns[name].stored_chunks()]
         return jobs
+
+    def stored_layout(self, name: str) -> ColumnLayout:
+        """The layout of the chunks :meth:`store` takes for the dataset ``name``: stored
+        chunks, whoever applies its filters."""
+        return replace(self.layouts[name], chunk_rows=self._datasets[name].chunks[0])
+
+    def resize(self, nevents: int) -> None:
+        """Make every dataset ``nevents`` rows long, for :meth:`store` to fill."""
+        if self._file is None:
+            raise ValueError(f"cannot resize the closed file {self.path!r}")
+        for dataset in self._datasets.values():
+            dataset.resize(nevents, axis=0)
+        self.nevents = nevents
+
+    def store(self, name: str,
+              chunks: Iterable[tuple[int, np.ndarray[Any, Any] | EncodedChunk]]) -> None:
+        """Store whole HDF5 chunks of the dataset ``name``, within the rows of :meth:`resize`.
+
+        Parameters
+        ----------
+        name
+            The feature.
+        chunks
+            ``(first row, chunk)``, each row a multiple of the dataset's chunk
+            rows. A chunk is either an :class:`EncodedChunk` from a dataset with
+            the same filters and chunks, stored as it is, or the bytes of a stored
+            chunk in :meth:`stored_layout` (as ``ChunkColumn.stored_chunks``
+            gives them: rows past the last event padded), which the sink
+            filters: in its encoder pool where it can, else through HDF5. The
+            iterable is consumed lazily, a few chunks ahead of the writes.
+        """
+        if self._file is None:
+            raise ValueError(f"cannot write to the closed file {self.path!r}")
+        dataset, codec = self._datasets[name], self._codecs.get(name)
+        started = time.thread_time_ns()
+        try:
+            if codec is None:
+                self._store_through_hdf5(dataset, self.stored_layout(name), chunks)
+                return
+            zeros = (0,) * (dataset.ndim - 1)
+            jobs = ((dataset, (row, *zeros), codec, chunk) for row, chunk in chunks)
+            encoded = _EncodeWindow(self._pool, jobs, self._window)
+            try:
+                for _, offset, stored in encoded:
+                    dataset.id.write_direct_chunk(offset, stored.data, stored.filter_mask)
+            except BaseException:
+                encoded.cancel()
+                raise
+            finally:
+                self.encode_cpu_ns += encoded.cpu_ns
+        finally:
+            self.write_cpu_ns += time.thread_time_ns() - started
+
+    def _store_through_hdf5(self, dataset: h5py.Dataset, layout: ColumnLayout,
+                            chunks: Iterable[tuple[int, np.ndarray[Any, Any] | EncodedChunk]],
+                            ) -> None:
+        """:meth:`store` for a dataset whose filters only HDF5 applies."""
+        assert layout.chunk_rows is not None
+        zeros = (0,) * (dataset.ndim - 1)
+        for row, chunk in chunks:
+            if isinstance(chunk, EncodedChunk):
+                dataset.id.write_direct_chunk((row, *zeros), chunk.data, chunk.filter_mask)
+                continue
+            rows = min(layout.chunk_rows, self.nevents - row)  # an edge chunk's rows
+            values = chunk[:rows * layout.event_nbytes].view(layout.dtype)
+            dataset.write_direct(values.reshape(rows, *layout.shape),
+                                 dest_sel=np.s_[row:row + rows])
 
     def close(self, *, missing_frames: Sequence[int] = (),
               logs: Mapping[str, Sequence[str]] | None = None) -> None:
@@ -271,21 +350,24 @@ class H5Sink:
         return f"<H5Sink {self.path!r} ({state}, {self.nevents} events)>"
 
 
-#: One chunk to store: its dataset, chunk offset, codec and rows.
-_Job = tuple[h5py.Dataset, tuple[int, ...], ChunkCodec, np.ndarray[Any, Any]]
+#: One chunk to store: its dataset, chunk offset, codec, and its stored chunk's bytes to
+#: encode or the chunk encoded already.
+_Job = tuple[h5py.Dataset, tuple[int, ...], ChunkCodec, np.ndarray[Any, Any] | EncodedChunk]
 
 
 class _EncodeWindow:
     """Encodes jobs in the pool, a few ahead of the caller, yielding them in order.
 
     At most ``window`` jobs are in flight, which keeps the workers busy while
-    bounding the encoded bytes held in memory.
+    bounding the encoded bytes held in memory. Chunks encoded already pass
+    through in their place.
     """
 
-    def __init__(self, pool: ThreadPoolExecutor | None, jobs: list[_Job], window: int) -> None:
+    def __init__(self, pool: ThreadPoolExecutor | None, jobs: Iterable[_Job],
+                 window: int) -> None:
         self._pool, self._jobs = pool, iter(jobs)
         self._pending: deque[tuple[h5py.Dataset, tuple[int, ...],
-                                   Future[tuple[bytes | memoryview, int]]]]
+                                   Future[tuple[EncodedChunk, int]]]]
         self._pending = deque()
         #: CPU nanoseconds the encoder threads spent on the jobs handed out so far.
         self.cpu_ns = 0
@@ -297,11 +379,16 @@ class _EncodeWindow:
         job = next(self._jobs, None)
         if job is None or self._pool is None:
             return False
-        dataset, offset, codec, rows = job
-        self._pending.append((dataset, offset, self._pool.submit(_encode_timed, codec, rows)))
+        dataset, offset, codec, chunk = job
+        if isinstance(chunk, EncodedChunk):
+            future: Future[tuple[EncodedChunk, int]] = Future()
+            future.set_result((chunk, 0))
+        else:
+            future = self._pool.submit(_encode_timed, codec, chunk)
+        self._pending.append((dataset, offset, future))
         return True
 
-    def __iter__(self) -> Iterator[tuple[h5py.Dataset, tuple[int, ...], bytes | memoryview]]:
+    def __iter__(self) -> Iterator[tuple[h5py.Dataset, tuple[int, ...], EncodedChunk]]:
         while self._pending:
             dataset, offset, future = self._pending.popleft()
             data, cpu_ns = future.result()
@@ -316,12 +403,12 @@ class _EncodeWindow:
         self._pending.clear()
 
 
-def _encode_timed(codec: ChunkCodec, rows: np.ndarray[Any, Any],
-                  ) -> tuple[bytes | memoryview, int]:
-    """``codec.encode_stored(rows)`` and the CPU nanoseconds it took (in the encoder thread)."""
+def _encode_timed(codec: ChunkCodec, stored: np.ndarray[Any, Any]) -> tuple[EncodedChunk, int]:
+    """``codec.encode_stored(stored)`` and the CPU nanoseconds it took (in the encoder
+    thread)."""
     started = time.thread_time_ns()
-    data = codec.encode_stored(rows)
-    return data, time.thread_time_ns() - started
+    data = codec.encode_stored(stored)
+    return EncodedChunk(0, data), time.thread_time_ns() - started
 
 
 def _codecs(datasets: Mapping[str, h5py.Dataset]) -> dict[str, ChunkCodec]:
