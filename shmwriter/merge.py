@@ -36,7 +36,7 @@ import collections
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -56,8 +56,11 @@ from ._write.run import run_log_lines
 
 __all__ = ["MergedPart", "merge_runs"]
 
-#: Bytes of one feature read from a part at a time.
-_SLAB_NBYTES = 64 * 2**20
+#: Bytes of one feature read from a part before they are stored.
+_SLAB_NBYTES = 32 * 2**20
+#: HDF5's chunk cache for a part's datasets: a read across a chunk boundary decodes the
+#: chunk before it once, not once per read.
+_PART_CHUNK_CACHE_NBYTES = 8 * 2**20
 #: HDF5 filter ids that h5py knows by name, with how its keywords give their option.
 _SHUFFLE_FILTER_ID, _GZIP_FILTER_ID, _LZF_FILTER_ID = 2, 1, 32000
 
@@ -339,8 +342,9 @@ def _write_merged(output: str, infos: Sequence[_Part], merged: Sequence[MergedPa
             for name in sink.layouts:
                 copy = _FeatureCopy(sink.stored_layout(name), shifted=name in FRAME_INDEX_FEATURES
                                     and name in first.derived)
-                sink.store(name, copy.chunks([readers[p.part].events[name] for p in pieces],
-                                             pieces))
+                for batch in copy.batches([readers[p.part].events[name] for p in pieces],
+                                          pieces):
+                    sink.store(name, batch)
                 for part, count in copy.copied.items():
                     copied[part] += count
     except BaseException:
@@ -370,7 +374,7 @@ class _PartReader:
     """A part's file, open for finding the rows of its frames."""
 
     def __init__(self, info: _Part) -> None:
-        self._h5 = h5py.File(info.path, "r")
+        self._h5 = h5py.File(info.path, "r", rdcc_nbytes=_PART_CHUNK_CACHE_NBYTES)
         #: The part's /events datasets.
         self.events: h5py.Group = self._h5["events"]
         # 4 bytes an event, read whole: a frame's events are the next nevents rows
@@ -412,48 +416,51 @@ class _FeatureCopy:
 
     Where a piece's rows lie on the merged file's chunk boundaries as they lie
     on the part's, its whole chunks are copied as stored (no decoding, no
-    encoding); the rest is read, gathered into chunks and encoded again.
+    encoding); the rest is read into the merged file's chunks and encoded again.
     """
 
     def __init__(self, layout: ColumnLayout, *, shifted: bool) -> None:
         assert layout.chunk_rows is not None
         self._layout, self._shifted = layout, shifted
         self._chunk_rows = layout.chunk_rows
-        #: Rows read from a part at a time.
+        #: Rows read from a part before they are stored.
         self._read_rows = max(1, _SLAB_NBYTES // max(layout.event_nbytes, 1))
         #: Chunks stored unchanged, per part.
         self.copied: collections.Counter[int] = collections.Counter()
 
-    def chunks(self, sources: Sequence[h5py.Dataset], pieces: Sequence[_Piece],
-               ) -> Iterator[tuple[int, np.ndarray[Any, Any] | EncodedChunk]]:
-        """``(merged row, chunk)`` of the feature's stored chunks, in row order; ``sources``
-        are the pieces' datasets."""
-        column = self._column(0)
+    def batches(self, sources: Sequence[h5py.Dataset], pieces: Sequence[_Piece],
+                ) -> Iterator[Iterable[tuple[int, np.ndarray[Any, Any] | EncodedChunk]]]:
+        """Batches of ``(merged row, chunk)``, the feature's stored chunks in row order;
+        ``sources`` are the pieces' datasets.
+
+        Each batch must be stored before the next is asked for: two columns take
+        turns, each filled again once its chunks are in the file.
+        """
+        filling, spare = self._column(0), self._column(0)
         for number, (source, piece) in enumerate(zip(sources, pieces, strict=True)):
             copyable = (source.chunks == (self._chunk_rows, *self._layout.shape)
                         and not (self._shifted and piece.shift))
             at = piece.start
             while at < piece.stop:
-                merged = column.base_row + column.rows
+                merged = filling.base_row + filling.rows
                 lines_up = copyable and (merged - at) % self._chunk_rows == 0
                 rows = self._copyable_rows(len(source), piece, at,
                                            last=number == len(pieces) - 1) \
-                    if lines_up and column.rows == 0 else 0
+                    if lines_up and filling.rows == 0 else 0
                 if rows:
-                    yield from self._copied(source, piece.part, at, merged, rows)
+                    yield self._copied(source, piece.part, at, merged, rows)
                     at += rows
-                    column.rebase(merged + rows)
+                    filling.rebase(merged + rows)
                     continue
                 stop = self._read_stop(at, piece.stop, lines_up=lines_up)
-                column.reserve(column.rows + stop - at)
-                column.extend(self._values(source, at, stop, piece.shift))
+                self._read(source, at, stop, piece.shift, filling)
                 at = stop
-                if column.rows >= self._read_rows or (
-                        lines_up and column.rows % self._chunk_rows == 0):
-                    yield from self._whole_chunks(column)
-                    column = self._carry(column)
-        column.pad()
-        yield from column.stored_chunks()
+                if filling.rows >= self._read_rows or (
+                        lines_up and filling.rows % self._chunk_rows == 0):
+                    yield filling.stored_chunks()[:filling.rows // self._chunk_rows]
+                    filling, spare = self._carry(filling, spare), filling
+        filling.pad()
+        yield filling.stored_chunks()
 
     def _copyable_rows(self, source_rows: int, piece: _Piece, at: int, *, last: bool) -> int:
         """Rows from ``at`` whose stored chunks can be copied, for a piece that lines up
@@ -481,27 +488,24 @@ class _FeatureCopy:
             end = min(end, at - at % self._chunk_rows + self._chunk_rows)
         return end
 
-    def _values(self, source: h5py.Dataset, start: int, stop: int, shift: int,
-                ) -> np.ndarray[Any, Any]:
-        values: np.ndarray[Any, Any] = source[start:stop]
-        if self._shifted and shift:
-            values += np.asarray(shift, values.dtype)
-        return values
+    def _read(self, source: h5py.Dataset, start: int, stop: int, shift: int,
+              column: ChunkColumn) -> None:
+        """Append the part's rows ``start .. stop`` to ``column``, read straight into it."""
+        def fill(offset: int, rows: np.ndarray[Any, Any]) -> None:
+            source.read_direct(rows, np.s_[start + offset:start + offset + len(rows)])
+            if self._shifted and shift:
+                rows += np.asarray(shift, rows.dtype)
 
-    def _whole_chunks(self, column: ChunkColumn,
-                      ) -> Iterator[tuple[int, np.ndarray[Any, Any]]]:
-        whole = column.rows // self._chunk_rows
-        yield from column.stored_chunks()[:whole]
+        column.reserve(column.rows + stop - start)
+        column.extend_in_place(stop - start, fill)
 
-    def _carry(self, column: ChunkColumn) -> ChunkColumn:
-        """A new column from the row after ``column``'s whole chunks, holding the rest.
-
-        A new one, not ``column`` again: its chunks may still wait to be encoded.
-        """
+    def _carry(self, column: ChunkColumn, into: ChunkColumn) -> ChunkColumn:
+        """``into``, emptied, from the row after ``column``'s whole chunks on, holding the
+        rows of its last, incomplete chunk."""
         rows = column.base_row + column.rows
-        carried = self._column(rows - rows % self._chunk_rows)
-        carried.carry_from(column)
-        return carried
+        into.rebase(rows - rows % self._chunk_rows)
+        into.carry_from(column)
+        return into
 
     def _column(self, base_row: int) -> ChunkColumn:
         return ChunkColumn(self._layout, base_row, self._read_rows + 2 * self._chunk_rows)

@@ -18,8 +18,9 @@ all in one run of this script:
 
 MB/s are of the events' bytes as written (uncompressed), per merge, medians of
 ``--repeat``; before each, the page cache's dirty pages are written out (sync), and
-the time ends when the output is closed, not synced. The parts are written first by in-process Writers with the
-bench's real events (dcnum's test data next to this checkout, else synthetic).
+the time ends when the output is closed, not synced. The parts are written first
+by in-process Writers with the bench's real events (dcnum's test data next to
+this checkout, else synthetic).
 
     python tools/bench_merge.py [--frames 6000] [--frames-per-block 1000] [--repeat 3]
 """

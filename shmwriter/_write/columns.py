@@ -16,6 +16,7 @@ whole, with the new rows.
 from __future__ import annotations
 
 import mmap
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,22 +108,37 @@ class ChunkColumn:
 
     def assign(self, at: int, values: np.ndarray[Any, Any]) -> None:
         """Set rows ``at .. at + len(values)`` (within the capacity) to ``values``."""
+        for offset, rows in self.segments(at, len(values)):
+            rows[...] = values[offset:offset + len(rows)]
+
+    def segments(self, at: int, count: int) -> list[tuple[int, np.ndarray[Any, Any]]]:
+        """Rows ``at .. at + count`` (within the capacity) as writable, C-contiguous views,
+        one per stored chunk they touch (one for a plain column), each with its first
+        row's offset from ``at``."""
         chunk_rows = self.layout.chunk_rows
         if chunk_rows is None:
-            self._chunks[at:at + len(values)] = values
-            return
+            return [(0, self._chunks[at:at + count])]
+        segments, done = [], 0
         chunk, row = divmod(at, chunk_rows)
-        done, total = 0, len(values)
-        while done < total:
-            step = min(chunk_rows - row, total - done)
-            self._chunks[chunk, row:row + step] = values[done:done + step]
+        while done < count:
+            step = min(chunk_rows - row, count - done)
+            segments.append((done, self._chunks[chunk, row:row + step]))
             done += step
             chunk, row = chunk + 1, 0
+        return segments
 
     def extend(self, values: np.ndarray[Any, Any]) -> None:
         """Append ``values`` as the next rows (room reserved already)."""
         self.assign(self.rows, values)
         self.rows += len(values)
+
+    def extend_in_place(self, count: int,
+                        fill: Callable[[int, np.ndarray[Any, Any]], None]) -> None:
+        """Append ``count`` rows (room reserved already) that ``fill(offset, rows)`` writes
+        into the column's memory, segment by segment (see :meth:`segments`)."""
+        for offset, rows in self.segments(self.rows, count):
+            fill(offset, rows)
+        self.rows += count
 
     def carry_from(self, previous: ChunkColumn) -> None:
         """Start with the rows of ``previous``'s last, incomplete chunk (stored columns)."""
