@@ -5,9 +5,14 @@ from __future__ import annotations
 import os
 import pathlib
 
-import pytest
+# Ray reads this once, on import: set before any test module imports ray, it makes every
+# node of a test's cluster listen on 127.0.0.1 only (test_ray checks), not on the
+# machine's interface address.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
-import shmwriter
+import pytest  # noqa: E402
+
+import shmwriter  # noqa: E402
 
 #: Environment variable that points the tests at another folder of dcnum's test data.
 TESTDATA_ENV = "SHMWRITER_TESTDATA"

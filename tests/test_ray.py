@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import subprocess
@@ -26,12 +27,11 @@ OPTIONS = {"write_threshold": 7, "metadata": METADATA, "logs": LOGS, "flush_inte
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head and one more node on this machine, on 127.0.0.1 only."""
-    saved = {key: os.environ.get(key) for key in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
-                                                  "PYTHONPATH")}
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # bind every node to 127.0.0.1
+    """A head and one more node on this machine, on 127.0.0.1 only (conftest sets
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before ray is imported)."""
+    saved = os.environ.get("PYTHONPATH")
     tests = str(pathlib.Path(__file__).parent)  # the workers import _ray_workers
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [tests, saved["PYTHONPATH"]]))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [tests, saved]))
     simulated = Cluster(initialize_head=True,
                         head_node_args={**NODE, "include_dashboard": False})
     try:
@@ -42,11 +42,10 @@ def cluster():
     finally:
         ray.shutdown()
         simulated.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
 
 
 def run_segments():
@@ -74,6 +73,19 @@ def assert_every_frame_written_or_missing(path, total, missing):
     with_events = {f for f in range(total) if events_of(f) is not None}
     written = frames_in(path)
     assert written == with_events - set(missing)
+
+
+def test_the_cluster_listens_on_loopback_only(cluster):
+    """Every socket the cluster's processes (this one's descendants) listen on is bound to
+    127.0.0.1: tests talk to nothing else."""
+    processes = [psutil.Process(), *psutil.Process().children(recursive=True)]
+    listening = set()
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            listening |= {(process.name(), c.laddr.ip) for c in process.net_connections("tcp")
+                          if c.status == psutil.CONN_LISTEN}
+    assert len({name for name, _ in listening}) >= 3  # gcs_server, raylets, workers...
+    assert {ip for _, ip in listening} <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
 
 
 def test_a_run_on_two_nodes_merges_into_the_file_of_one_writer(tmp_path, no_segments_left):
