@@ -166,15 +166,49 @@ class RayWriter:
                     num_cpus=0, max_restarts=0, max_task_retries=0,
                     scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
                 ).remote(self._part_path(part), schema, plan.part_frames(part), options))
-            started = ray.get([a.started.remote() for a in self._actors],
-                              timeout=_START_TIMEOUT_S)
+            started = self._await_start(node_ids)
         except BaseException:
-            for actor in self._actors:
-                ray.kill(actor)
+            self._discard_start()
             raise
         self._run = _Run(plan, tuple(node_ids), tuple(ticket for ticket, _, _ in started))
         #: each node's Writer process (pid and start time, None in thread mode) and ring
         self._writer_processes = [(process, ring) for _, process, ring in started]
+
+    def _await_start(self, nodes: Sequence[str],
+                     ) -> list[tuple[Ticket, tuple[int, float] | None, str]]:
+        """Each node's ticket, Writer process and ring, once every node has started.
+
+        Raises RuntimeError naming the first node whose Writer could not start, and
+        TimeoutError naming one that did not start in time."""
+        calls = [actor.started.remote() for actor in self._actors]
+        ready, _ = ray.wait(calls, num_returns=len(calls), timeout=_START_TIMEOUT_S)
+        started = []
+        for part, call in enumerate(calls):
+            node = nodes[part]
+            if call not in ready:
+                raise TimeoutError(f"the writer of node {node} (part {part}) did not start "
+                                   f"within {_START_TIMEOUT_S} s")
+            try:
+                started.append(ray.get(call))
+            except ray.exceptions.RayActorError as exc:
+                reason = next((line.strip() for line in reversed(str(exc).splitlines())
+                               if line.strip()), type(exc).__name__)
+                raise RuntimeError(f"the writer of node {node} (part {part}) could not start: "
+                                   f"{reason}") from exc
+        return started
+
+    def _discard_start(self) -> None:
+        """After a start that failed: end the nodes' Writers that started (their rings
+        removed, their parts deleted), then their actors."""
+        ends = [actor.abort.remote() for actor in self._actors]
+        ray.wait(ends, num_returns=len(ends), timeout=_START_TIMEOUT_S)
+        for actor in self._actors:
+            ray.kill(actor)
+        for part in range(len(self._actors)):
+            with contextlib.suppress(OSError):  # never made, or not a file of ours
+                os.unlink(self._part_path(part))
+        with contextlib.suppress(OSError):  # the user's files may be in it too
+            os.rmdir(self.parts_dir)
 
     @classmethod
     def _in_task(cls, run: _Run) -> RayWriter:
@@ -258,7 +292,8 @@ class RayWriter:
         Parameters
         ----------
         timeout_s
-            Longest wait for each node's run to end (None: as long as producers live).
+            Longest wait for the nodes' runs to end, all at once (None: as long as
+            producers live).
 
         Raises
         ------
@@ -284,9 +319,13 @@ class RayWriter:
             return
         self._closed = True
         paths, first_error = [], None
-        for part, actor in enumerate(self._actors):  # every node, whatever one of them raised
+        # every node ends at once (a close takes up to timeout_s in all, not per node),
+        # and every node is ended, whatever one of them raised
+        ends = [actor.abort.remote() if abort else actor.close.remote(timeout_s)
+                for actor in self._actors]
+        for part, (actor, end) in enumerate(zip(self._actors, ends, strict=True)):
             try:
-                ray.get(actor.abort.remote() if abort else actor.close.remote(timeout_s))
+                ray.get(end)
             except ray.exceptions.RayActorError as exc:  # its node lost, or the actor killed
                 logger.warning("the writer of node %s is gone (%s); its part is taken as "
                                "far as it was flushed", self._run.nodes[part],

@@ -10,9 +10,9 @@ import pathlib
 # machine's interface address.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
-import pytest  # noqa: E402
+import pytest
 
-import shmwriter  # noqa: E402
+import shmwriter
 
 #: Environment variable that points the tests at another folder of dcnum's test data.
 TESTDATA_ENV = "SHMWRITER_TESTDATA"

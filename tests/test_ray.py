@@ -222,3 +222,16 @@ def test_a_lost_writers_pid_taken_by_another_process_is_left_alone():
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_node_whose_writer_cannot_start_ends_the_started_ones(tmp_path, no_segments_left):
+    """Node 1's Writer cannot create its part (a folder has its name): RayWriter raises
+    naming that node, and node 0's started Writer is ended, its ring and part removed."""
+    blocker = tmp_path / "run.rtdc.parts" / "run.part1.rtdc"
+    blocker.mkdir(parents=True)
+    with pytest.raises(RuntimeError, match=r"the writer of node \w+ \(part 1\) could not "
+                                           r"start: .*run.part1.rtdc"):
+        RayWriter(tmp_path / "run.rtdc", SCHEMA, total_frames=20, frames_per_block=10,
+                  **OPTIONS)
+    assert os.listdir(blocker.parent) == ["run.part1.rtdc"]  # node 0's part is gone
+    assert not (tmp_path / "run.rtdc").exists()
