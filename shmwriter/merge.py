@@ -336,14 +336,15 @@ def _write_merged(output: str, infos: Sequence[_Part], merged: Sequence[MergedPa
     try:
         with contextlib.ExitStack() as stack:
             readers = [stack.enter_context(_PartReader(info)) for info in infos]
-            pieces = [_Piece(part, *readers[part].rows(frames), first_frame - frames.start)
-                      for part, frames, first_frame in spans]
+            pieces = [piece for part, frames, first_frame in spans
+                      if (piece := _Piece(part, *readers[part].rows(frames),
+                                          first_frame - frames.start)).stop > piece.start]
             sink.resize(sum(piece.stop - piece.start for piece in pieces))
             for name in sink.layouts:
                 copy = _FeatureCopy(sink.stored_layout(name), shifted=name in FRAME_INDEX_FEATURES
                                     and name in first.derived)
-                for batch in copy.batches([readers[p.part].events[name] for p in pieces],
-                                          pieces):
+                # one h5py dataset a part, not a piece: a run of a million blocks has as many
+                for batch in copy.batches([reader.events[name] for reader in readers], pieces):
                     sink.store(name, batch)
                 for part, count in copy.copied.items():
                     copied[part] += count
@@ -431,22 +432,26 @@ class _FeatureCopy:
     def batches(self, sources: Sequence[h5py.Dataset], pieces: Sequence[_Piece],
                 ) -> Iterator[Iterable[tuple[int, np.ndarray[Any, Any] | EncodedChunk]]]:
         """Batches of ``(merged row, chunk)``, the feature's stored chunks in row order;
-        ``sources`` are the pieces' datasets.
+        ``sources`` are the parts' datasets, ``pieces`` hold rows (none is empty).
 
         Each batch must be stored before the next is asked for: two columns take
         turns, each filled again once its chunks are in the file.
         """
+        same_chunks = [source.chunks == (self._chunk_rows, *self._layout.shape)
+                       for source in sources]
         filling, spare = self._column(0), self._column(0)
-        for number, (source, piece) in enumerate(zip(sources, pieces, strict=True)):
-            copyable = (source.chunks == (self._chunk_rows, *self._layout.shape)
-                        and not (self._shifted and piece.shift))
+        for number, piece in enumerate(pieces):
+            source = sources[piece.part]
+            copyable = same_chunks[piece.part] and not (self._shifted and piece.shift)
             at = piece.start
             while at < piece.stop:
                 merged = filling.base_row + filling.rows
                 lines_up = copyable and (merged - at) % self._chunk_rows == 0
                 rows = self._copyable_rows(len(source), piece, at,
-                                           last=number == len(pieces) - 1) \
-                    if lines_up and filling.rows == 0 else 0
+                                           last=number == len(pieces) - 1) if lines_up else 0
+                if rows and filling.rows:  # whole chunks gathered before: to the file first
+                    yield filling.stored_chunks()
+                    filling, spare = self._carry(filling, spare), filling
                 if rows:
                     yield self._copied(source, piece.part, at, merged, rows)
                     at += rows

@@ -310,3 +310,34 @@ def test_a_copied_chunk_keeps_the_bytes_its_part_stored(tmp_path):
     with h5py.File(tmp_path / "m.rtdc") as h5:
         assert h5["events/image"].id.read_direct_chunk((0, 0, 0)) == (0, bytes(level1))
     assert_same_file(tmp_path / "m.rtdc", tmp_path / "whole.rtdc")
+
+
+def one_big_event(frame):
+    rng = np.random.default_rng(frame)
+    return {"image": rng.integers(0, 256, (1, 120, 250), dtype=np.uint8),
+            "deform": rng.random(1).astype(np.float32)}
+
+
+@pytest.mark.parametrize(("frames", "empty_last", "copied"), [
+    # the third part starts on a chunk boundary after two that do not end on one: its
+    # two whole image chunks and its last one (the file's last) are copied
+    ((10, 24, 100), False, [0, 0, 3]),
+    # a part without events after the last with events: the latter's last chunks end the
+    # merged file, so they are copied too (3 of the images; deform, frame and nevents: 1)
+    ((100, 5), True, [6, 0]),
+], ids=["after-parts-off-the-boundary", "before-a-part-without-events"])
+def test_chunks_that_line_up_after_other_parts_are_copied(tmp_path, frames, empty_last,
+                                                          copied):
+    parts, at = [], 0
+    for k, count in enumerate(frames):
+        parts.append(tmp_path / f"p{k}.rtdc")
+        nothing = empty_last and k == len(frames) - 1
+        write_run(parts[-1], at, count, schema=BIG,
+                  events=(lambda frame: None) if nothing else one_big_event)
+        at += count
+    placed = merge_runs(tmp_path / "m.rtdc", parts)
+    assert [p.copied_chunks for p in placed] == copied
+    with_events = sum(frames[:-1]) if empty_last else sum(frames)
+    with h5py.File(tmp_path / "m.rtdc") as h5:
+        np.testing.assert_array_equal(h5["events/image"][:], np.concatenate(
+            [one_big_event(f)["image"] for f in range(with_events)]))
