@@ -135,7 +135,7 @@ def test_stored_columns_start_at_a_chunk_boundary_carry_the_last_rows_and_are_re
         chunks.append(chunk)
         if len(chunks) >= 2:
             gatherer.recycle(chunks[-2])  # written: its columns may come back
-    assert chunks[3].columns["x"] is chunks[0].columns["x"]  # came back after chunk 1
+    assert chunks[2].columns["x"] is chunks[0].columns["x"]  # back before chunk 2 began
 
 
 def test_columns_grow_past_their_first_capacity_keeping_their_rows():
@@ -148,3 +148,51 @@ def test_columns_grow_past_their_first_capacity_keeping_their_rows():
         arrays = gatherer.take().arrays()
         np.testing.assert_array_equal(arrays["img"], images)
         assert arrays["nevents"].tolist() == [3] * 300
+
+
+def test_columns_come_back_while_the_sink_is_behind_and_no_more_sets_are_made():
+    """The writer's pattern when the disk is the bottleneck: one chunk being written, one
+    queued, one waiting to be queued. The written chunk's columns serve the next chunk, so
+    no more than three sets of columns ever exist (gathered, queued, written)."""
+    schema = shmwriter.Schema({"x": shmwriter.Feature("int16")})
+    layouts = {"x": ColumnLayout((), np.dtype(np.int16), 4),
+               "frame": ColumnLayout((), np.dtype(np.uint32), 4)}
+    gatherer = ChunkGatherer(schema, ("frame",), layouts)
+    out, made, frame = [], set(), 0
+    for _ in range(12):
+        for _ in range(5):
+            gatherer.append(frame, 1, {"x": np.array([frame], np.int16)})
+            frame += 1
+        out.append(gatherer.take())
+        made.add(id(out[-1].columns["x"]))
+        if len(out) == 3:  # the third waits for the queue: the first is written meanwhile
+            gatherer.recycle(out.pop(0))
+    assert len(made) == 3
+    chunk = out[-1]
+    np.testing.assert_array_equal(chunk.columns["x"].values(chunk.columns["x"].carried),
+                                  np.arange(frame - 5, frame))
+
+
+def test_a_chunk_written_before_the_next_event_lends_it_its_columns_and_last_rows():
+    """A sink that keeps up returns a chunk's columns before the next chunk's first event:
+    the next chunk gathers into them, starting with the rows of their last incomplete
+    stored chunk (10 rows in chunks of 4: rows 8 and 9 are carried, moved to the front)."""
+    schema = shmwriter.Schema({"x": shmwriter.Feature("int16")})
+    layouts = {"x": ColumnLayout((), np.dtype(np.int16), 4),
+               "frame": ColumnLayout((), np.dtype(np.uint32), 4)}
+    gatherer = ChunkGatherer(schema, ("frame",), layouts)
+    first_column, frame = None, 0
+    for _ in range(3):
+        for _ in range(10):
+            gatherer.append(frame, 1, {"x": np.array([frame], np.int16)})
+            frame += 1
+        chunk = gatherer.take()
+        column = chunk.columns["x"]
+        first_column = first_column or column
+        assert column is first_column
+        assert column.base_row == (frame - 10) - (frame - 10) % 4
+        np.testing.assert_array_equal(column.values(), np.arange(column.base_row, frame))
+        stored = np.concatenate([data[:-4].view(np.int16) for _, data in column.stored_chunks()])
+        np.testing.assert_array_equal(stored[:frame - column.base_row],
+                                      np.arange(column.base_row, frame))
+        gatherer.recycle(chunk)

@@ -93,6 +93,22 @@ class ChunkColumn:
         """Start over, empty, at file row ``base_row`` (for a column used again)."""
         self.base_row, self.rows, self.carried = base_row, 0, 0
 
+    def restart(self) -> None:
+        """Start over from the row after the column's whole stored chunks, holding the rows
+        of its last incomplete chunk as carried ones (as :meth:`carry_from` itself would).
+
+        For a column that came back from the sink before the next chunk began.
+        """
+        end, chunk_rows = self.base_row + self.rows, self.layout.chunk_rows
+        if chunk_rows is None:
+            self.rebase(end)
+            return
+        carried = self.rows % chunk_rows
+        last = self._nchunks_used() - 1
+        if carried and last:
+            self._chunks[0, :carried] = self._chunks[last, :carried]
+        self.base_row, self.rows, self.carried = end - carried, carried, carried
+
     def reserve(self, rows: int) -> None:
         """Make room for ``rows`` rows, keeping those held."""
         if rows <= self.capacity:

@@ -6,16 +6,19 @@ feature one :class:`~.columns.ChunkColumn` in the file's dtype (masks arrive as
 derives: the frame index (``frame`` or ``index_unmapped``) and ``nevents``.
 
 Columns go back to the gatherer once their chunk is written
-(:meth:`ChunkGatherer.recycle`) and serve a later chunk while the sink keeps
-up: its memory is touched for the first time once, not once per chunk, which
-saves the page faults of fresh memory. When the sink falls behind, returned
-columns are freed, so that no more chunks are held than without reuse.
+(:meth:`ChunkGatherer.recycle`) and serve a later chunk: their memory is
+touched for the first time once, not once per chunk. Fresh pages cost about
+0.7 s per GB to fault in and zero, eight times a copy into warm memory. A
+chunk's successor takes its columns only when its first event comes, so that
+a chunk waiting for the sink's queue has none yet, and the columns of the
+chunk written meanwhile serve it. Returned columns are kept while at most
+``column_sets`` sets exist (the one gathered, one queued, one being written),
+and freed beyond that.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,11 +35,6 @@ __all__ = ["DERIVED_DTYPES", "FRAME_INDEX_FEATURES", "Chunk", "ChunkGatherer", "
 _LARGE_NBYTES = 256
 #: Up to this many pieces every feature is copied piece by piece.
 _FEW_PIECES = 4
-#: Columns of a written chunk are kept for the next one only while at most this many
-#: chunks are out (queued or being written): a sink that keeps up. When it falls behind,
-#: they are freed instead, so that memory stays at what it was without reuse: the chunk
-#: being gathered, one queued and one being written.
-_OUT_TO_KEEP = 1
 
 #: Per-event features the writer can derive, and their dtypes.
 DERIVED_DTYPES: dict[str, np.dtype[Any]] = {
@@ -107,20 +105,31 @@ class ChunkGatherer:
     layouts
         Each feature's column layout, derived ones included (the sink's, see
         ``H5Sink.layouts``); plain ones by default.
+    column_sets
+        Sets of columns (one per chunk) that may exist at once: the one being
+        gathered and those out, queued or being written. Columns that come back
+        are kept for later chunks up to that many sets, freed beyond.
     """
 
     def __init__(self, schema: Schema, derived: tuple[str, ...],
-                 layouts: Mapping[str, ColumnLayout] | None = None) -> None:
+                 layouts: Mapping[str, ColumnLayout] | None = None, *,
+                 column_sets: int = 3) -> None:
         self._schema, self._derived = schema, derived
         self._layouts = dict(layouts or plain_layouts(schema, derived))
         self._small = frozenset(n for n, f in schema.items() if f.event_nbytes < _LARGE_NBYTES)
         self._capacity_hint = 64  # events of the largest chunk so far
-        self._spare: deque[dict[str, ChunkColumn]] = deque(maxlen=1)
+        self._column_sets = column_sets
+        self._spare: list[dict[str, ChunkColumn]] = []
         self._out = 0  # chunks with columns taken and not recycled (the sink has them)
-        self._out_lock = threading.Lock()  # take() and recycle() run in different threads
+        # take(), the first append after it and recycle() run in different threads
+        self._lock = threading.Lock()
         self._file_rows = 0  # events of the chunks taken so far
-        self._columns = {name: ChunkColumn(layout, 0, self._capacity_hint)
-                         for name, layout in self._layouts.items()}
+        #: The columns being gathered into; None from a take() to the next event.
+        self._columns: dict[str, ChunkColumn] | None = {
+            name: ChunkColumn(layout, 0, self._capacity_hint)
+            for name, layout in self._layouts.items()}
+        #: The last chunk's columns, whose last incomplete stored chunks the next carries.
+        self._previous: dict[str, ChunkColumn] | None = None
         self.first_frame = 0
         #: Frames (missing ones included) and events gathered so far.
         self.nframes = self.nevents = self.nmissing = 0
@@ -132,12 +141,12 @@ class ChunkGatherer:
         The arrays are in the file's dtypes already (masks as uint8 0/255).
         """
         if nevents:
-            self._reserve(nevents)
+            columns = self._reserve(nevents)
             for name in self._schema:
-                self._columns[name].extend(arrays[name][:nevents])
+                columns[name].extend(arrays[name][:nevents])
             for name in self._derived:
                 value = nevents if name == "nevents" else frame
-                self._columns[name].extend(np.full(nevents, value, DERIVED_DTYPES[name]))
+                columns[name].extend(np.full(nevents, value, DERIVED_DTYPES[name]))
             self.nevents += nevents
         self.nframes += 1
 
@@ -159,11 +168,11 @@ class ChunkGatherer:
         self.nframes += len(frames)
         if not total:
             return
-        self._reserve(total)
+        columns = self._reserve(total)
         rows = np.concatenate([np.arange(first, first + n) for first, n in runs]) \
             if len(runs) > _FEW_PIECES else None
         for name in self._schema:
-            column, source = self._columns[name], ring_rows[name]
+            column, source = columns[name], ring_rows[name]
             if rows is not None and name in self._small:
                 column.extend(source[rows])
                 continue
@@ -172,7 +181,7 @@ class ChunkGatherer:
         counts_array = np.asarray(counts)
         for name in self._derived:
             values = counts_array if name == "nevents" else [f for f, _, _ in frames]
-            self._columns[name].extend(np.repeat(values, counts_array))
+            columns[name].extend(np.repeat(values, counts_array))
         self.nevents += total
 
     def skip(self, nframes: int) -> None:
@@ -184,8 +193,10 @@ class ChunkGatherer:
         """Hand out the gathered chunk and start the next one after it."""
         columns: dict[str, ChunkColumn] = {}
         if self.nevents:
-            columns, self._columns = self._columns, self._next_columns(self._columns)
-            with self._out_lock:
+            assert self._columns is not None
+            with self._lock:
+                columns, self._columns = self._columns, None
+                self._previous = columns
                 self._out += 1
             for column in columns.values():
                 column.pad()
@@ -204,33 +215,48 @@ class ChunkGatherer:
         """
         if not chunk.columns:
             return
-        with self._out_lock:
+        with self._lock:
             self._out -= 1
-            keep = self._out <= _OUT_TO_KEEP
-        if keep:
-            self._spare.append(chunk.columns)
+            sets = self._out + len(self._spare) + (self._columns is not None)
+            if sets < self._column_sets:
+                self._spare.append(chunk.columns)
 
-    def _next_columns(self, previous: Mapping[str, ChunkColumn]) -> dict[str, ChunkColumn]:
-        """Empty columns for the next chunk, carrying the rows of ``previous``'s last
-        incomplete stored chunks."""
-        rows = self._file_rows + self.nevents  # the next chunk's first file row
-        spare = self._spare.popleft() if self._spare else {}
+    def _gathering(self) -> dict[str, ChunkColumn]:
+        """The columns to gather into: after a take(), the next chunk's, made now."""
+        with self._lock:
+            if self._columns is None:
+                spare = self._spare.pop() if self._spare else {}
+                self._columns = self._next_columns(self._previous or {}, spare)
+                self._previous = None
+            return self._columns
+
+    def _next_columns(self, previous: Mapping[str, ChunkColumn],
+                      spare: Mapping[str, ChunkColumn]) -> dict[str, ChunkColumn]:
+        """Columns for the next chunk (``spare``'s where there are), carrying the rows of
+        ``previous``'s last incomplete stored chunks."""
+        rows = self._file_rows  # the next chunk's first file row
         columns = {}
         for name, layout in self._layouts.items():
             base = rows - rows % layout.chunk_rows if layout.chunk_rows else rows
-            column = spare.get(name)
-            if column is None:
-                column = ChunkColumn(layout, base, self._capacity_hint)
+            column, last = spare.get(name), previous.get(name)
+            if column is not None and column is last:  # the last chunk's came back already
+                column.restart()
             else:
-                column.rebase(base)
-            column.carry_from(previous[name])
+                if column is None:
+                    column = ChunkColumn(layout, base, self._capacity_hint)
+                else:
+                    column.rebase(base)
+                if last is not None:
+                    column.carry_from(last)
             columns[name] = column
         return columns
 
-    def _reserve(self, nevents: int) -> None:
-        """Room for ``nevents`` more events in every column."""
-        for column in self._columns.values():
+    def _reserve(self, nevents: int) -> dict[str, ChunkColumn]:
+        """The columns to gather into, with room for ``nevents`` more events in each."""
+        columns = self._gathering()
+        for column in columns.values():
             column.reserve(max(column.rows + nevents, column.carried + self._capacity_hint))
+        return columns
 
 
 def _merge_pieces(pieces: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
