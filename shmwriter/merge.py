@@ -63,6 +63,10 @@ _SLAB_NBYTES = 32 * 2**20
 _PART_CHUNK_CACHE_NBYTES = 8 * 2**20
 #: HDF5 filter ids that h5py knows by name, with how its keywords give their option.
 _SHUFFLE_FILTER_ID, _GZIP_FILTER_ID, _LZF_FILTER_ID = 2, 1, 32000
+#: Filter options that a plugin puts before the user's when a dataset is created, per filter
+#: id: Bitshuffle's version (2) and the type size (1). A merged dataset whose pipeline still
+#: differs from its part's is refused (see _check_filters).
+_SET_BY_PLUGIN = {32008: 3}
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +224,9 @@ class _Part:
     schema: Schema
     derived: tuple[str, ...]
     kwargs: dict[str, dict[str, Any]]
+    """Each feature's creation keywords, to create it again."""
+    filters: dict[str, list[tuple[int, tuple[int, ...]]]]
+    """Each feature's filter pipeline as HDF5 holds it."""
     metadata: dict[str, Any]
     logs: dict[str, list[str]]
     run_log: dict[str, str]
@@ -251,6 +258,7 @@ def read_part(path: str) -> _Part:
         schema = Schema({name: Feature(d.dtype, tuple(d.shape[1:]))
                          for name, d in events.items() if name not in derived})
         kwargs = {name: _filter_kwargs(path, name, d) for name, d in events.items()}
+        filters = {name: dataset_filters(d) for name, d in events.items()}
         logs = {name: [line.decode("utf-8") for line in d[:]]
                 for name, d in h5.get("logs", {}).items()}
         metadata = {key: value for key, value in h5.attrs.items() if key != EVENT_COUNT_ATTR}
@@ -269,8 +277,8 @@ def read_part(path: str) -> _Part:
     done = int(run_log.get("frames_done", frames))
     if done < frames:  # an aborted run: the frames after those done never came
         missing = missing.union([(done, frames)])
-    return _Part(path, schema, derived, kwargs, metadata, logs, run_log, frames, lengths.pop(),
-                 missing, plan, part)
+    return _Part(path, schema, derived, kwargs, filters, metadata, logs, run_log, frames,
+                 lengths.pop(), missing, plan, part)
 
 
 def _frames_of(path: str, run_log: Mapping[str, str]) -> int:
@@ -302,8 +310,9 @@ def _filter_kwargs(path: str, name: str, dataset: h5py.Dataset) -> dict[str, Any
             kwargs.update(compression="gzip", compression_opts=values[0] if values else 4)
         elif filter_id == _LZF_FILTER_ID:
             kwargs["compression"] = "lzf"
-        else:
-            kwargs.update(compression=filter_id, compression_opts=values)
+        else:  # the user's options, without those the plugin puts before them itself
+            kwargs.update(compression=filter_id,
+                          compression_opts=values[_SET_BY_PLUGIN.get(filter_id, 0):])
     fill = np.asarray(dataset.fillvalue)
     if fill.shape == () and fill.dtype.kind in "biuf" and fill.item() != 0:
         kwargs["fillvalue"] = fill.item()
@@ -317,7 +326,8 @@ def _check_same_layout(first: _Part, other: _Part) -> None:
     for name, feature in first.schema.items():
         if name not in other.schema:
             raise ValueError(f"part {other.path!r} lacks feature {name!r} of {first.path!r}")
-        if other.schema[name] != feature or other.kwargs[name] != first.kwargs[name]:
+        # by repr: a NaN fill value is not equal to itself
+        if other.schema[name] != feature or repr(other.kwargs[name]) != repr(first.kwargs[name]):
             raise ValueError(f"part {other.path!r}: feature {name!r} is stored differently "
                              f"from {first.path!r}")
     extra = sorted(set(other.schema) - set(first.schema))
@@ -331,7 +341,8 @@ def _write_merged(output: str, infos: Sequence[_Part], merged: Sequence[MergedPa
     """Copy each span ``(part, its frames, run frame of the first)`` in the order given,
     feature by feature; return how many chunks of each part were stored unchanged."""
     first = infos[0]
-    sink = H5Sink(output, first.schema, first.derived, _common_kwargs(first), first.metadata)
+    sink = H5Sink(output, first.schema, first.derived, None, first.metadata,
+                  feature_kwargs=first.kwargs)
     copied = [0] * len(infos)
     try:
         with contextlib.ExitStack() as stack:
@@ -339,6 +350,7 @@ def _write_merged(output: str, infos: Sequence[_Part], merged: Sequence[MergedPa
             pieces = [piece for part, frames, first_frame in spans
                       if (piece := _Piece(part, *readers[part].rows(frames),
                                           first_frame - frames.start)).stop > piece.start]
+            _check_filters(first, sink)
             sink.resize(sum(piece.stop - piece.start for piece in pieces))
             for name in sink.layouts:
                 copy = _FeatureCopy(sink.stored_layout(name), shifted=name in FRAME_INDEX_FEATURES
@@ -359,16 +371,14 @@ def _write_merged(output: str, infos: Sequence[_Part], merged: Sequence[MergedPa
     return copied
 
 
-def _common_kwargs(first: _Part) -> dict[str, Any]:
-    """The one set of creation keywords the sink takes (every feature of a part has it;
-    a fill value given once is the same number in every feature's dtype)."""
-    settings = list(first.kwargs.values())
-    filters = {repr(sorted((k, v) for k, v in s.items() if k != "fillvalue")) for s in settings}
-    fills = {s.get("fillvalue", 0) for s in settings}
-    if len(filters) != 1 or len(fills) != 1:
-        raise ValueError(f"part {first.path!r}: its features have different filters or fill "
-                         f"values; merge_runs writes one setting for all")
-    return settings[0]
+def _check_filters(first: _Part, sink: H5Sink) -> None:
+    """Refuse a merged dataset whose filter pipeline differs from the part's: a plugin
+    that sets options of its own in a way the merge cannot give again."""
+    for name, filters in first.filters.items():
+        if sink.filters(name) != filters:
+            raise ValueError(f"part {first.path!r}: feature {name!r} has the filters "
+                             f"{filters}, which merge_runs cannot create again (it gets "
+                             f"{sink.filters(name)})")
 
 
 class _PartReader:

@@ -341,3 +341,22 @@ def test_chunks_that_line_up_after_other_parts_are_copied(tmp_path, frames, empt
     with h5py.File(tmp_path / "m.rtdc") as h5:
         np.testing.assert_array_equal(h5["events/image"][:], np.concatenate(
             [one_big_event(f)["image"] for f in range(with_events)]))
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"fillvalue": float("nan")}, {"fillvalue": 0.5}, {"fillvalue": -1},
+    dict(hdf5plugin.Blosc()), dict(hdf5plugin.Bitshuffle()),
+], ids=["fill-nan", "fill-half", "fill-minus-one", "blosc", "bitshuffle"])
+def test_filters_and_fill_values_hdf5_sets_per_dataset_merge_too(tmp_path, kwargs):
+    """A fill value cast to each feature's dtype, and filters whose options HDF5 fills in
+    per dataset (Blosc, Bitshuffle: the type size), differ between a file's features:
+    each feature is created again as its part's, not refused."""
+    write_run(tmp_path / "whole.rtdc", 0, 30, kwargs=kwargs)
+    write_run(tmp_path / "a.rtdc", 0, 13, kwargs=kwargs)
+    write_run(tmp_path / "b.rtdc", 13, 17, kwargs=kwargs)
+    merge_runs(tmp_path / "m.rtdc", [tmp_path / "a.rtdc", tmp_path / "b.rtdc"])
+    assert_same_file(tmp_path / "m.rtdc", tmp_path / "whole.rtdc")
+    with h5py.File(tmp_path / "m.rtdc") as ours, h5py.File(tmp_path / "whole.rtdc") as one:
+        for name, dataset in one["events"].items():
+            assert repr(ours["events"][name].fillvalue) == repr(dataset.fillvalue), name
+            assert ours["events"][name]._filters == dataset._filters, name

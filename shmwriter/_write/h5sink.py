@@ -50,7 +50,7 @@ from .._rtdc import (
     chunk_rows,
 )
 from .._spec import Schema
-from .codec import ChunkCodec, codec_for
+from .codec import ChunkCodec, codec_for, dataset_filters
 from .columns import ChunkColumn, ColumnLayout
 from .gather import DERIVED_DTYPES, FRAME_INDEX_FEATURES, Chunk, frame_bounds
 from .recover import discard_further_writes, make_readable
@@ -127,6 +127,9 @@ class H5Sink:
         Overrides of the dataset creation keywords (see :func:`dataset_kwargs`).
     metadata
         ``{"section:key": value}`` written as root attributes.
+    feature_kwargs
+        Creation keywords of single features, each taken instead of
+        ``hdf5_dataset_kwargs`` (a merge creates every feature as its parts have it).
     """
 
     _file: h5py.File | None = None
@@ -136,7 +139,8 @@ class H5Sink:
 
     def __init__(self, path: str | os.PathLike[str], schema: Schema, derived: tuple[str, ...],
                  hdf5_dataset_kwargs: Mapping[str, Any] | None,
-                 metadata: Mapping[str, Any] | None) -> None:
+                 metadata: Mapping[str, Any] | None, *,
+                 feature_kwargs: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         self.path = os.fspath(path)
         self.nevents = 0
         #: CPU nanoseconds of this sink's writes (HDF5, in the writing thread) and of its
@@ -149,7 +153,9 @@ class H5Sink:
             events = self._file.create_group("events")
             shapes = {name: (f.shape, f.file_dtype) for name, f in schema.items()}
             shapes.update({name: ((), DERIVED_DTYPES[name]) for name in derived})
-            self._datasets = {name: create_event_dataset(events, name, shape, dtype, self._kwargs)
+            own = {name: dataset_kwargs(kwargs) for name, kwargs in (feature_kwargs or {}).items()}
+            self._datasets = {name: create_event_dataset(events, name, shape, dtype,
+                                                         own.get(name, self._kwargs))
                               for name, (shape, dtype) in shapes.items()}
             self._codecs = _codecs(self._datasets)
             #: Each feature's column layout: stored chunks where the sink encodes them.
@@ -222,6 +228,10 @@ class H5Sink:
             jobs += [(dataset, (row, *zeros), codec, data)
                      for row, data in columns[name].stored_chunks()]
         return jobs
+
+    def filters(self, name: str) -> list[tuple[int, tuple[int, ...]]]:
+        """``(filter id, cd_values)`` of the dataset ``name``'s pipeline, as HDF5 set it."""
+        return dataset_filters(self._datasets[name])
 
     def stored_layout(self, name: str) -> ColumnLayout:
         """The layout of the chunks :meth:`store` takes for the dataset ``name``: stored
