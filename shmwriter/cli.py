@@ -97,7 +97,9 @@ def _run_merge(args: argparse.Namespace) -> int:
         raise _UserError(str(exc)) from None
     events = sum(p.events for p in placed)
     frames = sum(p.frames for p in placed)
-    print(f"{events:,} events of {frames:,} frames from {len(placed)} parts -> {args.output}")
+    copied = sum(p.copied_chunks for p in placed)
+    print(f"{events:,} events of {frames:,} frames from {len(placed)} parts -> {args.output} "
+          f"({copied:,} stored chunks copied as they were)")
     return 0
 
 

@@ -128,7 +128,9 @@ def test_the_merge_command(tmp_path):
                              str(tmp_path / "b.rtdc")], capture_output=True, text=True,
                             timeout=120, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith(f"30 frames from 2 parts -> {tmp_path / 'm.rtdc'}")
+    # chunks of 1000 rows: a has none whole, and b's rows follow its last one
+    assert result.stdout.strip().endswith(f"30 frames from 2 parts -> {tmp_path / 'm.rtdc'} "
+                                          f"(0 stored chunks copied as they were)")
     assert_same_file(tmp_path / "m.rtdc", tmp_path / "whole.rtdc")
     bad = subprocess.run([sys.executable, "-m", "shmwriter", "merge", str(tmp_path / "m2.rtdc"),
                           str(tmp_path / "nothing.rtdc")], capture_output=True, text=True,
