@@ -107,7 +107,7 @@ def test_the_merge_command_takes_parts_of_a_plan(tmp_path):
                              str(tmp_path / "m.rtdc"), *map(str, parts)], capture_output=True,
                             text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith(f"33 frames from 3 parts -> {tmp_path / 'm.rtdc'}")
+    assert f"33 frames from 3 parts -> {tmp_path / 'm.rtdc'} (" in result.stdout
     assert_same_file(tmp_path / "m.rtdc", tmp_path / "whole.rtdc")
 
 
