@@ -26,6 +26,7 @@ with plain file writes that need no new space, to say why.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -191,20 +192,13 @@ class H5Sink:
             jobs = self._jobs(chunk.columns)
             for dataset in self._datasets.values():
                 dataset.resize(stop, axis=0)  # direct chunk writes need the extent first
-            encoded = _EncodeWindow(self._pool, jobs, self._window)
-            try:
+            with self._encoding(jobs) as encoded:
                 for name, dataset in self._datasets.items():
                     if name not in self._codecs:  # HDF5 filters these while the pool works
                         column = chunk.columns[name]
                         dataset.write_direct(column.values(column.carried),
                                              dest_sel=np.s_[start:stop])
-                for dataset, offset, stored in encoded:
-                    dataset.id.write_direct_chunk(offset, stored.data, stored.filter_mask)
-            except BaseException:
-                encoded.cancel()
-                raise
-            finally:
-                self.encode_cpu_ns += encoded.cpu_ns
+                encoded.store()
             self.nevents = stop
         self._file.flush()
 
@@ -272,18 +266,24 @@ class H5Sink:
                 self._store_through_hdf5(dataset, self.stored_layout(name), chunks)
                 return
             zeros = (0,) * (dataset.ndim - 1)
-            jobs = ((dataset, (row, *zeros), codec, chunk) for row, chunk in chunks)
-            encoded = _EncodeWindow(self._pool, jobs, self._window)
-            try:
-                for _, offset, stored in encoded:
-                    dataset.id.write_direct_chunk(offset, stored.data, stored.filter_mask)
-            except BaseException:
-                encoded.cancel()
-                raise
-            finally:
-                self.encode_cpu_ns += encoded.cpu_ns
+            with self._encoding((dataset, (row, *zeros), codec, chunk)
+                                for row, chunk in chunks) as encoded:
+                encoded.store()
         finally:
             self.write_cpu_ns += time.thread_time_ns() - started
+
+    @contextlib.contextmanager
+    def _encoding(self, jobs: Iterable[_Job]) -> Iterator[_EncodeWindow]:
+        """``jobs`` encoded in the pool, a few ahead of their writes; those not started
+        are cancelled if the body fails, and the pool's CPU time is counted either way."""
+        encoded = _EncodeWindow(self._pool, jobs, self._window)
+        try:
+            yield encoded
+        except BaseException:
+            encoded.cancel()
+            raise
+        finally:
+            self.encode_cpu_ns += encoded.cpu_ns
 
     def _store_through_hdf5(self, dataset: h5py.Dataset, layout: ColumnLayout,
                             chunks: Iterable[tuple[int, np.ndarray[Any, Any] | EncodedChunk]],
@@ -405,6 +405,11 @@ class _EncodeWindow:
             self.cpu_ns += cpu_ns
             self._submit_next()
             yield dataset, offset, data
+
+    def store(self) -> None:
+        """Store each chunk, in order, as soon as it is encoded."""
+        for dataset, offset, stored in self:
+            dataset.id.write_direct_chunk(offset, stored.data, stored.filter_mask)
 
     def cancel(self) -> None:
         """Cancel the jobs not started yet (after a failure)."""
