@@ -45,7 +45,9 @@ _LIVENESS_INTERVAL_S = 0.5
 #: How long a request for a frame ahead of the waiting ones may wait before the writer
 #: copies waiting frames out of the ring for it, beyond the reorder budget if need be.
 _PATIENCE_S = 0.5
-_CHUNK_QUEUE_SIZE = 1  # one chunk waits while one is written: bounded memory
+#: One chunk waits while one is written: bounded memory. With the one being gathered, that
+#: makes the three sets of columns ChunkGatherer keeps for reuse (its ``column_sets``).
+_CHUNK_QUEUE_SIZE = 1
 #: The kinds that ask for slots; those asking for consecutive ones; those answered at once.
 _REQUESTS = frozenset({Kind.REQUEST, Kind.REQUEST_RUN, Kind.REQUEST_NOW, Kind.REQUEST_RUN_NOW})
 _RUN_REQUESTS = frozenset({Kind.REQUEST_RUN, Kind.REQUEST_RUN_NOW})
