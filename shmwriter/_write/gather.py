@@ -106,9 +106,11 @@ class ChunkGatherer:
         Each feature's column layout, derived ones included (the sink's, see
         ``H5Sink.layouts``); plain ones by default.
     column_sets
-        Sets of columns (one per chunk) that may exist at once: the one being
-        gathered and those out, queued or being written. Columns that come back
-        are kept for later chunks up to that many sets, freed beyond.
+        Sets of columns (one per chunk) to keep: the one being gathered and
+        those out, queued or being written. Columns that come back are kept for
+        later chunks while no more sets than that exist, freed beyond. The
+        gatherer never refuses a set: the caller bounds how many chunks are out
+        (the Writer's sink queue holds one, one more is written).
     """
 
     def __init__(self, schema: Schema, derived: tuple[str, ...],

@@ -102,18 +102,25 @@ class SinkThread(Generic[ChunkT]):
     def _run(self) -> None:
         while (chunk := self._chunks.get()) is not None:
             if self.error is None:
-                try:
-                    self._write(chunk)
-                    if self._on_written is not None:
-                        self._on_written(chunk)
-                    self._publish()
-                except BaseException as exc:  # raised by put(); the caller logs it
-                    self.error = exc
+                self._handle(chunk)
+            # no reference kept while waiting for the next: memory the chunk's owner
+            # frees once it is written goes at once
+            del chunk
         if self.error is None:
             try:
                 self._publish()
             except BaseException as exc:
                 self.error = exc
+
+    def _handle(self, chunk: ChunkT) -> None:
+        """Write ``chunk`` and say so; a failure stays in :attr:`error`."""
+        try:
+            self._write(chunk)
+            if self._on_written is not None:
+                self._on_written(chunk)
+            self._publish()
+        except BaseException as exc:  # raised by put(); the caller logs it
+            self.error = exc
 
     def _publish(self) -> None:
         if self._on_queue_size is not None:
