@@ -461,7 +461,8 @@ class _FeatureCopy:
                                            last=number == len(pieces) - 1) if lines_up else 0
                 if rows and filling.rows:  # whole chunks gathered before: to the file first
                     yield filling.stored_chunks()
-                    filling, spare = self._carry(filling, spare), filling
+                    spare.continue_from(filling)
+                    filling, spare = spare, filling
                 if rows:
                     yield self._copied(source, piece.part, at, merged, rows)
                     at += rows
@@ -473,7 +474,8 @@ class _FeatureCopy:
                 if filling.rows >= self._read_rows or (
                         lines_up and filling.rows % self._chunk_rows == 0):
                     yield filling.stored_chunks()[:filling.rows // self._chunk_rows]
-                    filling, spare = self._carry(filling, spare), filling
+                    spare.continue_from(filling)
+                    filling, spare = spare, filling
         filling.pad()
         yield filling.stored_chunks()
 
@@ -513,14 +515,6 @@ class _FeatureCopy:
 
         column.reserve(column.rows + stop - start)
         column.extend_in_place(stop - start, fill)
-
-    def _carry(self, column: ChunkColumn, into: ChunkColumn) -> ChunkColumn:
-        """``into``, emptied, from the row after ``column``'s whole chunks on, holding the
-        rows of its last, incomplete chunk."""
-        rows = column.base_row + column.rows
-        into.rebase(rows - rows % self._chunk_rows)
-        into.carry_from(column)
-        return into
 
     def _column(self, base_row: int) -> ChunkColumn:
         return ChunkColumn(self._layout, base_row, self._read_rows + 2 * self._chunk_rows)

@@ -93,22 +93,6 @@ class ChunkColumn:
         """Start over, empty, at file row ``base_row`` (for a column used again)."""
         self.base_row, self.rows, self.carried = base_row, 0, 0
 
-    def restart(self) -> None:
-        """Start over from the row after the column's whole stored chunks, holding the rows
-        of its last incomplete chunk as carried ones (as :meth:`carry_from` itself would).
-
-        For a column that came back from the sink before the next chunk began.
-        """
-        end, chunk_rows = self.base_row + self.rows, self.layout.chunk_rows
-        if chunk_rows is None:
-            self.rebase(end)
-            return
-        carried = self.rows % chunk_rows
-        last = self._nchunks_used() - 1
-        if carried and last:
-            self._chunks[0, :carried] = self._chunks[last, :carried]
-        self.base_row, self.rows, self.carried = end - carried, carried, carried
-
     def reserve(self, rows: int) -> None:
         """Make room for ``rows`` rows, keeping those held."""
         if rows <= self.capacity:
@@ -156,16 +140,23 @@ class ChunkColumn:
             fill(offset, rows)
         self.rows += count
 
-    def carry_from(self, previous: ChunkColumn) -> None:
-        """Start with the rows of ``previous``'s last, incomplete chunk (stored columns)."""
-        chunk_rows = self.layout.chunk_rows
+    def continue_from(self, previous: ChunkColumn) -> None:
+        """Start over where ``previous`` ends: from the row after its whole stored chunks,
+        holding the rows of its last, incomplete chunk (which the file stores again,
+        whole, with the rows that follow) as carried ones.
+
+        ``previous`` may be this column itself, come back from the sink before the
+        next chunk began: those rows move to its front.
+        """
+        end, chunk_rows = previous.base_row + previous.rows, self.layout.chunk_rows
         if chunk_rows is None:
+            self.rebase(end)
             return
         carried = previous.rows % chunk_rows
-        if carried:
-            last = previous._nchunks_used() - 1
+        last = previous._nchunks_used() - 1
+        if carried and (previous is not self or last):
             self._chunks[0, :carried] = previous._chunks[last, :carried]
-        self.rows = self.carried = carried
+        self.base_row, self.rows, self.carried = end - carried, carried, carried
 
     def pad(self) -> None:
         """Fill the rows of the last stored chunk past the last row with the fill value."""

@@ -224,34 +224,21 @@ class ChunkGatherer:
                 self._spare.append(chunk.columns)
 
     def _gathering(self) -> dict[str, ChunkColumn]:
-        """The columns to gather into: after a take(), the next chunk's, made now."""
+        """The columns to gather into: after a take(), the next chunk's, made now (a
+        spare set's where there is one), carrying the last chunk's incomplete rows."""
         with self._lock:
             if self._columns is None:
+                assert self._previous is not None
                 spare = self._spare.pop() if self._spare else {}
-                self._columns = self._next_columns(self._previous or {}, spare)
+                self._columns = {}
+                for name, last in self._previous.items():
+                    column = spare.get(name)
+                    if column is None:
+                        column = ChunkColumn(self._layouts[name], 0, self._capacity_hint)
+                    column.continue_from(last)
+                    self._columns[name] = column
                 self._previous = None
             return self._columns
-
-    def _next_columns(self, previous: Mapping[str, ChunkColumn],
-                      spare: Mapping[str, ChunkColumn]) -> dict[str, ChunkColumn]:
-        """Columns for the next chunk (``spare``'s where there are), carrying the rows of
-        ``previous``'s last incomplete stored chunks."""
-        rows = self._file_rows  # the next chunk's first file row
-        columns = {}
-        for name, layout in self._layouts.items():
-            base = rows - rows % layout.chunk_rows if layout.chunk_rows else rows
-            column, last = spare.get(name), previous.get(name)
-            if column is not None and column is last:  # the last chunk's came back already
-                column.restart()
-            else:
-                if column is None:
-                    column = ChunkColumn(layout, base, self._capacity_hint)
-                else:
-                    column.rebase(base)
-                if last is not None:
-                    column.carry_from(last)
-            columns[name] = column
-        return columns
 
     def _reserve(self, nevents: int) -> dict[str, ChunkColumn]:
         """The columns to gather into, with room for ``nevents`` more events in each."""
