@@ -102,9 +102,9 @@ class Writer:
     reorder_budget_nbytes
         Most bytes of out-of-order frames the writer copies out of the ring
         (default: the ring's size). Frames waiting for an earlier one stay in
-        their slots while the ring has room; the budget is exceeded (logged at
-        INFO level) only when frames arrive so far out of order that the ring
-        would otherwise stall.
+        their slots while the ring can serve the request for the lowest frame;
+        the budget is exceeded (logged at INFO level) only when frames arrive
+        so far out of order that the ring would otherwise stall.
     logs
         ``{name: lines}`` added under ``/logs`` when the run closes.
 

@@ -7,6 +7,8 @@ recompute what any frame must look like in the file.
 from __future__ import annotations
 
 import multiprocessing
+import time
+from collections.abc import Callable
 
 import h5py
 import numpy as np
@@ -241,3 +243,14 @@ def fill_batches_in_place(producer: shmwriter.Producer, frames: list[int], batch
                 with producer.frames(block, counts) as ev:
                     for name, array in (events or {}).items():
                         ev[name][:] = array
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 30.0) -> bool:
+    """Whether ``condition()`` became true within ``timeout_s`` (checked every 50 ms: for
+    figures another process publishes, which nothing can wait on)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

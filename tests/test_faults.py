@@ -22,6 +22,7 @@ from _workers import (
     put_frames,
     put_then_die,
     put_until_broken,
+    wait_until,
     write_until_disk_full,
 )
 
@@ -176,11 +177,3 @@ def test_killed_owner(tmp_path):
     prefix = f"shmw_{owner.pid}_"
     assert wait_until(lambda: not any(n.startswith(prefix) for n in os.listdir("/dev/shm")))
 
-
-def wait_until(condition, timeout_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True

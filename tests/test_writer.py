@@ -16,8 +16,10 @@ from _workers import (
     assert_file_holds,
     events_of,
     expected_arrays,
+    nevents_of,
     put_frames_in_place,
     run_workers,
+    wait_until,
 )
 from dclab.rtdc_dataset import check_dataset
 
@@ -297,3 +299,42 @@ def test_the_writer_reports_its_cpu_per_stage_once_the_run_has_ended(tmp_path, m
     assert set(stages) == {"descriptors", "gather", "encode", "hdf5"}
     assert all(seconds >= 0 for seconds in stages.values())
     assert stages["gather"] > 0 and stages["hdf5"] > 0 and stages["encode"] > 0
+
+
+def _slots_for(frames: range, slot_events: int) -> int:
+    return sum(-(-nevents_of(frame) // slot_events) for frame in frames)
+
+
+@pytest.mark.parametrize("mode", ["process", "thread"])
+def test_frames_ahead_wait_in_the_ring_while_it_can_serve_the_lowest_frame(tmp_path, mode):
+    """A block put ahead fills nearly the whole ring, then the frames before it come:
+    each can be served, so nothing is copied out to the stash (a second copy), however
+    few slots are left free."""
+    ahead, first = range(100, 200), range(100)
+    slots = _slots_for(ahead, 4) + 2  # the block ahead leaves two slots free
+    path = tmp_path / "out.rtdc"
+    with shmwriter.Writer(path, SCHEMA, total_frames=200, mode=mode, slots=slots,
+                          slot_events=4) as writer:
+        with writer.producer() as producer:
+            for frame in [*ahead, *first]:
+                producer.put(frame, events_of(frame))
+        events = len(expected_arrays(range(200))["area"])
+        assert wait_until(lambda: writer.written_events == events)
+        assert writer.statistics().peak_stash_nbytes == 0
+    assert_file_holds(path, range(200))
+
+
+def test_frames_ahead_are_copied_out_when_the_lowest_frame_cannot_be_served(tmp_path):
+    """The frames ahead take every slot: the frame they wait for gets its slot by copying
+    them out, and every frame is written in order."""
+    ahead = range(1, 60)
+    slots = _slots_for(ahead, 4)
+    path = tmp_path / "out.rtdc"
+    with shmwriter.Writer(path, SCHEMA, total_frames=60, slots=slots, slot_events=4,
+                          timeout_s=30) as writer:
+        with writer.producer() as producer:
+            for frame in [*ahead, 0]:
+                producer.put(frame, events_of(frame) or events_of(1))
+        assert writer.statistics().peak_stash_nbytes > 0  # frame 0's put returned: copied
+    with h5py.File(path) as h5:
+        assert h5["events/frame"][0] == 0 and np.all(np.diff(h5["events/frame"][:]) >= 0)

@@ -5,8 +5,8 @@
 the :class:`~._slots.SlotAllocator`: frames at the frontier are gathered in
 batches (one numpy call per feature for many frames) right after each read
 from a producer; frames ahead of the frontier wait in their slots, and are
-copied out of the ring only when it runs short of free slots (see
-:meth:`FrameAssembler.relieve`). Full chunks go to ``emit``.
+copied out of the ring only when it cannot serve the request for the lowest
+frame (see :meth:`FrameAssembler.relieve`). Full chunks go to ``emit``.
 """
 
 from __future__ import annotations
@@ -150,31 +150,32 @@ class FrameAssembler:
 
     # -- relieving the ring ----------------------------------------------------------
     def relieve(self, urgent: SlotRequest | None, *, desperate: bool) -> None:
-        """Copy waiting frames out of the ring when it runs short of free slots.
+        """Copy waiting frames out of the ring when it cannot serve the lowest frame's request.
 
-        Within the reorder budget, frames furthest ahead are copied out until a
-        quarter of the slots is free. Beyond it, only as many as the request for
-        the lowest frame (``urgent``) needs, and only frames after that one, or
-        any frame when the loop is ``desperate`` (a producer died, every
-        producer waits, or the request waited too long): that keeps the ring
-        moving at the price of memory (noted in the log).
+        While the request for the lowest frame (``urgent``; None when nothing is
+        asked) can be served, nothing is copied: frames ahead of the frontier
+        wait in their slots, and a producer running further ahead waits for
+        slots. Copying them out early would make the writer copy every frame
+        put ahead twice, and the writer's copying is what producers wait for.
+        Otherwise the frames furthest ahead are copied out until it can be
+        served: within the reorder budget any frame; beyond it only frames
+        after that one, or any frame when the loop is ``desperate`` (a producer
+        died, every producer waits, or the request waited too long). That keeps
+        the ring moving at the price of memory (noted in the log).
         """
         allocator = self._allocator
-        quarter = allocator.slots // 4
-        served = allocator.can_serve(urgent)  # for a run: a scan of the ring, so once a copy
-        if allocator.nfree >= quarter and served:
-            return  # the common case: nothing to relieve
+        if allocator.can_serve(urgent):
+            return
+        assert urgent is not None
         for arrival in self.reorder.held_in_slots():  # the furthest ahead first
-            stuck = not served and urgent is not None and (
-                urgent.frame < arrival.frame or desperate)
-            if not stuck and allocator.nfree >= quarter:
-                break
+            stuck = desperate or urgent.frame < arrival.frame
             if not self.reorder.has_room(self.nbytes(arrival.nevents)):
                 if not stuck:
                     break
                 self._note_budget_exceeded()
             self._copy_out(arrival)
-            served = allocator.can_serve(urgent)
+            if allocator.can_serve(urgent):
+                return
 
     def _copy_out(self, arrival: Arrival) -> None:
         """Copy a waiting frame's events out of its slots into private memory; free the slots."""

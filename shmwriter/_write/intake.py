@@ -67,7 +67,7 @@ class FrameIntake:
             return
         self._slots.hold(channel.id, slots)
         # it waits in its slots (no copy) until the frontier reaches it, unless
-        # the ring runs short: then the assembler copies waiting frames out
+        # the ring cannot serve the lowest frame: then the assembler copies frames out
         self._frames.accept(frame, nevents, slots)
 
     def _from_the_frontier(self, frames: tuple[tuple[int, int], ...]) -> bool:

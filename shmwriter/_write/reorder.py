@@ -2,9 +2,9 @@
 
 Frames at the frontier (the next index the file needs) go straight on; frames
 ahead of it wait here, in their ring slots, so that a frame only slightly out
-of order is copied once, not twice. When the ring runs short of free slots the
-writer copies waiting frames out into private memory, within a byte budget
-(beyond it only to keep producers from stalling).
+of order is copied once, not twice. When the ring cannot serve the request for
+the lowest frame, the writer copies waiting frames out into private memory,
+within a byte budget (beyond it only to keep producers from stalling).
 """
 
 from __future__ import annotations
