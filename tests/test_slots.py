@@ -81,3 +81,33 @@ def test_many_runs_keep_the_free_list_bounded():
     assert len(allocator._free_heap) <= 2 * 4
     allocator.request(SlotRequest(frame=100, producer=1, wanted=4))
     assert grants(allocator) == [(1, [0, 1, 2, 3])]
+
+
+def test_requests_after_the_frontier_leave_a_quarter_of_the_ring_for_it():
+    allocator = SlotAllocator(16, prefetch=0)
+    allocator.request(SlotRequest(frame=200, producer=2, wanted=13))
+    assert grants_at(allocator, 100) == []                  # it would leave 3 of 16 free
+    allocator.request(SlotRequest(frame=100, producer=1, wanted=13))
+    assert grants_at(allocator, 100) == [list(range(13))]   # the frontier's own: served
+    allocator.release(1, list(range(13)))                  # given back unused
+    assert grants_at(allocator, 100) == []                  # 3 of 16 would be left again
+    assert grants_at(allocator, None) == [list(range(13))]  # no frontier: served
+
+
+def test_a_run_after_the_frontier_leaves_a_second_run_as_long():
+    allocator = SlotAllocator(16, prefetch=0)
+    allocator.request(SlotRequest(frame=1, producer=1, wanted=9))
+    assert grants(allocator) == [(1, list(range(9)))]
+    allocator.hold(1, list(range(9)))
+    allocator.free(list(range(8)))                             # free: 0-7 and 9-15
+    allocator.request(SlotRequest(frame=300, producer=2, wanted=5, contiguous=True))
+    assert grants_at(allocator, 10) == [[0, 1, 2, 3, 4]]        # 9-15 stays for a run of 5
+    allocator.request(SlotRequest(frame=301, producer=2, wanted=5, contiguous=True))
+    assert grants_at(allocator, 10) == []          # 5 would stay free, but in no run of 5
+    allocator.request(SlotRequest(frame=10, producer=1, wanted=3, contiguous=True))
+    assert grants_at(allocator, 10) == [[5, 6, 7]]  # the frontier's own: served
+    assert grants_at(allocator, None) == [[9, 10, 11, 12, 13]]  # no frontier: served
+
+
+def grants_at(allocator, frontier):
+    return [g.slots for g in allocator.grant_pending(frontier=frontier)]

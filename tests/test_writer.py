@@ -338,3 +338,21 @@ def test_frames_ahead_are_copied_out_when_the_lowest_frame_cannot_be_served(tmp_
         assert writer.statistics().peak_stash_nbytes > 0  # frame 0's put returned: copied
     with h5py.File(path) as h5:
         assert h5["events/frame"][0] == 0 and np.all(np.diff(h5["events/frame"][:]) >= 0)
+
+
+def test_producers_go_on_while_the_frontier_s_producer_is_slow(tmp_path):
+    """One producer is attached and puts nothing for a while: the frames of the other fill
+    the ring and go on through the stash (no room is kept for a frontier that stands
+    still), and once frame 0 comes every frame is written in order."""
+    path, last = tmp_path / "out.rtdc", 80
+    with shmwriter.Writer(path, SCHEMA, total_frames=last + 1, slots=8, slot_events=4,
+                          reorder_budget_nbytes=64 * 2**20) as writer:
+        with writer.producer() as slow:
+            slow.put(last, events_of(last))  # attached, then quiet
+            run_workers(writer, [list(range(1, last))])  # returns once all are put
+            assert writer.statistics().peak_stash_nbytes > 0
+            slow.put(0, events_of(0) or events_of(1))
+    with h5py.File(path) as h5:
+        frames = h5["events/frame"][:]
+    with_events = {0} | {frame for frame in range(1, last + 1) if nevents_of(frame)}
+    assert set(frames.tolist()) == with_events and np.all(np.diff(frames) >= 0)

@@ -45,6 +45,9 @@ _LIVENESS_INTERVAL_S = 0.5
 #: How long a request for a frame ahead of the waiting ones may wait before the writer
 #: copies waiting frames out of the ring for it, beyond the reorder budget if need be.
 _PATIENCE_S = 0.5
+#: How long the frontier may stand still before its producer counts as slow: then the
+#: others may take the whole ring (and the stash), no room being kept for it.
+_STALL_S = 0.1
 #: One chunk waits while one is written: bounded memory. With the one being gathered, that
 #: makes the three sets of columns ChunkGatherer keeps for reuse (its ``column_sets``).
 _CHUNK_QUEUE_SIZE = 1
@@ -85,6 +88,7 @@ class WriterLoop:
         self.failure: str | None = None
         self._last_flush = time.monotonic()
         self._close_cpu_ns = 0
+        self._frontier_seen, self._frontier_moved = -1, time.monotonic()
 
     # -- lifecycle --------------------------------------------------------------
     def run(self) -> RunResult:
@@ -146,6 +150,8 @@ class WriterLoop:
         next_liveness = time.monotonic() + _LIVENESS_INTERVAL_S
         while not self._run_complete():
             timeout = min(next_liveness, self._last_flush + self.config.flush_interval_s)
+            if self.slots.pending:  # a request held back waits for the frontier to stall
+                timeout = min(timeout, time.monotonic() + _STALL_S)
             for key, _ in self.selector.select(max(0.0, timeout - time.monotonic())):
                 if key.data is None:
                     self._on_control()
@@ -384,8 +390,8 @@ class WriterLoop:
             self.channels.send(channel, [GRANT_NONE])
         elif not self.stopping:
             self.slots.request(SlotRequest(record.value, channel.id, wanted, contiguous=run))
-            if now:
-                self._grant_pending()  # before anything read later can queue ahead of it
+            if now:  # answered at once (can_grant_now said yes), before anything read
+                self._grant_pending(hold_back=False)  # later can queue ahead of it
 
     def _on_hello(self, channel: ProducerChannel, pid: int) -> None:
         if channel.pid and channel.pid != pid and is_alive(channel.pid):
@@ -428,10 +434,13 @@ class WriterLoop:
                 frames.drain()
 
     # -- slots ----------------------------------------------------------------------
-    def _grant_pending(self) -> None:
+    def _grant_pending(self, *, hold_back: bool = True) -> None:
+        """Send the grants the allocator can make; with ``hold_back``, requests for frames
+        after the frontier leave room for the frontier's (see ``grant_pending``)."""
         if self.stopping:
             return
-        for grant in self.slots.grant_pending():
+        frontier = self.frames.reorder.frontier if hold_back and self.frames else None
+        for grant in self.slots.grant_pending(frontier=frontier):
             self.channels.send(self.channels[grant.producer], grant.slots)
 
     def _settle_slots(self) -> None:
@@ -439,15 +448,27 @@ class WriterLoop:
         if self.frames is None:
             return
         self.frames.settle()
-        self._grant_pending()
         urgent = self.slots.urgent()
-        if urgent is not None and not self.slots.can_serve(urgent):
-            desperate = (self.producer_died or self.slots.everyone_waits(self.channels.open_ids())
-                         or time.monotonic() - urgent.since > _PATIENCE_S)
-        else:
-            desperate = False
+        self._grant_pending(hold_back=urgent is None or not (
+            self._frontier_stalled() or self._desperate(urgent)))
+        urgent = self.slots.urgent()
+        desperate = (urgent is not None and not self.slots.can_serve(urgent)
+                     and self._desperate(urgent))
         self.frames.relieve(urgent, desperate=desperate)
-        self._grant_pending()
+        self._grant_pending(hold_back=not desperate)
+
+    def _frontier_stalled(self) -> bool:
+        """Whether the frontier stood still for ``_STALL_S``: its producer is slow."""
+        frontier, now = self._frames().reorder.frontier, time.monotonic()
+        if frontier != self._frontier_seen:
+            self._frontier_seen, self._frontier_moved = frontier, now
+        return now - self._frontier_moved > _STALL_S
+
+    def _desperate(self, urgent: SlotRequest) -> bool:
+        """Whether the ring must serve ``urgent`` at any price: a producer died, every
+        producer waits, or the request waited too long."""
+        return (self.producer_died or self.slots.everyone_waits(self.channels.open_ids())
+                or time.monotonic() - urgent.since > _PATIENCE_S)
 
     # -- chunks ----------------------------------------------------------------------
     def _flush(self) -> None:

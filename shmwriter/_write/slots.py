@@ -6,7 +6,8 @@ the ring, so a run of consecutive free slots (what ``Producer.frames`` needs)
 is there whenever enough slots are free. Requests are served for the lowest
 frame first: the file needs the lowest frames first, so a producer running
 far ahead waits instead of filling the ring with frames that cannot be
-written yet.
+written yet; and given the frontier, requests for later frames leave room for
+the frontier's (see :meth:`SlotAllocator.grant_pending`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import heapq
 import time
 from array import array
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -106,11 +108,20 @@ class SlotAllocator:
             return self._find_run(request.wanted) is not None
         return self._nfree >= request.wanted
 
-    def grant_pending(self) -> list[Grant]:
-        """Serve waiting requests, the one for the lowest frame first, while slots last."""
+    def grant_pending(self, *, frontier: int | None = None) -> list[Grant]:
+        """Serve waiting requests, the one for the lowest frame first, while slots last.
+
+        With ``frontier`` (the lowest frame the file still needs), a request for a
+        later frame is served only while it leaves a quarter of the ring free, kept
+        for the frontier's producer: its frames are the ones that free the others.
+        Without that room a producer running ahead takes every free slot, and the
+        frontier's next block finds no run long enough: the frames ahead then have
+        to be copied out of the ring to make one.
+        """
         grants = []
         half = self.slots // 2
-        while (request := self.urgent()) is not None and self.can_serve(request):
+        while (request := self.urgent()) is not None and self.can_serve(request) \
+                and self._leaves_room(request, frontier):
             self.pending.remove(request)
             if request.contiguous:
                 start = self._find_run(request.wanted)
@@ -125,6 +136,22 @@ class SlotAllocator:
             self.granted_to(request.producer).update(slots)
             grants.append(Grant(request.producer, slots))
         return grants
+
+    def _leaves_room(self, request: SlotRequest, frontier: int | None) -> bool:
+        """Whether serving ``request`` leaves room for the frontier's producer: a quarter
+        of the ring, and for a run a second run as long (blocks are alike in size)."""
+        if frontier is None or request.frame <= frontier:
+            return True
+        if self._nfree - request.wanted < self.slots // 4:
+            return False
+        if not request.contiguous:
+            return True
+        free = self._owner_view == _FREE
+        start = _first_run(free, request.wanted)
+        if start is None:
+            return False
+        free[start:start + request.wanted] = False
+        return _first_run(free, request.wanted) is not None
 
     def can_grant_now(self, wanted: int, *, contiguous: bool = False) -> bool:
         """Whether ``wanted`` slots (consecutive ones if ``contiguous``) could be granted at
@@ -210,9 +237,14 @@ class SlotAllocator:
         """The first slot of the lowest run of ``count`` free slots, or None."""
         if count > self._nfree:
             return None
-        free = np.concatenate(([0], np.cumsum(self._owner_view == _FREE)))
-        starts = np.flatnonzero(free[count:] - free[:-count] == count)
-        return int(starts[0]) if starts.size else None
+        return _first_run(self._owner_view == _FREE, count)
+
+
+def _first_run(free: np.ndarray[Any, np.dtype[np.bool_]], count: int) -> int | None:
+    """The first index of the lowest run of ``count`` true values in ``free``, or None."""
+    total = np.concatenate(([0], np.cumsum(free)))
+    starts = np.flatnonzero(total[count:] - total[:-count] == count)
+    return int(starts[0]) if starts.size else None
 
 
 def _frame_of(request: SlotRequest) -> int:
