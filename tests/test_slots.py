@@ -111,3 +111,14 @@ def test_a_run_after_the_frontier_leaves_a_second_run_as_long():
 
 def grants_at(allocator, frontier):
     return [g.slots for g in allocator.grant_pending(frontier=frontier)]
+
+
+def test_a_request_now_passes_requests_for_later_frames_but_keeps_the_frontier_s_room():
+    allocator = SlotAllocator(16, prefetch=0)
+    allocator.request(SlotRequest(frame=300, producer=2, wanted=14))
+    assert grants_at(allocator, 100) == []                       # held back: 2 of 16 left
+    assert allocator.can_grant_now(SlotRequest(frame=100, producer=1, wanted=2), frontier=100)
+    assert not allocator.can_grant_now(SlotRequest(frame=400, producer=3, wanted=1))  # after 300
+    assert not allocator.can_grant_now(SlotRequest(frame=200, producer=1, wanted=13),
+                                       frontier=100)             # 3 of 16 left
+    assert allocator.can_grant_now(SlotRequest(frame=200, producer=1, wanted=13))

@@ -203,10 +203,11 @@ class QueueHub:
             return
         self._drop_request(channel.id)  # a client asks again after it gave up waiting
         now = record.kind == Kind.REQUEST_NOW
-        if now and not slots.can_grant_now(record.nevents):
+        request = SlotRequest(record.value, channel.id, record.nevents)
+        if now and not slots.can_grant_now(request):
             self._answer(channel, encode_record(Kind.NOTHING))
             return
-        slots.request(SlotRequest(record.value, channel.id, record.nevents))
+        slots.request(request)
         if now:  # served before anything else read in this round can queue ahead of it
             self._grant_and_hand_out()
 

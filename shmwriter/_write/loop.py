@@ -384,14 +384,18 @@ class WriterLoop:
         most = max(1, self.config.ring.slots // 2) if run else self.config.ring.slots
         if not 1 <= wanted <= most:
             self._refuse(channel, f"asked for {wanted} slots")
-        elif not self._intake().in_range(record.value):
+            return
+        if not self._intake().in_range(record.value):
             self._refuse(channel, f"asked for slots for frame {record.value}, out of range")
-        elif now and (self.stopping or not self.slots.can_grant_now(wanted, contiguous=run)):
+            return
+        request = SlotRequest(record.value, channel.id, wanted, contiguous=run)
+        if now and (self.stopping or not self.slots.can_grant_now(
+                request, frontier=self._kept_room_frontier())):
             self.channels.send(channel, [GRANT_NONE])
         elif not self.stopping:
-            self.slots.request(SlotRequest(record.value, channel.id, wanted, contiguous=run))
-            if now:  # answered at once (can_grant_now said yes), before anything read
-                self._grant_pending(hold_back=False)  # later can queue ahead of it
+            self.slots.request(request)
+            if now:  # granted at once (can_grant_now said so), before anything read later
+                self._grant_pending()  # can queue ahead of it
 
     def _on_hello(self, channel: ProducerChannel, pid: int) -> None:
         if channel.pid and channel.pid != pid and is_alive(channel.pid):
@@ -439,7 +443,7 @@ class WriterLoop:
         after the frontier leave room for the frontier's (see ``grant_pending``)."""
         if self.stopping:
             return
-        frontier = self.frames.reorder.frontier if hold_back and self.frames else None
+        frontier = self._kept_room_frontier() if hold_back else None
         for grant in self.slots.grant_pending(frontier=frontier):
             self.channels.send(self.channels[grant.producer], grant.slots)
 
@@ -449,20 +453,23 @@ class WriterLoop:
             return
         self.frames.settle()
         urgent = self.slots.urgent()
-        self._grant_pending(hold_back=urgent is None or not (
-            self._frontier_stalled() or self._desperate(urgent)))
+        self._grant_pending(hold_back=urgent is None or not self._desperate(urgent))
         urgent = self.slots.urgent()
         desperate = (urgent is not None and not self.slots.can_serve(urgent)
                      and self._desperate(urgent))
         self.frames.relieve(urgent, desperate=desperate)
         self._grant_pending(hold_back=not desperate)
 
-    def _frontier_stalled(self) -> bool:
-        """Whether the frontier stood still for ``_STALL_S``: its producer is slow."""
-        frontier, now = self._frames().reorder.frontier, time.monotonic()
+    def _kept_room_frontier(self) -> int | None:
+        """The frontier whose producer gets room kept in the ring (see ``grant_pending``),
+        or None once it stood still for ``_STALL_S``: then its producer is slow, and the
+        others may take the whole ring."""
+        if self.frames is None:
+            return None
+        frontier, now = self.frames.reorder.frontier, time.monotonic()
         if frontier != self._frontier_seen:
             self._frontier_seen, self._frontier_moved = frontier, now
-        return now - self._frontier_moved > _STALL_S
+        return None if now - self._frontier_moved > _STALL_S else frontier
 
     def _desperate(self, urgent: SlotRequest) -> bool:
         """Whether the ring must serve ``urgent`` at any price: a producer died, every

@@ -153,12 +153,16 @@ class SlotAllocator:
         free[start:start + request.wanted] = False
         return _first_run(free, request.wanted) is not None
 
-    def can_grant_now(self, wanted: int, *, contiguous: bool = False) -> bool:
-        """Whether ``wanted`` slots (consecutive ones if ``contiguous``) could be granted at
-        once without passing anyone waiting."""
-        if self.pending:
+    def can_grant_now(self, request: SlotRequest, *, frontier: int | None = None) -> bool:
+        """Whether ``request`` would be granted at once by :meth:`grant_pending` (given the
+        same ``frontier``): no request for a lower frame waits, and it can be served.
+
+        Waiting requests for later frames do not stand in its way: they wait because
+        the slots are short or are held back, and the lowest frame goes first anyway.
+        """
+        if any(waiting.frame < request.frame for waiting in self.pending):
             return False
-        return self._find_run(wanted) is not None if contiguous else self._nfree >= wanted
+        return self.can_serve(request) and self._leaves_room(request, frontier)
 
     def withdraw(self, producer: int) -> None:
         """Forget the requests of ``producer`` (it gave up waiting); its slots stay its."""
