@@ -356,3 +356,19 @@ def test_producers_go_on_while_the_frontier_s_producer_is_slow(tmp_path):
         frames = h5["events/frame"][:]
     with_events = {0} | {frame for frame in range(1, last + 1) if nevents_of(frame)}
     assert set(frames.tolist()) == with_events and np.all(np.diff(frames) >= 0)
+
+
+@pytest.mark.parametrize("mode", ["process", "thread"])
+def test_put_nowait_for_the_frame_a_full_ring_waits_for_gets_frames_copied_out(tmp_path, mode):
+    """Every slot holds a frame waiting for frame 0: a put_nowait of frame 0 is answered at
+    once, so the writer copies frames out for it there and then (it never waits in line)."""
+    path = tmp_path / "out.rtdc"
+    with shmwriter.Writer(path, SCHEMA, total_frames=9, slots=8, slot_events=4,
+                          mode=mode) as writer:
+        with writer.producer() as producer:
+            for frame in range(1, 9):
+                producer.put(frame, events_of(1))
+            producer.put_nowait(0, events_of(1))
+    with h5py.File(path) as h5:
+        frames = h5["events/frame"][:]
+    assert sorted(set(frames.tolist())) == list(range(9)) and np.all(np.diff(frames) >= 0)

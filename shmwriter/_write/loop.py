@@ -389,13 +389,19 @@ class WriterLoop:
             self._refuse(channel, f"asked for slots for frame {record.value}, out of range")
             return
         request = SlotRequest(record.value, channel.id, wanted, contiguous=run)
-        if now and (self.stopping or not self.slots.can_grant_now(
-                request, frontier=self._kept_room_frontier())):
+        if now and (self.stopping or not self._can_grant_now(request)):
             self.channels.send(channel, [GRANT_NONE])
         elif not self.stopping:
             self.slots.request(request)
             if now:  # granted at once (can_grant_now said so), before anything read later
                 self._grant_pending()  # can queue ahead of it
+
+    def _can_grant_now(self, request: SlotRequest) -> bool:
+        """Whether a request answered at once can be granted, frames being copied out of
+        the ring for it now if need be: it never waits in line, so it is the only chance."""
+        if not self.slots.can_serve(request):
+            self._frames().relieve(request, desperate=False)
+        return self.slots.can_grant_now(request, frontier=self._kept_room_frontier())
 
     def _on_hello(self, channel: ProducerChannel, pid: int) -> None:
         if channel.pid and channel.pid != pid and is_alive(channel.pid):
