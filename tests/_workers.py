@@ -245,12 +245,13 @@ def fill_batches_in_place(producer: shmwriter.Producer, frames: list[int], batch
                         ev[name][:] = array
 
 
-def wait_until(condition: Callable[[], bool], timeout_s: float = 30.0) -> bool:
-    """Whether ``condition()`` became true within ``timeout_s`` (checked every 50 ms: for
-    figures another process publishes, which nothing can wait on)."""
+def wait_until(condition: Callable[[], bool], timeout_s: float = 30.0,
+               interval_s: float = 0.05) -> bool:
+    """Whether ``condition()`` became true within ``timeout_s`` (checked every
+    ``interval_s``: for figures another process publishes, which nothing can wait on)."""
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
             return False
-        time.sleep(0.05)
+        time.sleep(interval_s)
     return True

@@ -18,7 +18,7 @@ import time
 import h5py
 import numpy as np
 import pytest
-from _workers import SCHEMA, events_of, expected_arrays
+from _workers import SCHEMA, events_of, expected_arrays, wait_until
 
 import shmwriter
 
@@ -125,26 +125,17 @@ def test_a_producer_killed_right_after_attaching_is_noticed_at_once(tmp_path, ca
     with shmwriter.Writer(path, SCHEMA, allow_gaps=True) as writer:
         victim = script("attach_and_wait()", writer.ticket())
         assert victim.stdout.readline().strip() == "attached"
-        assert wait_for(lambda: writer.statistics().producers_alive == 1)
+        assert wait_until(lambda: writer.statistics().producers_alive == 1, 10.0, 0.005)
         killed = time.monotonic()
         victim.send_signal(signal.SIGKILL)
         victim.wait(30)
-        assert wait_for(lambda: writer.statistics().producers_alive == 0), "death unnoticed"
+        assert wait_until(lambda: writer.statistics().producers_alive == 0, 10.0,
+                          0.005), "death unnoticed"
         noticed_s = time.monotonic() - killed
     # the writer saw the end of file of the dead process's only copy of its pipe
     assert any(f"(pid {victim.pid}) went away without closing" in r.getMessage()
                for r in caplog.records), [r.getMessage() for r in caplog.records]
     print(f"noticed {noticed_s * 1000:.1f} ms after the SIGKILL")
-
-
-def wait_for(condition, timeout_s: float = 10.0) -> bool:
-    """Until ``condition()`` holds (the header is published after each loop step)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def test_a_producer_pickled_with_plain_pickle_attaches_where_it_is_unpickled(tmp_path):
