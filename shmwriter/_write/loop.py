@@ -458,8 +458,8 @@ class WriterLoop:
         if self.frames is None:
             return
         self.frames.settle()
-        urgent = self.slots.urgent()
-        self._grant_pending(hold_back=urgent is None or not self._desperate(urgent))
+        if (urgent := self.slots.urgent()) is not None:
+            self._grant_pending(hold_back=not self._desperate(urgent))
         urgent = self.slots.urgent()
         desperate = (urgent is not None and not self.slots.can_serve(urgent)
                      and self._desperate(urgent))
@@ -480,8 +480,9 @@ class WriterLoop:
     def _desperate(self, urgent: SlotRequest) -> bool:
         """Whether the ring must serve ``urgent`` at any price: a producer died, every
         producer waits, or the request waited too long."""
-        return (self.producer_died or self.slots.everyone_waits(self.channels.open_ids())
-                or time.monotonic() - urgent.since > _PATIENCE_S)
+        # cheapest first: this runs after every step while a request waits
+        return (self.producer_died or time.monotonic() - urgent.since > _PATIENCE_S
+                or self.slots.everyone_waits(self.channels.open_ids()))
 
     # -- chunks ----------------------------------------------------------------------
     def _flush(self) -> None:
