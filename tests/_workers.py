@@ -255,3 +255,23 @@ def wait_until(condition: Callable[[], bool], timeout_s: float = 30.0,
             return False
         time.sleep(interval_s)
     return True
+
+
+def hold_memory(nbytes: int, ready, release, children: int = 0) -> None:
+    """Touch ``nbytes`` of private memory, start ``children`` processes that do the same
+    (grandchildren of the caller), set ``ready`` once all hold it, and wait for
+    ``release`` (at most a minute)."""
+    held = np.ones(nbytes, np.uint8)
+    ctx = multiprocessing.get_context("spawn")
+    grand_ready = [ctx.Event() for _ in range(children)]
+    workers = [ctx.Process(target=hold_memory, args=(nbytes, event, release))
+               for event in grand_ready]
+    for worker in workers:
+        worker.start()
+    for event in grand_ready:
+        event.wait(60)
+    ready.set()
+    release.wait(60)
+    for worker in workers:
+        worker.join(60)
+    del held

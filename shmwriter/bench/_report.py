@@ -126,9 +126,10 @@ def _scopes(result: BenchResult) -> str:
 
 
 def _scaling_lines(result: BenchResult, fallback: bool) -> list[str]:
-    from .config import FILTERS
+    from .config import FILTERS, SCALING_SAMPLE_INTERVAL_S
     lines = [("memory scaling (one run each; producers put pre-built frames as fast as they "
-              "can, far faster than the writer):"), "",
+              "can, far faster than the writer; memory sampled every "
+              f"{SCALING_SAMPLE_INTERVAL_S} s):"), "",
              ("| filters | writer | frames | events | wall s | producers done at s | peak MB "
               "| over idle MB |"), "|---|---|---:|---:|---:|---:|---:|---:|"]
     for run in result.scaling:

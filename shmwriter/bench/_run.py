@@ -41,7 +41,9 @@ from . import _work as work
 __all__ = ["Job", "Measured", "ProducerReport", "Window", "read_back", "run_dcnum", "run_h5py",
            "run_overhead", "run_shmwriter", "run_shmwriter_blocks"]
 
-_SAMPLE_INTERVAL_S = 0.1
+#: Seconds between memory samples of a throughput run: each costs about 0.2 ms of CPU per
+#: process, so the run it watches loses about 1% of a core.
+SAMPLE_INTERVAL_S = 0.1
 _READY_TIMEOUT_S = 300.0
 _JOIN_TIMEOUT_S = 600.0
 _CTX = multiprocessing.get_context("spawn")
@@ -51,13 +53,19 @@ class Window:
     """Measures one run from the start signal (:meth:`open`) to the closed file (:meth:`close`).
 
     A background thread samples the tree's summed PSS and the writer's
-    progress every 0.1 s, and once more after the close. Its CPU time inside
-    the window is kept apart (:attr:`monitor_cpu_s`), so that it can be
+    progress every ``interval_s``, and once more after the close. Its CPU time
+    inside the window is kept apart (:attr:`monitor_cpu_s`), so that it can be
     taken out of the other figures.
+
+    The peak is the highest sample, so a run of a few samples can miss a peak
+    that lasts less than ``interval_s`` where a long run catches it: runs
+    whose peaks are compared across lengths need a short interval.
     """
 
-    def __init__(self, progress: Callable[[], int]) -> None:
+    def __init__(self, progress: Callable[[], int],
+                 interval_s: float = SAMPLE_INTERVAL_S) -> None:
         self._progress = progress
+        self._interval_s = interval_s
         self._stop = threading.Event()
         self._lock = threading.Lock()  # held while sampling; close() waits for it
         self._thread = threading.Thread(target=self._sample_loop, daemon=True,
@@ -119,7 +127,7 @@ class Window:
                 self._monitor_cpu_s = time.thread_time() - start
             if stopping:
                 return
-            self._stop.wait(_SAMPLE_INTERVAL_S)
+            self._stop.wait(self._interval_s)
 
 
 class ProducerReport(NamedTuple):
@@ -211,6 +219,8 @@ class Job:
     """Whether the ``dcnum`` writer is dcnum's own (else the pickling fallback)."""
     batch_frames: int = 100
     """Frames per ``put_many`` call (and per block of a producer's share) when batched."""
+    memory_interval_s: float = SAMPLE_INTERVAL_S
+    """Seconds between memory samples (see :class:`Window`)."""
 
     def shares(self) -> list[list[int]]:
         """Frames of each producer: dealt in turn, as a pipeline's workers get them."""
@@ -274,7 +284,7 @@ def run_shmwriter(job: Job, mode: Literal["thread", "process"]) -> Measured:
                     hdf5_dataset_kwargs=job.shmwriter_kwargs())
     return _run_writer(writer, work.put_into_ring,
                        [(job.workload, share) for share in job.shares()],
-                       lambda: writer.written_events)
+                       Window(lambda: writer.written_events, job.memory_interval_s))
 
 
 def run_shmwriter_blocks(job: Job, way: Literal["put", "put_many", "frames"]) -> Measured:
@@ -291,7 +301,8 @@ def run_shmwriter_blocks(job: Job, way: Literal["put", "put_many", "frames"]) ->
     else:
         arg_tails = [(job.workload, share, job.batch_frames) for share in job.block_shares()]
         worker = work.fill_batches_in_ring if way == "frames" else work.put_batches_into_ring
-    return _run_writer(writer, worker, arg_tails, lambda: writer.written_events)
+    return _run_writer(writer, worker, arg_tails,
+                       Window(lambda: writer.written_events, job.memory_interval_s))
 
 
 def run_overhead(frames: int, path: Path, mode: Literal["thread", "process"],
@@ -300,12 +311,11 @@ def run_overhead(frames: int, path: Path, mode: Literal["thread", "process"],
     put with 0): the descriptor path alone."""
     writer = Writer(path, work.BENCH_SCHEMA, total_frames=frames, mode=mode)
     return _run_writer(writer, work.put_empty_frames, [(frames, batch_frames)],
-                       lambda: writer.written_frames)
+                       Window(lambda: writer.written_frames))
 
 
 def _run_writer(writer: Writer, target: Callable[..., None],
-                arg_tails: Sequence[tuple[Any, ...]], progress: Callable[[], int]) -> Measured:
-    window = Window(progress)
+                arg_tails: Sequence[tuple[Any, ...]], window: Window) -> Measured:
     with writer:
         arg_lists = [(writer.producer(), *tail) for tail in arg_tails]
         with _spawned(target, arg_lists) as producers:
@@ -348,7 +358,7 @@ def run_dcnum(job: Job, *, blocks: bool = False) -> Measured:
                           feat_nevents=feat_nevents, path_out=job.path,
                           hdf5_dataset_kwargs=job.filter_kwargs(),
                           write_threshold=job.write_threshold)
-    window = Window(lambda: int(thread.written_events.value))
+    window = Window(lambda: int(thread.written_events.value), job.memory_interval_s)
     # started before the producers, as in dcnum's pipeline: it creates the file and waits
     thread.start()
     # on a failure the (daemon) thread is left waiting for frames that never come
@@ -380,7 +390,7 @@ def run_h5py(job: Job) -> Measured:
     starts = np.concatenate([[0], np.cumsum(nevents)])[::job.write_threshold].tolist()
     bounds = list(zip(starts, [*starts[1:], len(arrays["image"])], strict=True))
     written = [0]
-    window = Window(lambda: written[0])
+    window = Window(lambda: written[0], job.memory_interval_s)
     window.open()
     with h5py.File(job.path, "w", libver="latest") as h5:
         group = h5.create_group("events")

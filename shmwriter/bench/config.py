@@ -13,7 +13,8 @@ from typing import Literal
 
 from .._validate import check_count
 
-__all__ = ["BLOCK_WRITERS", "DATA_ENV", "FILTERS", "BenchConfig", "baseline_of"]
+__all__ = ["BLOCK_WRITERS", "DATA_ENV", "FILTERS", "SCALING_SAMPLE_INTERVAL_S", "BenchConfig",
+           "baseline_of"]
 
 #: Environment variable naming the folder of the dcnum test data zip files (the tests use
 #: it too); without it and without ``--data``, the events are synthetic.
@@ -24,6 +25,12 @@ FILTERS: dict[str, str] = {
     "zstd5": "Zstd-5 + fletcher32",
 }
 
+#: Seconds between memory samples of the memory-scaling runs. Their peaks are compared
+#: across run lengths, and a run of 6,000 frames lasts about a second: sampled rarely, it
+#: misses short peaks that a ten-times-longer run catches, and memory seems to grow with
+#: the run's length. (A probe of the per-frame workload: the writer's peak PSS at 6,000
+#: frames was 156 MB sampled every 0.5 s and 178 MB every 0.02 s; at 60,000, 164 and 173.)
+SCALING_SAMPLE_INTERVAL_S = 0.02
 
 #: Writers whose producers work through blocks of ``batch_frames`` consecutive frames (the
 #: other workload deals frames to the producers in turn).

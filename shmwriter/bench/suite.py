@@ -55,7 +55,7 @@ import psutil
 
 from . import _run as runner
 from . import _work as work
-from .config import BenchConfig
+from .config import SCALING_SAMPLE_INTERVAL_S, BenchConfig
 from .figures import BenchResult, OverheadFigures, RunFigures, WriterSummary
 
 __all__ = ["BenchResult", "OverheadFigures", "RunFigures", "WriterSummary", "dcnum_warning",
@@ -209,12 +209,14 @@ def run_bench(config: BenchConfig | None = None, progress: ProgressFn | None = N
         result.warnings.append(warning)
     done = 0
 
-    def measure(writer: str, frames: int, filters: str, repetition: int, name: str) -> RunFigures:
+    def measure(writer: str, frames: int, filters: str, repetition: int, name: str,
+                memory_interval_s: float = runner.SAMPLE_INTERVAL_S) -> RunFigures:
         nonlocal done
         job = runner.Job(workload=workload, frames=frames, producers=config.producers,
                          filters=filters, path=workdir / f"{name}.rtdc",
                          write_threshold=config.write_threshold, dcnum=warning is None,
-                         batch_frames=config.batch_frames or 100)
+                         batch_frames=config.batch_frames or 100,
+                         memory_interval_s=memory_interval_s)
         figures = _measure(writer, job, repetition, config.keep_files)
         done += 1
         if progress is not None:
@@ -239,8 +241,9 @@ def run_bench(config: BenchConfig | None = None, progress: ProgressFn | None = N
             for frames in config.scaling_frames:
                 for filters in config.filters:
                     for writer in config.scaling_writers:
-                        result.scaling.append(measure(writer, frames, filters, -1,
-                                                      f"scaling-{writer}-{filters}-{frames}"))
+                        result.scaling.append(measure(
+                            writer, frames, filters, -1, f"scaling-{writer}-{filters}-{frames}",
+                            SCALING_SAMPLE_INTERVAL_S))
     result.warnings.extend(_count_warnings(result))
     return result
 
