@@ -196,3 +196,38 @@ def test_a_chunk_written_before_the_next_event_lends_it_its_columns_and_last_row
         np.testing.assert_array_equal(stored[:frame - column.base_row],
                                       np.arange(column.base_row, frame))
         gatherer.recycle(chunk)
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 4], ids=["plain", "stored4"])
+def test_chunks_that_vary_in_size_map_each_column_once(monkeypatch, chunk_rows):
+    """Chunks of 30 to 64 events (first_room_events) with the sink's pattern of three
+    out: every column is mapped once, at its set's making, and never grows (growing
+    copies the rows into fresh pages, which cost four times a copy into warm ones)."""
+    from shmwriter._write import columns as columns_module
+    mapped = []
+    real = columns_module._anonymous_bytes
+
+    def counting(nbytes):
+        mapped.append(nbytes)
+        return real(nbytes)
+
+    monkeypatch.setattr(columns_module, "_anonymous_bytes", counting)
+    schema = shmwriter.Schema({"x": shmwriter.Feature("int16"),
+                               "img": shmwriter.Feature("uint8", (4, 5))})
+    gatherer = ChunkGatherer(schema, ("frame",), None if chunk_rows is None else
+                             stored_layouts(schema, ("frame",), chunk_rows),
+                             first_room_events=64)
+    out, frame, values = [], 0, []
+    for nevents in [30, 64, 45, 64, 33, 50, 64, 41, 64, 58, 36, 64]:
+        for _ in range(nevents):
+            gatherer.append(frame, 1, {"x": np.array([frame], np.int16),
+                                       "img": np.full((1, 4, 5), frame % 256, np.uint8)})
+            values.append(frame)
+            frame += 1
+        out.append(gatherer.take())
+        if len(out) == 3:
+            gatherer.recycle(out.pop(0))
+    assert len(mapped) == 3 * 3  # three sets of x, img and frame
+    chunk = out[-1]
+    column = chunk.columns["x"]
+    np.testing.assert_array_equal(column.values(column.carried), values[-64:])

@@ -27,6 +27,10 @@ __all__ = ["FrameAssembler"]
 
 logger = logging.getLogger(__name__)
 
+#: Events per frame the first chunk's columns have room for: room is mapped, not touched,
+#: so a guess on the high side costs address space only (RT-DC frames hold 0 to a few).
+_FIRST_EVENTS_PER_FRAME = 2
+
 
 class FrameAssembler:
     """Frames in, chunks out, slots freed. Called by the writer loop only.
@@ -56,7 +60,8 @@ class FrameAssembler:
         self._layout, self._allocator, self._emit = spec.layout, allocator, emit
         self._write_threshold = write_threshold
         self.reorder = ReorderBuffer(spec.total_frames, reorder_budget_nbytes)
-        self.gatherer = ChunkGatherer(spec.layout.schema, derived, layouts)
+        self.gatherer = ChunkGatherer(spec.layout.schema, derived, layouts,
+                                      first_room_events=_FIRST_EVENTS_PER_FRAME * write_threshold)
         self._rows = ring.row_views()
         # frontier frames not copied yet: (frame, nevents, rows), and their slots
         self._in_order: list[tuple[int, int, list[tuple[int, int]]]] = []

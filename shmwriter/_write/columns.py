@@ -55,8 +55,11 @@ def _anonymous_bytes(nbytes: int) -> np.ndarray[Any, Any]:
     Not from the heap: a column of a chunk is megabytes, allocated and freed as
     chunks come and go, and heap blocks of that size fragment and stay with the
     process; a mapping of its own goes back to the system when the column goes.
+    Private, not shared (mmap's default): its pages fault in faster, and no
+    other process ever maps a column. Pages are allocated as rows touch them.
     """
-    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), np.uint8)[:nbytes]
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1), flags=flags), np.uint8)[:nbytes]
 
 
 class ChunkColumn:

@@ -8,12 +8,16 @@ derives: the frame index (``frame`` or ``index_unmapped``) and ``nevents``.
 Columns go back to the gatherer once their chunk is written
 (:meth:`ChunkGatherer.recycle`) and serve a later chunk: their memory is
 touched for the first time once, not once per chunk. Fresh pages cost about
-0.7 s per GB to fault in and zero, eight times a copy into warm memory. A
-chunk's successor takes its columns only when its first event comes, so that
-a chunk waiting for the sink's queue has none yet, and the columns of the
-chunk written meanwhile serve it. Returned columns are kept while at most
-``column_sets`` sets exist (the one gathered, one queued, one being written),
-and freed beyond that.
+0.5 to 0.7 s per GB to fault in and zero, four times a copy into warm memory.
+For the same reason a column is made with room for ``first_room_events`` or
+twice the largest chunk so far, whichever is more: the room is mapped but not
+touched, so it costs no memory until rows fill it, and a chunk a little larger
+than the last one does not make the column grow, which would copy its rows
+into fresh pages and leave the old ones unused. A chunk's successor takes its
+columns only when its first event comes, so that a chunk waiting for the
+sink's queue has none yet, and the columns of the chunk written meanwhile
+serve it. Returned columns are kept while at most ``column_sets`` sets exist
+(the one gathered, one queued, one being written), and freed beyond that.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ __all__ = ["DERIVED_DTYPES", "FRAME_INDEX_FEATURES", "Chunk", "ChunkGatherer", "
 _LARGE_NBYTES = 256
 #: Up to this many pieces every feature is copied piece by piece.
 _FEW_PIECES = 4
+#: Most bytes of room a column is made with before any chunk was taken, whatever
+#: ``first_room_events`` asks (room is address space, not memory, until it is used).
+_FIRST_ROOM_NBYTES = 256 * 2**20
 
 #: Per-event features the writer can derive, and their dtypes.
 DERIVED_DTYPES: dict[str, np.dtype[Any]] = {
@@ -111,15 +118,20 @@ class ChunkGatherer:
         later chunks while no more sets than that exist, freed beyond. The
         gatherer never refuses a set: the caller bounds how many chunks are out
         (the Writer's sink queue holds one, one more is written).
+    first_room_events
+        Events a chunk's columns have room for before they grow (at most
+        256 MiB of room each), or twice the largest chunk so far where that is
+        more.
     """
 
     def __init__(self, schema: Schema, derived: tuple[str, ...],
                  layouts: Mapping[str, ColumnLayout] | None = None, *,
-                 column_sets: int = 3) -> None:
+                 column_sets: int = 3, first_room_events: int = 64) -> None:
         self._schema, self._derived = schema, derived
         self._layouts = dict(layouts or plain_layouts(schema, derived))
         self._small = frozenset(n for n, f in schema.items() if f.event_nbytes < _LARGE_NBYTES)
-        self._capacity_hint = 64  # events of the largest chunk so far
+        self._first_room_events = first_room_events
+        self._largest_chunk = 0  # events of the largest chunk taken so far
         self._column_sets = column_sets
         self._spare: list[dict[str, ChunkColumn]] = []
         self._out = 0  # chunks with columns taken and not recycled (the sink has them)
@@ -128,8 +140,7 @@ class ChunkGatherer:
         self._file_rows = 0  # events of the chunks taken so far
         #: The columns being gathered into; None from a take() to the next event.
         self._columns: dict[str, ChunkColumn] | None = {
-            name: ChunkColumn(layout, 0, self._capacity_hint)
-            for name, layout in self._layouts.items()}
+            name: self._new_column(name) for name in self._layouts}
         #: The last chunk's columns, whose last incomplete stored chunks the next carries.
         self._previous: dict[str, ChunkColumn] | None = None
         self.first_frame = 0
@@ -206,7 +217,7 @@ class ChunkGatherer:
                       self._file_rows, columns)
         self.first_frame += self.nframes
         self._file_rows += self.nevents
-        self._capacity_hint = max(self._capacity_hint, self.nevents)
+        self._largest_chunk = max(self._largest_chunk, self.nevents)
         self.nframes = self.nevents = self.nmissing = 0
         return chunk
 
@@ -234,17 +245,26 @@ class ChunkGatherer:
                 for name, last in self._previous.items():
                     column = spare.get(name)
                     if column is None:
-                        column = ChunkColumn(self._layouts[name], 0, self._capacity_hint)
+                        column = self._new_column(name)
                     column.continue_from(last)
                     self._columns[name] = column
                 self._previous = None
             return self._columns
 
+    def _new_column(self, name: str) -> ChunkColumn:
+        """A column for ``name`` with room for the first chunk's guess or twice the
+        largest chunk so far, whichever is more (a stored column also carries up to
+        an HDF5 chunk's rows of the last one)."""
+        layout = self._layouts[name]
+        first_room = min(self._first_room_events, _FIRST_ROOM_NBYTES // layout.event_nbytes)
+        room = max(first_room, 2 * self._largest_chunk)
+        return ChunkColumn(layout, 0, max(room, 1) + (layout.chunk_rows or 0))
+
     def _reserve(self, nevents: int) -> dict[str, ChunkColumn]:
         """The columns to gather into, with room for ``nevents`` more events in each."""
         columns = self._gathering()
         for column in columns.values():
-            column.reserve(max(column.rows + nevents, column.carried + self._capacity_hint))
+            column.reserve(column.rows + nevents)
         return columns
 
 
