@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._channel.records import MAX_SLOTS_PER_RECORD, Kind, Record, encode_record
-from ._events import check_events, infer_schema
+from ._events import EventCheck, infer_schema
 from ._queue.client import (
     MAX_READ_AHEAD,
     FrameReader,
@@ -439,7 +439,7 @@ class EventQueue:
             return 0, {}
         schema = self._schema_for(client, frame_index, arrays)
         try:
-            return check_events(schema, frame_index, arrays)
+            return EventCheck(schema)(frame_index, arrays)
         except FrameError as exc:
             if not self._segment_now().header[Field.QUEUE_INFERRED]:
                 raise
@@ -452,7 +452,7 @@ class EventQueue:
         if schema is not None:
             return schema
         inferred = infer_schema(frame_index, arrays)
-        check_events(inferred, frame_index, arrays)  # a frame that cannot be put defines nothing
+        EventCheck(inferred)(frame_index, arrays)  # a frame that cannot be put defines nothing
         if client.publish_turn():  # the hub lets one client publish; the others wait
             published = False
             try:

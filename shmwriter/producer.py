@@ -27,7 +27,7 @@ from ._channel.records import (
     encode_record,
     split_packed,
 )
-from ._events import EventArrays, check_batch_events, check_counts, check_events
+from ._events import EventArrays, EventCheck, check_counts
 from ._ring.fill import SlotFiller
 from ._ring.ring import Field, RingSpec, SlotRing, State
 from ._rtdc import MAX_FRAME_INDEX
@@ -71,6 +71,7 @@ class Producer:
         self._spec, self._id, self._timeout_s = spec, producer_id, timeout_s
         self._ticket = ticket
         self._filler = SlotFiller(spec)
+        self._check_events = EventCheck(spec.layout.schema)
         self._lock = threading.RLock()
         self._link = WriterLink(spec, producer_id, desc_fd, grant_fd, timeout_s,
                                 self._filler.ring)
@@ -123,7 +124,7 @@ class Producer:
             if events is None:  # the common empty frame: no slot, just a descriptor
                 self._send_frame(index, 0, [])
                 return
-            nevents, arrays = check_events(self.schema, index, events)
+            nevents, arrays = self._check_events(index, events)
             slots = self._acquire(index, nevents, timeout_s)
             self._copy_into(slots, arrays, nevents, self._filler.copy_in)
             self._send_frame(index, nevents, slots)
@@ -160,7 +161,7 @@ class Producer:
         with self._lock:
             self._check_open()
             pairs = self._check_batch(frames, nevents)
-            arrays = check_batch_events(self.schema, pairs, events)
+            arrays = self._check_events.batch(pairs, events)
             start = 0
             for part in split_packed(pairs, self._spec.layout.slots_for, self._most_run_slots()):
                 self._put_packed(part, arrays, start, timeout_s)

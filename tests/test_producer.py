@@ -41,6 +41,10 @@ BAD_EVENTS = [
      "frame 3: feature 'mask' has dtype uint8, which cannot be cast safely to bool", "mask"),
     (with_("area", np.zeros(3, np.int64)), "frame 3: feature 'area' has 3 events but 'image' has 2",
      "area"),
+    (with_("deform", np.float32(0.5)),
+     r"frame 3: feature 'deform' has shape \(\); expected \(nevents\)", "deform"),
+    (with_("image", np.zeros(2, np.uint8)),
+     r"frame 3: feature 'image' has shape \(2,\); expected \(nevents, 8, 10\)", "image"),
 ]
 
 
@@ -60,6 +64,24 @@ def test_bad_events_name_frame_and_feature(tmp_path, events, message, feature):
         producer.close()
     with h5py.File(path) as h5:
         np.testing.assert_array_equal(h5["events"]["area"][:], expected_arrays(range(6))["area"])
+
+
+def test_array_likes_and_safe_casts_are_stored_as_the_schema_says(tmp_path):
+    path = tmp_path / "out.rtdc"
+    image = np.arange(2 * 8 * 10, dtype=np.uint8).reshape(2, 8, 10)
+    events = {"image": image[::-1],  # not contiguous
+              "mask": [[[True] * 10] * 8, [[False] * 10] * 8],  # nested lists
+              "deform": np.array([0.25, 0.5], np.float16),  # cast safely to float32
+              "area": [7, 9]}  # a list of ints: int64
+    with shmwriter.Writer(path, SCHEMA, total_frames=1) as writer, writer.producer() as producer:
+        producer.put(0, events)
+    with h5py.File(path) as h5:
+        group = h5["events"]
+        np.testing.assert_array_equal(group["image"][:], image[::-1])
+        np.testing.assert_array_equal(group["mask"][:, 0, 0], [255, 0])
+        assert group["deform"].dtype == np.float32
+        np.testing.assert_array_equal(group["deform"][:], [0.25, 0.5])
+        np.testing.assert_array_equal(group["area"][:], [7, 9])
 
 
 def test_bad_frame_indices(tmp_path):

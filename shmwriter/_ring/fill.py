@@ -37,7 +37,7 @@ class SlotFiller:
 
     def __init__(self, spec: RingSpec) -> None:
         self._spec = spec
-        self._rows: dict[str, np.ndarray[Any, Any]] = {}
+        self._rows: list[tuple[str, np.ndarray[Any, Any], bool]] = []
         self._masks = frozenset(n for n, f in spec.layout.schema.items() if f.dtype.kind == "b")
 
     def ring(self) -> SlotRing:
@@ -49,17 +49,26 @@ class SlotFiller:
     def copy_in(self, slots: list[int], arrays: Mapping[str, np.ndarray[Any, Any]],
                 nevents: int) -> None:
         """Copy ``nevents`` events of ``arrays`` into ``slots``, in order."""
-        per_slot, masks, rows = self._spec.layout.slot_events, self._masks, self._row_views()
+        per_slot = self._spec.layout.slot_events
+        if len(slots) == 1:  # the common frame: one copy per feature, nothing sliced
+            self._copy_rows(arrays, slots[0] * per_slot, nevents)
+            return
         for j, slot in enumerate(slots):
-            start, stop = j * per_slot, min((j + 1) * per_slot, nevents)
-            at, whole = slot * per_slot, start == 0 and stop == nevents
-            for name, array in arrays.items():
-                source = array if whole else array[start:stop]
-                if name in masks:
-                    _store_mask(source, rows[name][at:at + stop - start])
-                else:
-                    # an assignment costs half of np.copyto's call; the casts were checked
-                    rows[name][at:at + stop - start] = source
+            start = j * per_slot
+            stop = min(start + per_slot, nevents)
+            self._copy_rows({name: array[start:stop] for name, array in arrays.items()},
+                            slot * per_slot, stop - start)
+
+    def _copy_rows(self, arrays: Mapping[str, np.ndarray[Any, Any]], at: int,
+                   nevents: int) -> None:
+        """Copy the ``nevents`` events of ``arrays`` to rows ``at ..`` of the ring."""
+        stop = at + nevents
+        for name, rows, is_mask in self._targets():
+            if is_mask:
+                _store_mask(arrays[name], rows[at:stop])
+            else:
+                # an assignment costs half of np.copyto's call; the casts were checked
+                rows[at:stop] = arrays[name]
 
     def copy_into_run(self, run: list[int], arrays: Mapping[str, np.ndarray[Any, Any]],
                       nevents: int) -> None:
@@ -87,12 +96,14 @@ class SlotFiller:
     def close(self) -> None:
         """Unmap the ring (views handed out keep their memory)."""
         if self._ring is not None:
-            self._rows = {}
+            self._rows = []
             self._ring.close()
             self._ring = None
 
-    def _row_views(self) -> dict[str, np.ndarray[Any, Any]]:
-        """Each feature across the ring, as stored (one view per feature, made once)."""
+    def _targets(self) -> list[tuple[str, np.ndarray[Any, Any], bool]]:
+        """``(feature, its rows across the ring as stored, whether a mask)`` in schema
+        order: one view per feature, made once."""
         if not self._rows:
-            self._rows = self.ring().row_views()
+            self._rows = [(name, rows, name in self._masks)
+                          for name, rows in self.ring().row_views().items()]
         return self._rows
