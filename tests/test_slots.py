@@ -33,14 +33,18 @@ def test_a_producer_far_ahead_waits_behind_the_lowest_frame():
     assert allocator.urgent().frame == 100
 
 
-def test_prefetch_only_while_the_ring_is_less_than_half_full():
+def test_prefetch_only_while_a_quarter_of_the_ring_stays_free():
     allocator = SlotAllocator(16, prefetch=3)
     allocator.request(SlotRequest(frame=0, producer=1, wanted=1))
     assert grants(allocator) == [(1, [0, 1, 2, 3])]
-    allocator.request(SlotRequest(frame=1, producer=1, wanted=3))
-    assert grants(allocator) == [(1, [4, 5, 6, 7])]  # 12 free - 3 wanted - 8 (half): 1 extra
+    allocator.request(SlotRequest(frame=1, producer=1, wanted=6))
+    assert grants(allocator) == [(1, [4, 5, 6, 7, 8, 9, 10, 11])]  # 12 free - 6 - 4: 2 extra
     allocator.request(SlotRequest(frame=2, producer=1, wanted=1))
-    assert grants(allocator) == [(1, [8])]           # half the ring is in use: no extra
+    assert grants(allocator) == [(1, [12])]  # a quarter of the ring is all that is free
+    allocator.hold(1, list(range(13)))  # frames arrived in every slot granted
+    allocator.free(list(range(8)))  # a burst of freed slots: a chunk was gathered
+    allocator.request(SlotRequest(frame=3, producer=2, wanted=1))
+    assert grants(allocator) == [(2, [0, 1, 2, 3])]  # the next frames need not ask
 
 
 def test_a_run_of_consecutive_slots_waits_until_one_is_free():

@@ -51,7 +51,7 @@ class RunConfig:
     reorder_budget_nbytes: int
     """Most bytes of out-of-order frames copied out of the ring."""
     prefetch: int
-    """Extra slots granted ahead to a producer while the ring is less than half full."""
+    """Extra slots granted ahead to a producer while a quarter of the ring stays free."""
     logs: Mapping[str, list[str]] = field(default_factory=dict)
     """Logs to add to the file at the end."""
     log_level: int = logging.WARNING

@@ -57,7 +57,7 @@ class SlotAllocator:
     slots
         Slots of the ring.
     prefetch
-        Extra slots granted ahead to a producer while the ring is less than half full.
+        Extra slots granted ahead to a producer while a quarter of the ring stays free.
     """
 
     def __init__(self, slots: int, prefetch: int) -> None:
@@ -119,7 +119,11 @@ class SlotAllocator:
         to be copied out of the ring to make one.
         """
         grants = []
-        half = self.slots // 2
+        # spare slots only while a quarter of the ring stays free: enough for a producer
+        # to put the frames after a burst of freed slots without asking for each one (a
+        # round trip per frame costs both sides more than the copy), and room left for
+        # the others
+        reserve = self.slots // 4
         while (request := self.urgent()) is not None and self.can_serve(request) \
                 and self._leaves_room(request, frontier):
             self.pending.remove(request)
@@ -128,7 +132,7 @@ class SlotAllocator:
                 assert start is not None
                 slots = list(range(start, start + request.wanted))
             else:
-                extra = min(self.prefetch, max(0, self._nfree - request.wanted - half))
+                extra = min(self.prefetch, max(0, self._nfree - request.wanted - reserve))
                 slots = self._take_lowest(request.wanted + extra)
             for slot in slots:
                 self._owner[slot] = request.producer
