@@ -150,6 +150,8 @@ class Writer:
         check_run_args(total_frames, write_threshold, flush_interval_s, mode, timeout_s)
         self.path = os.fspath(path)
         check_directory(self.path)
+        # what was at the path before the writer started: never ours to repair
+        self._path_before = _file_identity(self.path)
         self.schema, self.mode, self.allow_gaps = schema, mode, allow_gaps
         self._timeout_s = float(timeout_s)
         self._producers: list[Producer] = []
@@ -447,7 +449,13 @@ class Writer:
                          rejected_frames=0, error=error)
 
     def _release_file(self) -> None:
-        """Let plain (non-SWMR) readers open the file the dead writer left behind."""
+        """Let plain (non-SWMR) readers open the file the dead writer left behind.
+
+        Only a file the writer made: one that died before creating it leaves
+        the path alone, whatever is there (another run's file, maybe in use).
+        """
+        if _file_identity(self.path) in (None, self._path_before):
+            return
         try:
             make_readable(self.path)
         except (OSError, ValueError) as exc:
@@ -489,6 +497,19 @@ def _abort_reason(exc_type: type[BaseException]) -> str:
     if issubclass(exc_type, KeyboardInterrupt):
         return "interrupted: KeyboardInterrupt"
     return f"an exception in the with block: {exc_type.__name__}"
+
+
+def _file_identity(path: str) -> tuple[int, int, int, int] | None:
+    """Device, inode, status-change time and size of the file at ``path``; None if none.
+
+    Creating the file replaces it in place (the same inode) but changes its
+    status-change time (in clock ticks of a few ms) and, all but always, its size.
+    """
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino, stat.st_ctime_ns, stat.st_size
 
 
 def _started(worker: threading.Thread | multiprocessing.process.BaseProcess) -> bool:

@@ -177,3 +177,45 @@ def test_killed_owner(tmp_path):
     prefix = f"shmw_{owner.pid}_"
     assert wait_until(lambda: not any(n.startswith(prefix) for n in os.listdir("/dev/shm")))
 
+
+
+_UNGUARDED_SCRIPT = """\
+import sys
+import shmwriter
+# no `if __name__ == "__main__":`: the spawned writer process runs this again and dies
+try:
+    shmwriter.Writer(sys.argv[1], shmwriter.Schema({"area": shmwriter.Feature("int64")}),
+                     total_frames=1, mode="process", timeout_s=20)
+except shmwriter.BrokenError as exc:
+    print(f"BrokenError: {exc}")
+"""
+_KILLED_WHILE_WRITING = """\
+import os, signal, sys
+import h5py
+h5 = h5py.File(sys.argv[1], "w", libver="latest")
+h5.create_dataset("x", data=[1, 2, 3])
+h5.swmr_mode = True
+h5.flush()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("existing", ["none", "left by a killed writer"])
+def test_writer_dying_before_its_file_leaves_the_path_alone(tmp_path, existing):
+    """A writer process that dies before it creates its file (here: a script without a main
+    guard, which the spawned process runs again) must not touch a file already at the
+    path, nor warn about one that is not there."""
+    path = tmp_path / "out.rtdc"
+    if existing != "none":
+        killed = subprocess.run([sys.executable, "-c", _KILLED_WHILE_WRITING, str(path)],
+                                capture_output=True, timeout=60)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+    before = path.read_bytes() if path.exists() else None
+    script = tmp_path / "unguarded.py"
+    script.write_text(_UNGUARDED_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), str(path)], capture_output=True,
+                            text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "BrokenError: the writer could not start: the writer process died" in result.stdout
+    assert "could not clear the write flags" not in result.stderr
+    assert (path.read_bytes() if path.exists() else None) == before
