@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import threading
+import time
 
 import dclab
 import h5py
@@ -275,3 +276,26 @@ def test_bad_arguments_are_refused(tmp_path):
         H5Sink(tmp_path / "m.rtdc", SCHEMA, DERIVED, None, {"nosection": 1})
     with pytest.raises(ValueError, match="must not set 'dtype'"):
         H5Sink(tmp_path / "k.rtdc", SCHEMA, DERIVED, {"dtype": "u1"}, {})
+
+
+def test_cpu_of_the_encoding_is_counted_once(tmp_path):
+    """Small chunks (the scalar features') are encoded in the writing thread: their CPU is the
+    encoding's, not also the write's, so the stages still add up to the threads' CPU."""
+    small = Schema({"deform": Feature("float64"), "area": Feature("int32")})
+    sink = H5Sink(tmp_path / "a.rtdc", small, (), None, {})
+    gatherer = ChunkGatherer(small, (), sink.layouts)
+    rng = np.random.default_rng(1)
+    total_ns = 0
+    for index in range(40):
+        arrays = {"deform": rng.random(900), "area": rng.integers(0, 9, 900, dtype=np.int32)}
+        gatherer.append(index, 900, arrays)
+        chunk = gatherer.take()
+        started = time.thread_time_ns()
+        sink.write(chunk)
+        total_ns += time.thread_time_ns() - started
+    assert sink.encode_cpu_ns > 0 and sink.write_cpu_ns > 0
+    # all of it ran in this thread: write + encode is this thread's time, not more
+    assert sink.encode_cpu_ns + sink.write_cpu_ns <= total_ns
+    sink.close()
+    with h5py.File(tmp_path / "a.rtdc", "r") as h5:
+        assert len(h5["events"]["deform"]) == 40 * 900

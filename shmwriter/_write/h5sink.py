@@ -9,8 +9,9 @@ file briefly to set ``experiment:event count`` and to add the logs.
 HDF5 filters chunks in one thread under its global lock, which makes Zstd the
 bottleneck of a write. Datasets whose filters :mod:`._codec` can reproduce
 (Zstd and/or fletcher32, or none) are therefore encoded here, whole HDF5
-chunks at a time in a thread pool, and stored with ``write_direct_chunk``; the
-file is the same as if HDF5 had filtered it. The gatherer lays those features
+chunks at a time in a thread pool (small ones in the writing thread), and
+stored with ``write_direct_chunk``; the file is the same as if HDF5 had
+filtered it. The gatherer lays those features
 out as stored chunks already (see :mod:`.columns` and :attr:`H5Sink.layouts`),
 so no copy comes between the ring and HDF5 but the gather's. A chunk's last,
 incomplete HDF5 chunk is stored too, padded with the fill value as HDF5 pads
@@ -66,6 +67,9 @@ logger = logging.getLogger(__name__)
 _RUN_LOG_LINES, _RUN_LOG_LINE_NBYTES = 16, LOG_LINE_LIMIT
 #: Encoded chunks in flight per encoder thread.
 _WINDOW_PER_WORKER = 4
+#: Stored chunks up to this size are encoded in the writing thread: handing one to the pool
+#: and back costs more than encoding it (a scalar feature's chunk of 1,000 rows is 4-8 KB).
+_INLINE_NBYTES = 16 * 1024
 
 
 def dataset_kwargs(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -189,10 +193,11 @@ class H5Sink:
         if chunk.nevents:
             self._check(chunk)
             start, stop = self.nevents, self.nevents + chunk.nevents
-            jobs = self._jobs(chunk.columns)
-            for dataset in self._datasets.values():
-                dataset.resize(stop, axis=0)  # direct chunk writes need the extent first
-            with self._encoding(jobs) as encoded:
+            with self._encoding(self._jobs(chunk.columns)) as encoded:
+                # the pool encodes while HDF5 extends the datasets, which direct chunk
+                # writes need first
+                for dataset in self._datasets.values():
+                    dataset.resize(stop, axis=0)
                 for name, dataset in self._datasets.items():
                     if name not in self._codecs:  # HDF5 filters these while the pool works
                         column = chunk.columns[name]
@@ -284,6 +289,7 @@ class H5Sink:
             raise
         finally:
             self.encode_cpu_ns += encoded.cpu_ns
+            self.write_cpu_ns -= encoded.inline_cpu_ns  # the writing thread's, counted there
 
     def _store_through_hdf5(self, dataset: h5py.Dataset, layout: ColumnLayout,
                             chunks: Iterable[tuple[int, np.ndarray[Any, Any] | EncodedChunk]],
@@ -370,7 +376,8 @@ class _EncodeWindow:
 
     At most ``window`` jobs are in flight, which keeps the workers busy while
     bounding the encoded bytes held in memory. Chunks encoded already pass
-    through in their place.
+    through in their place; chunks of at most ``_INLINE_NBYTES`` are encoded
+    in the caller's thread as they are handed out.
     """
 
     def __init__(self, pool: ThreadPoolExecutor | None, jobs: Iterable[_Job],
@@ -379,8 +386,10 @@ class _EncodeWindow:
         self._pending: deque[tuple[h5py.Dataset, tuple[int, ...],
                                    Future[tuple[EncodedChunk, int]]]]
         self._pending = deque()
-        #: CPU nanoseconds the encoder threads spent on the jobs handed out so far.
+        #: CPU nanoseconds spent encoding the jobs handed out so far.
         self.cpu_ns = 0
+        #: The part of :attr:`cpu_ns` spent in the caller's thread, on small chunks.
+        self.inline_cpu_ns = 0
         for _ in range(window):
             if not self._submit_next():
                 break
@@ -393,6 +402,12 @@ class _EncodeWindow:
         if isinstance(chunk, EncodedChunk):
             future: Future[tuple[EncodedChunk, int]] = Future()
             future.set_result((chunk, 0))
+        elif chunk.nbytes <= _INLINE_NBYTES:
+            encoded, cpu_ns = _encode_timed(codec, chunk)
+            self.cpu_ns += cpu_ns
+            self.inline_cpu_ns += cpu_ns
+            future = Future()
+            future.set_result((encoded, 0))
         else:
             future = self._pool.submit(_encode_timed, codec, chunk)
         self._pending.append((dataset, offset, future))
