@@ -32,7 +32,7 @@ def _label(writer: str, fallback: bool) -> str:
 
 def format_report(result: BenchResult) -> str:
     """The text ``shmwriter bench`` prints: header, table, descriptor path, memory scaling."""
-    from .config import FILTERS
+    from .config import FILTERS, MEMORY_SAMPLE_INTERVAL_S
     config = result.config
     fallback = any(w.startswith("dcnum is not installed") for w in result.warnings)
     runs = result.runs or result.scaling
@@ -62,8 +62,10 @@ def format_report(result: BenchResult) -> str:
               "GB for the last column); \"blocks:\" rows compare with dcnum's blocks row. "
               "CPU s: all processes, from the start signal to the "
               "closed file. Writer CPU: " + _scopes(result) + ". Peak MB: summed PSS of the "
-              "process tree (shared memory counted once); over idle: above the same tree, "
-              "set up and idle, just before the start."]
+              "process tree (shared memory counted once), from one more run of each row "
+              f"that samples it every {MEMORY_SAMPLE_INTERVAL_S} s (the timed runs do not: "
+              "a sample costs about 10 ms of CPU); over idle: above the same tree, set up "
+              "and idle, just before the start."]
     lines += _stage_lines(result, fallback)
     for o in (result.overhead, result.overhead_batched):
         if o is None:
@@ -85,9 +87,15 @@ def _row(s: WriterSummary, filters_label: str, ratio: dict[str, float], fallback
         return f"{ratio[key]:.2f}x" if key in ratio else ""
     return (f"| {filters_label} | {_label(s.writer, fallback)} | {s.events_per_s:,.0f} "
             f"| {s.mb_per_s:,.1f} | {s.wall_s:.2f} | {s.cpu_s:.2f} | {s.writer_cpu_s_per_gb:.2f} "
-            f"| {s.peak_memory_nbytes / 1e6:,.0f} (+{s.peak_over_baseline_nbytes / 1e6:,.0f}) "
+            f"| {_peak_cell(s.peak_memory_nbytes, s.peak_over_baseline_nbytes)} "
             f"| {times('events_per_s_vs_dcnum')} | {times('events_per_s_vs_h5py')} "
             f"| {times('writer_cpu_per_gb_vs_dcnum')} |")
+
+
+def _peak_cell(peak: int | None, over: int | None) -> str:
+    if peak is None or over is None:
+        return ""
+    return f"{peak / 1e6:,.0f} (+{over / 1e6:,.0f})"
 
 
 _STAGES = (("producers", "producers"), ("descriptors", "writer loop"),
@@ -126,18 +134,18 @@ def _scopes(result: BenchResult) -> str:
 
 
 def _scaling_lines(result: BenchResult, fallback: bool) -> list[str]:
-    from .config import FILTERS, SCALING_SAMPLE_INTERVAL_S
+    from .config import FILTERS, MEMORY_SAMPLE_INTERVAL_S
     lines = [("memory scaling (one run each; producers put pre-built frames as fast as they "
               "can, far faster than the writer; memory sampled every "
-              f"{SCALING_SAMPLE_INTERVAL_S} s):"), "",
+              f"{MEMORY_SAMPLE_INTERVAL_S} s):"), "",
              ("| filters | writer | frames | events | wall s | producers done at s | peak MB "
               "| over idle MB |"), "|---|---|---:|---:|---:|---:|---:|---:|"]
     for run in result.scaling:
         done = "" if run.producers_s is None else f"{run.producers_s:.2f}"
+        peak, over = run.sampled_peak()
         lines.append(f"| {FILTERS[run.filters]} | {_label(run.writer, fallback)} "
                      f"| {run.frames:,} | {run.events:,} "
-                     f"| {run.wall_s:.2f} | {done} | {run.peak_memory_nbytes / 1e6:,.0f} "
-                     f"| {run.peak_over_baseline_nbytes / 1e6:,.0f} |")
+                     f"| {run.wall_s:.2f} | {done} | {peak / 1e6:,.0f} | {over / 1e6:,.0f} |")
     frames = sorted({run.frames for run in result.scaling})
     lines.append("")
     for filters, by_writer in result.scaling_ratios().items():
@@ -151,7 +159,7 @@ def _scaling_lines(result: BenchResult, fallback: bool) -> list[str]:
 def _rates(run: RunFigures, event_nbytes: int) -> tuple[np.ndarray[Any, Any],
                                                         np.ndarray[Any, Any]]:
     """MB/s over time from the progress samples, each over the last ~0.5 s."""
-    series = np.array(run.series, dtype=float).reshape(-1, 3)
+    series = np.array(run.progress, dtype=float).reshape(-1, 2)
     times, events = series[:, 0], series[:, 1]
     rates = np.zeros_like(times)
     for i in range(1, len(times)):
@@ -162,7 +170,8 @@ def _rates(run: RunFigures, event_nbytes: int) -> tuple[np.ndarray[Any, Any],
 
 
 def plot_runs(result: BenchResult, path: Path) -> None:
-    """Throughput (top) and memory (bottom) over time, one column per filter setting."""
+    """Throughput (top, the median timed run) and memory (bottom, the memory run) over time,
+    one column per filter setting."""
     from matplotlib.figure import Figure
 
     from .config import FILTERS
@@ -175,17 +184,20 @@ def plot_runs(result: BenchResult, path: Path) -> None:
     for column, name in enumerate(filters):
         top, bottom = axes[0][column], axes[1][column]
         for (run_filters, writer), run in chosen.items():
-            if run_filters != name or not run.series:
+            if run_filters != name or not run.progress:
                 continue
             times, rates = _rates(run, result.event_nbytes)
-            memory = np.array([pss for _, _, pss in run.series]) / 1e6
             label = _label(writer, fallback)
             top.plot(times, rates, label=label)
-            bottom.plot(times, memory, label=label)
+            memory_run = result.memory_run(run_filters, writer)
+            if memory_run is not None and memory_run.memory:
+                samples = np.array(memory_run.memory, dtype=float)
+                bottom.plot(samples[:, 0], samples[:, 1] / 1e6, label=label)
         top.set_title(f"{FILTERS[name]} ({result.config.frames} frames)")
         top.set_ylabel("MB/s handed to the file (0.5 s window)")
         bottom.set_ylabel("summed PSS of the process tree (MB)")
         bottom.set_xlabel("seconds since the start signal")
         top.legend(fontsize="small")
-    figure.suptitle("shmwriter bench: the median run of each writer")
+    figure.suptitle("shmwriter bench: the median timed run of each writer (top) and the run "
+                    "that measured its memory (bottom)")
     figure.savefig(path, dpi=100)

@@ -2,8 +2,8 @@
 
 :class:`Window` measures a run from the start signal to the closed file: wall
 time, the CPU of this process and of its reaped children, and, from a
-background thread at 10 Hz, the summed PSS of the process tree and the
-writer's progress. The ``run_*`` functions set up one writer, let the
+background thread, the writer's progress and (in a run that measures memory)
+the summed PSS of the process tree. The ``run_*`` functions set up one writer, let the
 producers build their frames, then give the signal and wait for the file.
 
 Producers' CPU before the signal (interpreter start-up, building frames) is
@@ -37,12 +37,13 @@ from .._rtdc import chunk_rows
 from ..ops.memory import TreeMemory
 from ..writer import DEFAULT_SLOT_EVENTS, DEFAULT_SLOTS, Writer
 from . import _work as work
+from .config import MEMORY_SAMPLE_INTERVAL_S
 
 __all__ = ["Job", "Measured", "ProducerReport", "Window", "read_back", "run_dcnum", "run_h5py",
            "run_overhead", "run_shmwriter", "run_shmwriter_blocks"]
 
-#: Seconds between memory samples of a throughput run: each costs about 0.2 ms of CPU per
-#: process, so the run it watches loses about 1% of a core.
+#: Seconds between progress samples of a timed run (reading the writer's event counter: a
+#: few microseconds).
 SAMPLE_INTERVAL_S = 0.1
 _READY_TIMEOUT_S = 300.0
 _JOIN_TIMEOUT_S = 600.0
@@ -52,25 +53,30 @@ _CTX = multiprocessing.get_context("spawn")
 class Window:
     """Measures one run from the start signal (:meth:`open`) to the closed file (:meth:`close`).
 
-    A background thread samples the tree's summed PSS and the writer's
-    progress every ``interval_s``, and once more after the close. Its CPU time
-    inside the window is kept apart (:attr:`monitor_cpu_s`), so that it can be
-    taken out of the other figures.
+    A background thread samples the writer's progress, and with ``memory``
+    the tree's summed PSS, every :data:`SAMPLE_INTERVAL_S` (with ``memory``:
+    :data:`~.config.MEMORY_SAMPLE_INTERVAL_S`), and once more after the close.
+    Its CPU time inside the window is kept apart (:attr:`monitor_cpu_s`), so
+    that it can be taken out of the other figures; the cores it takes from the
+    run it watches cannot be, so a timed run leaves memory alone.
 
     The peak is the highest sample, so a run of a few samples can miss a peak
-    that lasts less than ``interval_s`` where a long run catches it: runs
-    whose peaks are compared across lengths need a short interval.
+    that lasts less than the interval where a long run catches it: runs whose
+    peaks are compared across lengths need a short interval.
     """
 
-    def __init__(self, progress: Callable[[], int],
-                 interval_s: float = SAMPLE_INTERVAL_S) -> None:
+    def __init__(self, progress: Callable[[], int], *, memory: bool = False) -> None:
         self._progress = progress
-        self._interval_s = interval_s
+        self._memory = memory
+        self._interval_s = MEMORY_SAMPLE_INTERVAL_S if memory else SAMPLE_INTERVAL_S
         self._stop = threading.Event()
         self._lock = threading.Lock()  # held while sampling; close() waits for it
         self._thread = threading.Thread(target=self._sample_loop, daemon=True,
                                         name="shmwriter-bench-monitor")
-        self.samples: list[tuple[float, int, int]] = []
+        #: ``(seconds since the start, events handed to the file)``.
+        self.progress: list[tuple[float, int]] = []
+        #: ``(seconds since the start, summed PSS)``; empty without ``memory``.
+        self.memory: list[tuple[float, int]] = []
         self.monitor_cpu_s = self.wall_s = 0.0
         self.baseline_nbytes = 0
         self.self_cpu_s = self.children_cpu_s = self.main_thread_cpu_s = 0.0
@@ -102,9 +108,11 @@ class Window:
         return self._t0
 
     @property
-    def peak_nbytes(self) -> int:
-        """Highest summed PSS sampled during the run."""
-        return max([self.baseline_nbytes, *(pss for _, _, pss in self.samples)])
+    def peak_nbytes(self) -> int | None:
+        """Highest summed PSS sampled during the run (None without ``memory``)."""
+        if not self._memory:
+            return None
+        return max([self.baseline_nbytes, *(pss for _, pss in self.memory)])
 
     @staticmethod
     def _cpu_now() -> tuple[float, float, float]:
@@ -123,7 +131,10 @@ class Window:
                     events = int(self._progress())
                 except Exception:  # the writer is closing: keep the last figure
                     pass
-                self.samples.append((time.monotonic() - self._t0, events, memory.sample()))
+                now = time.monotonic() - self._t0
+                self.progress.append((now, events))
+                if self._memory:
+                    self.memory.append((now, memory.sample()))
                 self._monitor_cpu_s = time.thread_time() - start
             if stopping:
                 return
@@ -219,8 +230,8 @@ class Job:
     """Whether the ``dcnum`` writer is dcnum's own (else the pickling fallback)."""
     batch_frames: int = 100
     """Frames per ``put_many`` call (and per block of a producer's share) when batched."""
-    memory_interval_s: float = SAMPLE_INTERVAL_S
-    """Seconds between memory samples (see :class:`Window`)."""
+    memory: bool = False
+    """Whether the run measures memory (see :class:`Window`)."""
 
     def shares(self) -> list[list[int]]:
         """Frames of each producer: dealt in turn, as a pipeline's workers get them."""
@@ -284,7 +295,7 @@ def run_shmwriter(job: Job, mode: Literal["thread", "process"]) -> Measured:
                     hdf5_dataset_kwargs=job.shmwriter_kwargs())
     return _run_writer(writer, work.put_into_ring,
                        [(job.workload, share) for share in job.shares()],
-                       Window(lambda: writer.written_events, job.memory_interval_s))
+                       Window(lambda: writer.written_events, memory=job.memory))
 
 
 def run_shmwriter_blocks(job: Job, way: Literal["put", "put_many", "frames"]) -> Measured:
@@ -302,7 +313,7 @@ def run_shmwriter_blocks(job: Job, way: Literal["put", "put_many", "frames"]) ->
         arg_tails = [(job.workload, share, job.batch_frames) for share in job.block_shares()]
         worker = work.fill_batches_in_ring if way == "frames" else work.put_batches_into_ring
     return _run_writer(writer, worker, arg_tails,
-                       Window(lambda: writer.written_events, job.memory_interval_s))
+                       Window(lambda: writer.written_events, memory=job.memory))
 
 
 def run_overhead(frames: int, path: Path, mode: Literal["thread", "process"],
@@ -358,7 +369,7 @@ def run_dcnum(job: Job, *, blocks: bool = False) -> Measured:
                           feat_nevents=feat_nevents, path_out=job.path,
                           hdf5_dataset_kwargs=job.filter_kwargs(),
                           write_threshold=job.write_threshold)
-    window = Window(lambda: int(thread.written_events.value), job.memory_interval_s)
+    window = Window(lambda: int(thread.written_events.value), memory=job.memory)
     # started before the producers, as in dcnum's pipeline: it creates the file and waits
     thread.start()
     # on a failure the (daemon) thread is left waiting for frames that never come
@@ -390,7 +401,7 @@ def run_h5py(job: Job) -> Measured:
     starts = np.concatenate([[0], np.cumsum(nevents)])[::job.write_threshold].tolist()
     bounds = list(zip(starts, [*starts[1:], len(arrays["image"])], strict=True))
     written = [0]
-    window = Window(lambda: written[0], job.memory_interval_s)
+    window = Window(lambda: written[0], memory=job.memory)
     window.open()
     with h5py.File(job.path, "w", libver="latest") as h5:
         group = h5.create_group("events")

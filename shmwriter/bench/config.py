@@ -13,7 +13,7 @@ from typing import Literal
 
 from .._validate import check_count
 
-__all__ = ["BLOCK_WRITERS", "DATA_ENV", "FILTERS", "SCALING_SAMPLE_INTERVAL_S", "BenchConfig",
+__all__ = ["BLOCK_WRITERS", "DATA_ENV", "FILTERS", "MEMORY_SAMPLE_INTERVAL_S", "BenchConfig",
            "baseline_of"]
 
 #: Environment variable naming the folder of the dcnum test data zip files (the tests use
@@ -25,12 +25,16 @@ FILTERS: dict[str, str] = {
     "zstd5": "Zstd-5 + fletcher32",
 }
 
-#: Seconds between memory samples of the memory-scaling runs. Their peaks are compared
-#: across run lengths, and a run of 6,000 frames lasts about a second: sampled rarely, it
-#: misses short peaks that a ten-times-longer run catches, and memory seems to grow with
-#: the run's length. (A probe of the per-frame workload: the writer's peak PSS at 6,000
-#: frames was 156 MB sampled every 0.5 s and 178 MB every 0.02 s; at 60,000, 164 and 173.)
-SCALING_SAMPLE_INTERVAL_S = 0.02
+#: Seconds between memory samples of the runs that measure memory (one per writer and
+#: filter setting, and the memory-scaling runs); the timed runs sample none. A sample reads
+#: the PSS of every process of the tree, which costs 8 to 13 ms of CPU here (page-table
+#: walks): at 10 Hz, 5% of a 2-core machine, taken from writers that use both cores and not
+#: from plain h5py, which leaves one idle. Peaks are compared across run lengths, and a run
+#: of 6,000 frames lasts about a second: sampled rarely, it misses short peaks that a
+#: ten-times-longer run catches. (A probe of the per-frame workload: the writer's peak PSS
+#: at 6,000 frames was 156 MB sampled every 0.5 s and 178 MB every 0.02 s; at 60,000, 164
+#: and 173.)
+MEMORY_SAMPLE_INTERVAL_S = 0.02
 
 #: Writers whose producers work through blocks of ``batch_frames`` consecutive frames (the
 #: other workload deals frames to the producers in turn).
@@ -119,7 +123,7 @@ class BenchConfig:
     @property
     def runs_total(self) -> int:
         """Runs (and micro-benchmarks) this configuration makes."""
-        return (self.repeat * len(self.filters) * len(self.writers)
+        return ((self.repeat + 1) * len(self.filters) * len(self.writers)  # + a memory run
                 + 2 * bool(self.overhead_frames)  # one frame at a time, then in batches
                 + (len(self.scaling_writers) * len(self.filters) * len(self.scaling_frames)
                    if self.memory_scaling else 0))

@@ -26,7 +26,7 @@ class RunFigures:
     filters: str
     """Key of :data:`FILTERS`."""
     repetition: int
-    """0-based repetition (-1 for memory-scaling runs)."""
+    """0-based repetition (-1 for memory-scaling runs and the memory runs of the rows)."""
     frames: int
     """Frames of the run."""
     events: int
@@ -49,8 +49,9 @@ class RunFigures:
     """Seconds until the producers had handed over their last frame (None: no producers)."""
     baseline_memory_nbytes: int
     """Summed PSS of the process tree just before the start signal (all set up, idle)."""
-    peak_memory_nbytes: int
-    """Highest summed PSS of the process tree during the run."""
+    peak_memory_nbytes: int | None
+    """Highest summed PSS of the process tree during the run; None in a timed run, which
+    samples no memory (its row's memory run has the figure)."""
     monitor_cpu_s: float
     """CPU seconds of the sampling thread (not in the other CPU figures)."""
     image_chunks: tuple[int, ...]
@@ -63,8 +64,10 @@ class RunFigures:
     """CPU seconds of the producers from the start signal on (None: no producers)."""
     stage_cpu_s: dict[str, float] = field(default_factory=dict)
     """shmwriter's writer CPU seconds per stage (``Writer.stage_cpu_s``); {} for the others."""
-    series: tuple[tuple[float, int, int], ...] = field(repr=False)
-    """Samples ``(seconds since the start, events handed to the file, summed PSS)``."""
+    progress: tuple[tuple[float, int], ...] = field(repr=False)
+    """Samples ``(seconds since the start, events handed to the file)``."""
+    memory: tuple[tuple[float, int], ...] = field(default=(), repr=False)
+    """Samples ``(seconds since the start, summed PSS)``; empty in a timed run."""
 
     @property
     def events_per_s(self) -> float:
@@ -82,9 +85,22 @@ class RunFigures:
         return self.writer_cpu_s / (self.data_nbytes / 1e9)
 
     @property
-    def peak_over_baseline_nbytes(self) -> int:
-        """Peak memory above the idle, set-up process tree."""
-        return max(0, self.peak_memory_nbytes - self.baseline_memory_nbytes)
+    def peak_over_baseline_nbytes(self) -> int | None:
+        """Peak memory above the idle, set-up process tree (None: not sampled)."""
+        return None if self.peak_memory_nbytes is None else self.sampled_peak()[1]
+
+    def sampled_peak(self) -> tuple[int, int]:
+        """``(peak, peak over idle)`` of a run that measured memory.
+
+        Raises
+        ------
+        ValueError
+            If the run sampled no memory.
+        """
+        if self.peak_memory_nbytes is None:
+            raise ValueError(f"the run of {self.writer} ({self.filters}) sampled no memory")
+        return self.peak_memory_nbytes, max(0, self.peak_memory_nbytes
+                                           - self.baseline_memory_nbytes)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-type form (with the derived figures), for JSON."""
@@ -119,19 +135,21 @@ class WriterSummary:
     """Median writer CPU seconds per GB."""
     writer_cpu_scope: str
     """What the writer CPU covers."""
-    peak_memory_nbytes: int
-    """Median peak memory."""
-    peak_over_baseline_nbytes: int
-    """Median peak above the idle process tree."""
+    peak_memory_nbytes: int | None
+    """Peak memory, from the row's memory run (None without one)."""
+    peak_over_baseline_nbytes: int | None
+    """Peak above the idle process tree, from the same run."""
     stage_cpu_s_per_gb: dict[str, float] = field(default_factory=dict)
     """Median CPU seconds per GB of each stage: ``producers`` and the writer's stages."""
 
     @classmethod
-    def of(cls, runs: Sequence[RunFigures]) -> WriterSummary:
-        """Medians of ``runs`` (all of one writer and filter setting)."""
+    def of(cls, runs: Sequence[RunFigures], memory_run: RunFigures | None) -> WriterSummary:
+        """Medians of the timed ``runs`` (all of one writer and filter setting), with the
+        peak memory of ``memory_run``."""
         def median(values: Iterator[float]) -> float:
             return float(statistics.median(values))
         first = runs[0]
+        peak, over = memory_run.sampled_peak() if memory_run is not None else (None, None)
         return cls(writer=first.writer, filters=first.filters, repetitions=len(runs),
                    events=first.events,
                    events_per_s=median(r.events_per_s for r in runs),
@@ -139,9 +157,7 @@ class WriterSummary:
                    wall_s=median(r.wall_s for r in runs), cpu_s=median(r.cpu_s for r in runs),
                    writer_cpu_s_per_gb=median(r.writer_cpu_s_per_gb for r in runs),
                    writer_cpu_scope=first.writer_cpu_scope,
-                   peak_memory_nbytes=int(median(r.peak_memory_nbytes for r in runs)),
-                   peak_over_baseline_nbytes=int(median(r.peak_over_baseline_nbytes
-                                                        for r in runs)),
+                   peak_memory_nbytes=peak, peak_over_baseline_nbytes=over,
                    stage_cpu_s_per_gb=_stage_medians(runs))
 
 
@@ -191,7 +207,10 @@ class BenchResult:
     warnings: list[str] = field(default_factory=list)
     """Problems the report must show (missing dcnum, event counts that disagree)."""
     runs: list[RunFigures] = field(default_factory=list)
-    """Every run of the comparison, in the order run."""
+    """Every timed run of the comparison, in the order run."""
+    memory_runs: list[RunFigures] = field(default_factory=list)
+    """One more run of each writer and filter setting, which measures memory (the timed
+    runs do not: see :data:`~.config.MEMORY_SAMPLE_INTERVAL_S`)."""
     overhead: OverheadFigures | None = None
     overhead_batched: OverheadFigures | None = None
     """The descriptor-path micro-benchmark."""
@@ -203,7 +222,12 @@ class BenchResult:
         groups: dict[tuple[str, str], list[RunFigures]] = {}
         for run in self.runs:
             groups.setdefault((run.filters, run.writer), []).append(run)
-        return [WriterSummary.of(runs) for runs in groups.values()]
+        return [WriterSummary.of(runs, self.memory_run(*key)) for key, runs in groups.items()]
+
+    def memory_run(self, filters: str, writer: str) -> RunFigures | None:
+        """The run of ``writer`` with ``filters`` that measured memory (None: there is none)."""
+        return next((r for r in self.memory_runs if (r.filters, r.writer) == (filters, writer)),
+                    None)
 
     def ratios(self) -> dict[str, dict[str, dict[str, float]]]:
         """``{filters: {shmwriter writer: {figure: ratio}}}`` of the medians; "dcnum" is the
@@ -225,7 +249,11 @@ class BenchResult:
     @property
     def consistent(self) -> bool:
         """Whether every run wrote (and the file holds) the expected number of events."""
-        return all(r.file_events == r.events for r in [*self.runs, *self.scaling])
+        return all(r.file_events == r.events for r in self.all_runs())
+
+    def all_runs(self) -> list[RunFigures]:
+        """The timed runs, the memory runs and the memory-scaling runs."""
+        return [*self.runs, *self.memory_runs, *self.scaling]
 
     def to_dict(self) -> dict[str, Any]:
         """All figures in plain types, for JSON."""
@@ -237,6 +265,7 @@ class BenchResult:
             "overhead": asdict(self.overhead) if self.overhead else None,
             "overhead_batched": asdict(self.overhead_batched) if self.overhead_batched else None,
             "runs": [r.to_dict() for r in self.runs],
+            "memory_runs": [r.to_dict() for r in self.memory_runs],
             "scaling": [r.to_dict() for r in self.scaling],
             "scaling_ratios": self.scaling_ratios(),
         }
@@ -249,11 +278,10 @@ class BenchResult:
             runs = sorted((r for r in self.scaling if (r.filters, r.writer) == (filters, writer)),
                           key=lambda r: r.frames)
             if len(runs) >= 2:
-                small, large = runs[0], runs[-1]
+                (small, small_over), (large, large_over) = (runs[0].sampled_peak(),
+                                                            runs[-1].sampled_peak())
                 ratios.setdefault(filters, {})[writer] = {
-                    "peak": large.peak_memory_nbytes / small.peak_memory_nbytes,
-                    "peak_over_baseline": (large.peak_over_baseline_nbytes
-                                           / max(small.peak_over_baseline_nbytes, 1))}
+                    "peak": large / small, "peak_over_baseline": large_over / max(small_over, 1)}
         return ratios
 
     def table(self) -> str:

@@ -7,8 +7,10 @@ start signal to the closed file:
 
 - events/s and MB/s (uncompressed event bytes per wall second);
 - CPU seconds of every process involved, and of the writer alone;
-- peak memory: the summed PSS of the process tree, sampled at 10 Hz
-  (PSS counts shared memory once).
+- peak memory: the summed PSS of the process tree (PSS counts shared memory
+  once), in one more run of each writer and filter setting, sampled every
+  :data:`~.config.MEMORY_SAMPLE_INTERVAL_S`; the timed runs sample none, as
+  sampling takes CPU from the writers that use every core.
 
 The writers are
 
@@ -55,7 +57,7 @@ import psutil
 
 from . import _run as runner
 from . import _work as work
-from .config import SCALING_SAMPLE_INTERVAL_S, BenchConfig
+from .config import BenchConfig
 from .figures import BenchResult, OverheadFigures, RunFigures, WriterSummary
 
 __all__ = ["BenchResult", "OverheadFigures", "RunFigures", "WriterSummary", "dcnum_warning",
@@ -149,7 +151,8 @@ def _measure_here(writer: str, job: runner.Job, repetition: int, keep: bool) -> 
         image_chunks=chunks, image_filters=filters, path=str(job.path) if keep else None,
         producers_cpu_s=(sum(r.cpu_end_s - r.cpu_start_s for r in measured.producer_reports)
                          if measured.producer_reports else None),
-        stage_cpu_s=dict(measured.stage_cpu_s), series=tuple(window.samples))
+        stage_cpu_s=dict(measured.stage_cpu_s), progress=tuple(window.progress),
+        memory=tuple(window.memory))
     if not keep:
         job.path.unlink()
     logger.info("%s %s rep %d: %.0f events/s, %.1f MB/s", writer, job.filters, repetition,
@@ -210,13 +213,12 @@ def run_bench(config: BenchConfig | None = None, progress: ProgressFn | None = N
     done = 0
 
     def measure(writer: str, frames: int, filters: str, repetition: int, name: str,
-                memory_interval_s: float = runner.SAMPLE_INTERVAL_S) -> RunFigures:
+                memory: bool = False) -> RunFigures:
         nonlocal done
         job = runner.Job(workload=workload, frames=frames, producers=config.producers,
                          filters=filters, path=workdir / f"{name}.rtdc",
                          write_threshold=config.write_threshold, dcnum=warning is None,
-                         batch_frames=config.batch_frames or 100,
-                         memory_interval_s=memory_interval_s)
+                         batch_frames=config.batch_frames or 100, memory=memory)
         figures = _measure(writer, job, repetition, config.keep_files)
         done += 1
         if progress is not None:
@@ -230,6 +232,10 @@ def run_bench(config: BenchConfig | None = None, progress: ProgressFn | None = N
                 for writer in config.writers:
                     result.runs.append(measure(writer, config.frames, filters, repetition,
                                                f"{writer}-{filters}-{repetition}"))
+        for filters in config.filters:
+            for writer in config.writers:
+                result.memory_runs.append(measure(writer, config.frames, filters, -1,
+                                                  f"memory-{writer}-{filters}", memory=True))
         if config.overhead_frames:
             result.overhead = _overhead(config.overhead_frames, workdir, config.modes[0], 0)
             result.overhead_batched = _overhead(config.overhead_frames, workdir,
@@ -243,7 +249,7 @@ def run_bench(config: BenchConfig | None = None, progress: ProgressFn | None = N
                     for writer in config.scaling_writers:
                         result.scaling.append(measure(
                             writer, frames, filters, -1, f"scaling-{writer}-{filters}-{frames}",
-                            SCALING_SAMPLE_INTERVAL_S))
+                            memory=True))
     result.warnings.extend(_count_warnings(result))
     return result
 
@@ -264,7 +270,7 @@ def _workdir(workdir: str | None) -> Iterator[Path]:
 
 def _count_warnings(result: BenchResult) -> list[str]:
     problems = [f"{r.writer} ({r.filters}, {r.frames} frames) wrote {r.file_events} events; "
-                f"expected {r.events}" for r in [*result.runs, *result.scaling]
+                f"expected {r.events}" for r in result.all_runs()
                 if r.file_events != r.events]
     return [f"event counts disagree: {p}" for p in problems]
 
@@ -300,8 +306,9 @@ def write_json(result: BenchResult, path: str | os.PathLike[str]) -> None:
 def write_plot(result: BenchResult, path: str | os.PathLike[str]) -> None:
     """Write a PNG of throughput and memory over time, one line per writer and filter setting.
 
-    For each writer and filter setting the repetition with the median
-    events/s is drawn. Needs matplotlib (the ``bench`` extra).
+    For each writer and filter setting, the throughput of the timed run with
+    the median events/s and the memory of the run that measured it are drawn.
+    Needs matplotlib (the ``bench`` extra).
     """
     from ._report import plot_runs
     plot_runs(result, Path(path))
