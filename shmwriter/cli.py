@@ -177,8 +177,9 @@ def _bench_parser() -> argparse.ArgumentParser:
         "dcnum test data are there) with shmwriter (spawned producers, writer thread and "
         "writer process), with dcnum's QueueWriterThread fed through an mp.Queue, and with "
         "plain h5py from memory (the limit), for uncompressed+fletcher32 and Zstd-5+fletcher32. "
-        "Prints the medians of events/s, MB/s, wall and CPU time, writer CPU per GB and peak "
-        "memory, the ratios, and the per-frame cost of the descriptor path.",
+        "Prints the medians of events/s, MB/s, wall and CPU time and writer CPU per GB, the "
+        "peak memory of one more run of each writer (the timed runs sample none), the ratios, "
+        "and the per-frame cost of the descriptor path.",
         epilog=_examples("shmwriter bench", "shmwriter bench --frames 500 --repeat 1 --quiet",
                          "shmwriter bench --json bench.json --plot bench.png",
                          "shmwriter bench --memory-scaling --filters zstd5"),

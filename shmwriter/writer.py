@@ -152,6 +152,7 @@ class Writer:
         check_directory(self.path)
         # what was at the path before the writer started: never ours to repair
         self._path_before = _file_identity(self.path)
+        self._writer_started = False  # it said so: the file at the path is its own
         self.schema, self.mode, self.allow_gaps = schema, mode, allow_gaps
         self._timeout_s = float(timeout_s)
         self._producers: list[Producer] = []
@@ -213,6 +214,7 @@ class Writer:
         if message != MSG_STARTED:
             result = self._parse_result(message)
             raise BrokenError(f"the writer could not start: {result.error}")
+        self._writer_started = True
 
     # -- public API -------------------------------------------------------------------
     def producer(self) -> Producer:
@@ -355,7 +357,7 @@ class Writer:
         reordering); ``gather``: copying events out of the ring into chunks;
         ``hdf5``: HDF5 storing chunks (in the sink thread) and closing the
         file (in the loop's thread); ``encode``: checksums and compression in
-        the encoder threads.
+        the encoder threads (and, for small HDF5 chunks, in the sink thread).
         """
         return dict(self._result.stage_cpu_s) if self._result else {}
 
@@ -453,8 +455,11 @@ class Writer:
 
         Only a file the writer made: one that died before creating it leaves
         the path alone, whatever is there (another run's file, maybe in use).
+        Once the writer has started, the file is its own; before, only a file
+        that changed since the Writer was made.
         """
-        if _file_identity(self.path) in (None, self._path_before):
+        identity = _file_identity(self.path)
+        if identity is None or (not self._writer_started and identity == self._path_before):
             return
         try:
             make_readable(self.path)
@@ -500,14 +505,15 @@ def _abort_reason(exc_type: type[BaseException]) -> str:
 
 
 def _file_identity(path: str) -> tuple[int, int, int, int] | None:
-    """Device, inode, status-change time and size of the file at ``path``; None if none.
+    """Device, inode, status-change time and size of the file at ``path``; None if there is
+    none or it cannot be read.
 
     Creating the file replaces it in place (the same inode) but changes its
     status-change time (in clock ticks of a few ms) and, all but always, its size.
     """
     try:
         stat = os.stat(path)
-    except FileNotFoundError:
+    except OSError:
         return None
     return stat.st_dev, stat.st_ino, stat.st_ctime_ns, stat.st_size
 

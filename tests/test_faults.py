@@ -219,3 +219,24 @@ def test_writer_dying_before_its_file_leaves_the_path_alone(tmp_path, existing):
     assert "BrokenError: the writer could not start: the writer process died" in result.stdout
     assert "could not clear the write flags" not in result.stderr
     assert (path.read_bytes() if path.exists() else None) == before
+
+
+def test_killed_writer_over_an_old_file_still_leaves_a_readable_file(tmp_path):
+    """The other side of the check above: a file already at the path that the writer replaced
+    is its own once it started, and is repaired when it is killed."""
+    path = tmp_path / "out.rtdc"
+    killed = subprocess.run([sys.executable, "-c", _KILLED_WHILE_WRITING, str(path)],
+                            capture_output=True, timeout=60)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    writer = shmwriter.Writer(path, SCHEMA, total_frames=1000, write_threshold=10,
+                              mode="process", timeout_s=20)
+    producer = writer.producer()
+    for frame in range(100):
+        producer.put(frame, events_of(frame))
+    assert wait_until(lambda: writer.written_frames >= 100)
+    os.kill(writer.statistics().writer_pid, signal.SIGKILL)
+    with pytest.raises(shmwriter.BrokenError, match=r"writer process died \(exit code -9\)"):
+        writer.close()
+    with h5py.File(path, "r") as h5:  # a plain open: the write flags were cleared
+        expected = expected_arrays(range(100))["area"]
+        np.testing.assert_array_equal(h5["events"]["area"][:len(expected)], expected)

@@ -299,3 +299,21 @@ def test_cpu_of_the_encoding_is_counted_once(tmp_path):
     sink.close()
     with h5py.File(tmp_path / "a.rtdc", "r") as h5:
         assert len(h5["events"]["deform"]) == 40 * 900
+
+
+def test_the_pool_gets_its_chunks_first_whatever_the_order_of_features(tmp_path):
+    """Scalars listed before the images: the large chunks still go to the pool first, so the
+    small ones (encoded in the writing thread) never hold the pool's places in the window."""
+    scalars_first = Schema({"deform": Feature("float64"), "image": Feature("uint8", (32, 50))})
+    sink = H5Sink(tmp_path / "a.rtdc", scalars_first, (), None, {})
+    gatherer = ChunkGatherer(scalars_first, (), sink.layouts)
+    rng = np.random.default_rng(2)
+    gatherer.append(0, 1400, {"deform": rng.random(1400),
+                              "image": rng.integers(0, 9, (1400, 32, 50), dtype=np.uint8)})
+    chunk = gatherer.take()
+    order = [job[0].name.rsplit("/", 1)[1] for job in sink._jobs(chunk.columns)]
+    assert order == ["image"] * 3 + ["deform"] * 2
+    sink.write(chunk)
+    sink.close()
+    with h5py.File(tmp_path / "a.rtdc", "r") as h5:
+        assert len(h5["events"]["image"]) == len(h5["events"]["deform"]) == 1400

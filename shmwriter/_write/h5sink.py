@@ -219,13 +219,16 @@ class H5Sink:
                                  f"gather with H5Sink.layouts")
 
     def _jobs(self, columns: Mapping[str, ChunkColumn]) -> list[_Job]:
-        """The stored chunks of the encoded datasets, in file order, ready to encode."""
+        """The stored chunks of the encoded datasets, ready to encode: the pool's first, so
+        that it has work from the start whatever the schema's order of features (the small
+        ones, encoded in the writing thread, would take its places in the window)."""
         jobs: list[_Job] = []
         for name, codec in self._codecs.items():
             dataset = self._datasets[name]
             zeros = (0,) * (dataset.ndim - 1)
             jobs += [(dataset, (row, *zeros), codec, data)
                      for row, data in columns[name].stored_chunks()]
+        jobs.sort(key=lambda job: _encoded_inline(job[3]))  # stable: file order otherwise
         return jobs
 
     def filters(self, name: str) -> list[tuple[int, tuple[int, ...]]]:
@@ -283,6 +286,7 @@ class H5Sink:
         are cancelled if the body fails, and the pool's CPU time is counted either way."""
         encoded = _EncodeWindow(self._pool, jobs, self._window)
         try:
+            encoded.start()
             yield encoded
         except BaseException:
             encoded.cancel()
@@ -390,7 +394,11 @@ class _EncodeWindow:
         self.cpu_ns = 0
         #: The part of :attr:`cpu_ns` spent in the caller's thread, on small chunks.
         self.inline_cpu_ns = 0
-        for _ in range(window):
+        self._window = window
+
+    def start(self) -> None:
+        """Hand out the first ``window`` jobs."""
+        for _ in range(self._window):
             if not self._submit_next():
                 break
 
@@ -402,7 +410,7 @@ class _EncodeWindow:
         if isinstance(chunk, EncodedChunk):
             future: Future[tuple[EncodedChunk, int]] = Future()
             future.set_result((chunk, 0))
-        elif chunk.nbytes <= _INLINE_NBYTES:
+        elif _encoded_inline(chunk):
             encoded, cpu_ns = _encode_timed(codec, chunk)
             self.cpu_ns += cpu_ns
             self.inline_cpu_ns += cpu_ns
@@ -431,6 +439,11 @@ class _EncodeWindow:
         for _, _, future in self._pending:
             future.cancel()
         self._pending.clear()
+
+
+def _encoded_inline(chunk: np.ndarray[Any, Any] | EncodedChunk) -> bool:
+    """Whether the writing thread encodes ``chunk`` itself (see ``_INLINE_NBYTES``)."""
+    return isinstance(chunk, np.ndarray) and chunk.nbytes <= _INLINE_NBYTES
 
 
 def _encode_timed(codec: ChunkCodec, stored: np.ndarray[Any, Any]) -> tuple[EncodedChunk, int]:

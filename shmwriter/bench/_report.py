@@ -57,7 +57,7 @@ def format_report(result: BenchResult) -> str:
     for summary in result.summaries():
         lines.append(_row(summary, FILTERS[summary.filters],
                           ratios.get(summary.filters, {}).get(summary.writer, {}), fallback))
-    lines += ["", "events/s, MB/s, CPU and memory are medians; MB/s is uncompressed event "
+    lines += ["", "events/s, MB/s and CPU are medians; MB/s is uncompressed event "
               "bytes per wall second; the ratios compare medians of events/s (writer CPU per "
               "GB for the last column); \"blocks:\" rows compare with dcnum's blocks row. "
               "CPU s: all processes, from the start signal to the "
@@ -188,11 +188,12 @@ def plot_runs(result: BenchResult, path: Path) -> None:
                 continue
             times, rates = _rates(run, result.event_nbytes)
             label = _label(writer, fallback)
-            top.plot(times, rates, label=label)
+            (line,) = top.plot(times, rates, label=label)
             memory_run = result.memory_run(run_filters, writer)
             if memory_run is not None and memory_run.memory:
                 samples = np.array(memory_run.memory, dtype=float)
-                bottom.plot(samples[:, 0], samples[:, 1] / 1e6, label=label)
+                bottom.plot(samples[:, 0], samples[:, 1] / 1e6, label=label,
+                            color=line.get_color())
         top.set_title(f"{FILTERS[name]} ({result.config.frames} frames)")
         top.set_ylabel("MB/s handed to the file (0.5 s window)")
         bottom.set_ylabel("summed PSS of the process tree (MB)")
