@@ -408,14 +408,12 @@ class _EncodeWindow:
             return False
         dataset, offset, codec, chunk = job
         if isinstance(chunk, EncodedChunk):
-            future: Future[tuple[EncodedChunk, int]] = Future()
-            future.set_result((chunk, 0))
+            future = _completed(chunk)
         elif _encoded_inline(chunk):
             encoded, cpu_ns = _encode_timed(codec, chunk)
             self.cpu_ns += cpu_ns
             self.inline_cpu_ns += cpu_ns
-            future = Future()
-            future.set_result((encoded, 0))
+            future = _completed(encoded)
         else:
             future = self._pool.submit(_encode_timed, codec, chunk)
         self._pending.append((dataset, offset, future))
@@ -439,6 +437,13 @@ class _EncodeWindow:
         for _, _, future in self._pending:
             future.cancel()
         self._pending.clear()
+
+
+def _completed(encoded: EncodedChunk) -> Future[tuple[EncodedChunk, int]]:
+    """A future holding ``encoded``, its CPU counted already (it takes a place in line)."""
+    future: Future[tuple[EncodedChunk, int]] = Future()
+    future.set_result((encoded, 0))
+    return future
 
 
 def _encoded_inline(chunk: np.ndarray[Any, Any] | EncodedChunk) -> bool:
